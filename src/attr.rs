@@ -1,0 +1,138 @@
+//! Attributes: getattr, setattr (chmod, chown, truncate, utimens), readlink, statfs.
+//!
+//! Any change to a lower entry copies it up first; the lower layers are never modified.
+
+use std::os::fd::AsRawFd;
+use std::time::UNIX_EPOCH;
+
+use fuser::{FileAttr, TimeOrNow};
+
+use crate::overlay::{OpResult, Overlay, errno};
+use crate::sys::{self, BorrowFd};
+
+/// The changes one setattr asks for.
+#[derive(Debug, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<TimeOrNow>,
+    pub mtime: Option<TimeOrNow>,
+    /// An open handle to truncate through (works after the last name is gone).
+    pub fh: Option<u64>,
+}
+
+fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
+    match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(TimeOrNow::Now) => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_NOW,
+        },
+        Some(TimeOrNow::SpecificTime(t)) => match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => libc::timespec {
+                tv_sec: d.as_secs() as i64,
+                tv_nsec: d.subsec_nanos() as i64,
+            },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = d.subsec_nanos() as i64;
+                if nsec > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - nsec;
+                }
+                libc::timespec {
+                    tv_sec: sec,
+                    tv_nsec: nsec,
+                }
+            }
+        },
+    }
+}
+
+impl Overlay {
+    /// FUSE getattr. With an open handle the real open file is asked, so an unlinked file
+    /// still answers (with st_nlink 0).
+    pub fn getattr(&self, ino: u64, fh: Option<u64>) -> OpResult<FileAttr> {
+        let inode = self.inode(ino)?;
+        if let Some(fh) = fh {
+            if let Ok(f) = self.files.file(fh) {
+                let st = sys::fstat(f.fd.as_fd_borrowed())?;
+                let mut attr = crate::overlay::attr_from_stat(ino, &st);
+                if inode.read().unlinked && inode.read().upper.is_none() {
+                    attr.nlink = 0;
+                }
+                return Ok(attr);
+            }
+        }
+        self.stat_inode(&inode)
+    }
+
+    /// FUSE setattr.
+    pub fn setattr(&self, ino: u64, req: SetAttr) -> OpResult<FileAttr> {
+        let inode = self.inode(ino)?;
+        // Truncating to zero needs none of the old data.
+        let need_data = req.size != Some(0);
+        self.copy_up_with(&inode, need_data)?;
+        {
+            let st = inode.read();
+            let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+            let fd = fd.as_fd_borrowed();
+            if req.uid.is_some() || req.gid.is_some() {
+                sys::fchown_fd(fd, req.uid.unwrap_or(u32::MAX), req.gid.unwrap_or(u32::MAX))?;
+            }
+            if let Some(mode) = req.mode {
+                if inode.kind == crate::inode::Kind::Symlink {
+                    return Err(errno(libc::EOPNOTSUPP));
+                }
+                sys::fchmod_fd(fd, mode & 0o7777)?;
+            }
+            if let Some(size) = req.size {
+                let handle = req.fh.and_then(|fh| self.files.file(fh).ok());
+                let r = match handle {
+                    Some(f) => unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) },
+                    None => {
+                        let p = sys::proc_path(fd.as_raw_fd());
+                        unsafe { libc::truncate(p.as_ptr(), size as i64) }
+                    }
+                };
+                if r < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if req.atime.is_some() || req.mtime.is_some() {
+                let times = [timespec(req.atime), timespec(req.mtime)];
+                sys::futimens_fd(fd, &times, inode.kind == crate::inode::Kind::Symlink)?;
+            }
+        }
+        self.stat_inode(&inode)
+    }
+
+    /// FUSE readlink.
+    pub fn readlink(&self, ino: u64) -> OpResult<Vec<u8>> {
+        let inode = self.inode(ino)?;
+        let st = inode.read();
+        sys::readlink_fd(st.real().ok_or_else(|| errno(libc::ESTALE))?)
+    }
+
+    /// FUSE statfs: the upper's filesystem (where writes go), else the top lower's.
+    pub fn statfs(&self) -> OpResult<libc::statvfs> {
+        let layer = self
+            .layers
+            .upper
+            .as_ref()
+            .or(self.layers.lowers.first())
+            .ok_or_else(|| errno(libc::EIO))?;
+        let mut sv = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+        let p = sys::proc_path(layer.root.as_raw_fd());
+        if unsafe { libc::statvfs(p.as_ptr(), sv.as_mut_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(unsafe { sv.assume_init() })
+    }
+}

@@ -1,0 +1,247 @@
+//! `ovl-mount`: a drop-in for fuse-overlayfs's command line.
+//!
+//! ```text
+//! ovl-mount [-f] [-d] -o lowerdir=A:B,upperdir=U,workdir=W[,OPTS] MOUNTPOINT
+//! ovl-mount SOURCE MOUNTPOINT -o OPTS        (the form mount.fuse3 uses)
+//! ```
+//! Daemonizes once the mount is live unless `-f`; exits when unmounted (`umount`,
+//! `fusermount3 -u`).
+
+use std::io::{Read, Write};
+use std::os::fd::FromRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ovl::{InodeMode, OverlayFS};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ovl-mount",
+    version,
+    about = "Mount an overlay filesystem (fuse-overlayfs compatible command line)",
+    after_help = "Examples:\n  ovl-mount -o lowerdir=/lower,upperdir=/upper,workdir=/work /merged\n  \
+                  ovl-mount -f -o lowerdir=/a:/b /merged     (read-only, foreground)\n  \
+                  mount -t fuse.ovl-mount ovl /merged -o lowerdir=/l,upperdir=/u,workdir=/w\n\n\
+                  Options: lowerdir=, upperdir=, workdir=, inode_mode=virtual|persistent,\n  \
+                  passthrough, nopassthrough, allow_other, allow_root, default_permissions,\n  \
+                  suid, nosuid, dev, nodev, exec, noexec, ro, rw, atime, noatime, relatime,\n  \
+                  fsname=NAME, subtype=NAME"
+)]
+struct Args {
+    /// Stay in the foreground.
+    #[arg(short = 'f')]
+    foreground: bool,
+    /// Debug logging (implies -f).
+    #[arg(short = 'd')]
+    debug: bool,
+    /// Comma-separated mount options (may be repeated).
+    #[arg(short = 'o', action = clap::ArgAction::Append)]
+    options: Vec<String>,
+    /// SOURCE MOUNTPOINT, or just MOUNTPOINT.
+    #[arg(required = true, num_args = 1..=2)]
+    paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Default)]
+struct Opts {
+    lowers: Vec<PathBuf>,
+    upper: Option<PathBuf>,
+    work: Option<PathBuf>,
+    inode_mode: InodeMode,
+    allow_other: Option<bool>,
+    suid_dev: Option<bool>,
+    passthrough: bool,
+    fsname: Option<String>,
+}
+
+fn parse_opts(list: &[String]) -> Result<Opts, String> {
+    let mut o = Opts {
+        passthrough: true,
+        ..Default::default()
+    };
+    for opt in list
+        .iter()
+        .flat_map(|s| s.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (k, v) = match opt.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (opt, None),
+        };
+        match (k, v) {
+            ("lowerdir", Some(v)) => {
+                o.lowers = v
+                    .split(':')
+                    .filter(|s| !s.is_empty())
+                    .map(PathBuf::from)
+                    .collect()
+            }
+            ("upperdir", Some(v)) => o.upper = Some(v.into()),
+            ("workdir", Some(v)) => o.work = Some(v.into()),
+            ("inode_mode", Some("virtual")) => o.inode_mode = InodeMode::Virtual,
+            ("inode_mode", Some("persistent")) => o.inode_mode = InodeMode::Persistent,
+            ("fsname", Some(v)) => o.fsname = Some(v.into()),
+            ("allow_other" | "allow_root", None) => o.allow_other = Some(true),
+            ("suid" | "dev", None) => o.suid_dev = Some(true),
+            ("nosuid" | "nodev", None) => o.suid_dev = Some(false),
+            ("passthrough", None) => o.passthrough = true,
+            ("nopassthrough", None) => o.passthrough = false,
+            // Accepted for compatibility: these are what ovl does anyway, or are decided by
+            // the kernel mount flags mount(8) passes separately.
+            (
+                "default_permissions"
+                | "rw"
+                | "exec"
+                | "noexec"
+                | "atime"
+                | "noatime"
+                | "relatime"
+                | "ro"
+                | "subtype"
+                | "auto_unmount",
+                _,
+            ) => {}
+            _ => {
+                return Err(format!(
+                    "unknown mount option '{opt}': see `ovl-mount --help` for the supported ones"
+                ));
+            }
+        }
+    }
+    if o.lowers.is_empty() {
+        return Err("no lowerdir= given: pass -o lowerdir=DIR[:DIR...]".into());
+    }
+    if o.work.is_some() && o.upper.is_none() {
+        return Err("workdir= given without upperdir=: add upperdir=DIR".into());
+    }
+    Ok(o)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if args.debug {
+        "debug"
+    } else {
+        "warn"
+    }))
+    .init();
+    let opts = match parse_opts(&args.options) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("ovl-mount: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let mountpoint = args.paths.last().cloned().expect("clap requires one path");
+    let root = unsafe { libc::geteuid() } == 0;
+
+    let mut ofs = OverlayFS::new(opts.lowers[0].clone());
+    for l in &opts.lowers[1..] {
+        ofs.add_lower(l);
+    }
+    if let Some(u) = &opts.upper {
+        ofs.set_upper(u);
+    }
+    if let Some(w) = &opts.work {
+        ofs.set_workdir(w);
+    }
+    if let Some(n) = &opts.fsname {
+        ofs.set_fsname(n);
+    }
+    // As fuse-overlayfs: root mounts are shared (allow_other) and honour suid and devices.
+    ofs.set_mountpoint(&mountpoint)
+        .set_inode_mode(opts.inode_mode)
+        .set_allow_other(opts.allow_other.unwrap_or(root))
+        .set_suid_dev(opts.suid_dev.unwrap_or(root))
+        .set_passthrough(opts.passthrough);
+    if let Err(e) = ofs.validate() {
+        eprintln!("ovl-mount: {e}");
+        return ExitCode::from(1);
+    }
+
+    let foreground = args.foreground || args.debug;
+    if !foreground {
+        return daemonize(ofs);
+    }
+    serve(ofs, None)
+}
+
+/// Mounts, reports readiness on `ready` (daemon mode), then serves until unmounted.
+fn serve(mut ofs: OverlayFS, ready: Option<std::fs::File>) -> ExitCode {
+    let res = ofs.mount();
+    let daemon = ready.is_some();
+    if let Some(mut w) = ready {
+        let msg = match &res {
+            Ok(()) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        let _ = w.write_all(msg.as_bytes());
+    }
+    if let Err(e) = res {
+        if !daemon {
+            eprintln!("ovl-mount: {e}");
+        }
+        return ExitCode::from(1);
+    }
+    let handle = ofs.take_handle().expect("mounted");
+    match handle.join() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ovl-mount: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Forks: the child mounts and serves; the parent exits once the child says the mount is live
+/// (0) or failed (1, with the child's error).
+fn daemonize(ofs: OverlayFS) -> ExitCode {
+    let mut fds = [0i32; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        eprintln!("ovl-mount: pipe: {}", std::io::Error::last_os_error());
+        return ExitCode::from(1);
+    }
+    let (rfd, wfd) = unsafe {
+        (
+            std::fs::File::from_raw_fd(fds[0]),
+            std::fs::File::from_raw_fd(fds[1]),
+        )
+    };
+    match unsafe { libc::fork() } {
+        -1 => {
+            eprintln!("ovl-mount: fork: {}", std::io::Error::last_os_error());
+            ExitCode::from(1)
+        }
+        0 => {
+            drop(rfd);
+            unsafe {
+                libc::setsid();
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 {
+                    libc::dup2(null, 0);
+                    libc::dup2(null, 1);
+                    libc::close(null);
+                }
+            }
+            let _ = std::env::set_current_dir("/");
+            serve(ofs, Some(wfd))
+        }
+        _ => {
+            drop(wfd);
+            let mut msg = String::new();
+            let mut rfd = rfd;
+            match rfd.read_to_string(&mut msg) {
+                Ok(_) if msg.is_empty() => ExitCode::SUCCESS,
+                Ok(_) => {
+                    eprintln!("ovl-mount: {msg}");
+                    ExitCode::from(1)
+                }
+                Err(e) => {
+                    eprintln!("ovl-mount: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}

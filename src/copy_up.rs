@@ -1,0 +1,221 @@
+//! Copy-up: gives a lower entry a copy in the upper layer before it is modified.
+//!
+//! The copy is built completely in the work directory (data, owner, mode with setuid/setgid,
+//! xattrs, timestamps), data flushed to disk, then renamed into place in one step. A crash leaves
+//! either no upper entry (the lower one still shows) or the complete copy, never a partial file;
+//! leftovers in the work directory are cleared at the next mount. Parents are copied up first,
+//! each with its own metadata.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use crate::inode::{Inode, Kind};
+use crate::layers;
+use crate::overlay::{OpResult, Overlay, errno};
+use crate::sys::{self, BorrowFd};
+
+/// Copies every user-visible xattr from `src` to `dst`.
+pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, symlink: bool) -> io::Result<()> {
+    let list = sys::flistxattr(src.as_raw_fd())?;
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if layers::is_private_xattr(name) {
+            continue;
+        }
+        let cname = CString::new(name).map_err(|_| errno(libc::EINVAL))?;
+        let Some(value) = sys::fgetxattr(src.as_raw_fd(), &cname)? else {
+            continue;
+        };
+        if let Err(e) = sys::fsetxattr(dst.as_raw_fd(), &cname, &value, 0) {
+            // Namespaces the upper's filesystem or our privileges do not allow (user.* on a
+            // symlink, security.* or trusted.* without privilege) are skipped, as the kernel does.
+            match e.raw_os_error() {
+                Some(libc::ENOTSUP) | Some(libc::EPERM)
+                    if symlink || !name.starts_with(b"user.") => {}
+                _ => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies owner, mode and times of `st` to the new entry behind `fd`.
+pub fn copy_meta(fd: BorrowedFd<'_>, st: &libc::stat, privileged: bool) -> io::Result<()> {
+    let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
+    if let Err(e) = sys::fchown_fd(fd, st.st_uid, st.st_gid) {
+        // Without privilege files stay owned by whoever mounted; the kernel overlay's behaviour
+        // in a user namespace as well.
+        if privileged || e.raw_os_error() != Some(libc::EPERM) {
+            return Err(e);
+        }
+    }
+    if !symlink {
+        // After chown, which clears setuid/setgid.
+        sys::fchmod_fd(fd, st.st_mode & 0o7777)?;
+    }
+    let times = [
+        libc::timespec {
+            tv_sec: st.st_atime,
+            tv_nsec: st.st_atime_nsec,
+        },
+        libc::timespec {
+            tv_sec: st.st_mtime,
+            tv_nsec: st.st_mtime_nsec,
+        },
+    ];
+    sys::futimens_fd(fd, &times, symlink)
+}
+
+impl Overlay {
+    /// Makes sure `inode` has an upper entry, copying data too.
+    pub fn copy_up(&self, inode: &Arc<Inode>) -> OpResult<()> {
+        self.copy_up_with(inode, true)
+    }
+
+    /// Copies `inode` up; `with_data: false` creates an empty file (open with O_TRUNC throws
+    /// the data away, so copying it would be wasted work).
+    pub fn copy_up_with(&self, inode: &Arc<Inode>, with_data: bool) -> OpResult<()> {
+        if inode.read().upper.is_some() {
+            return Ok(());
+        }
+        self.layers.upper()?;
+        let _guard = inode.copy_up_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if inode.read().upper.is_some() {
+            return Ok(());
+        }
+        let (parent, name) = {
+            let st = inode.read();
+            (st.parent.clone(), st.name.clone())
+        };
+        let parent = parent.ok_or_else(|| errno(libc::EIO))?;
+        self.copy_up(&parent)?;
+        let cname = sys::cstr(&name)?;
+
+        let lower = {
+            let st = inode.read();
+            let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
+            l.fd.try_clone()?
+        };
+        let st = sys::fstat(lower.as_fd_borrowed())?;
+        let work = self.layers.work()?;
+        let tmp = self.layers.tmp_name();
+        let newfd = match self.build_copy(inode.kind, &lower, &st, work, &tmp, with_data) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = sys::remove_tree(work, &tmp);
+                return Err(e);
+            }
+        };
+
+        let pstate = parent.read();
+        let pupper = pstate.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        match sys::renameat2(
+            work,
+            &tmp,
+            pupper.as_fd_borrowed(),
+            &cname,
+            libc::RENAME_NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) && inode.kind == Kind::Directory => {
+                // Another inode object for the same directory (the kernel forgot and re-looked
+                // it up while a child still pointed here) copied it up first: adopt that one.
+                let _ = sys::remove_tree(work, &tmp);
+                let fd = sys::open_path(pupper.as_fd_borrowed(), &cname)?;
+                let s = sys::fstat(fd.as_fd_borrowed())?;
+                if s.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                    return Err(errno(libc::EIO));
+                }
+                drop(pstate);
+                self.inodes.rekey(inode, (s.st_dev, s.st_ino));
+                inode.write().upper = Some(fd);
+                return Ok(());
+            }
+            Err(e) => {
+                let _ = sys::remove_tree(work, &tmp);
+                return Err(e);
+            }
+        }
+        drop(pstate);
+        let s = sys::fstat(newfd.as_fd_borrowed())?;
+        self.inodes.rekey(inode, (s.st_dev, s.st_ino));
+        inode.write().upper = Some(newfd);
+        Ok(())
+    }
+
+    fn build_copy(
+        &self,
+        kind: Kind,
+        lower: &OwnedFd,
+        st: &libc::stat,
+        work: BorrowedFd<'_>,
+        tmp: &CString,
+        with_data: bool,
+    ) -> OpResult<OwnedFd> {
+        match kind {
+            Kind::Directory => sys::mkdirat(work, tmp, 0o700)?,
+            Kind::RegularFile => {
+                let dst = sys::openat(
+                    work,
+                    tmp,
+                    libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                    0o600,
+                )?;
+                if with_data && st.st_size > 0 {
+                    let src = sys::reopen(lower.as_fd_borrowed(), libc::O_RDONLY)?;
+                    sys::copy_data(
+                        src.as_fd_borrowed(),
+                        dst.as_fd_borrowed(),
+                        st.st_size as u64,
+                    )?;
+                }
+                // The copy must be durable before it is renamed into place, or a crash could
+                // show an empty file where the lower one had data.
+                sys::fsync(dst.as_fd_borrowed(), false)?;
+            }
+            Kind::Symlink => {
+                let target = sys::readlink_fd(lower.as_fd_borrowed())?;
+                let target = CString::new(target).map_err(|_| errno(libc::EINVAL))?;
+                sys::symlinkat(&target, work, tmp)?;
+            }
+            _ => sys::mknodat(work, tmp, st.st_mode, st.st_rdev)?,
+        }
+        let newfd = sys::open_path(work, tmp)?;
+        copy_xattrs(
+            lower.as_fd_borrowed(),
+            newfd.as_fd_borrowed(),
+            kind == Kind::Symlink,
+        )?;
+        copy_meta(newfd.as_fd_borrowed(), st, self.privileged)?;
+        Ok(newfd)
+    }
+
+    /// Copies a directory and everything visible below it into the upper layer and marks it
+    /// opaque, so it no longer depends on where it sits in the lower layers (needed to rename
+    /// a merged or lower directory).
+    pub fn copy_up_tree(&self, dir: &Arc<Inode>) -> OpResult<()> {
+        self.copy_up(dir)?;
+        if dir.read().lowers.is_empty() {
+            return Ok(());
+        }
+        for ent in self.merged_entries(dir)? {
+            let (child, _) = self.lookup_in(dir, &ent.name)?;
+            let res = if child.is_dir() {
+                self.copy_up_tree(&child)
+            } else {
+                self.copy_up(&child)
+            };
+            self.inodes.forget(child.ino, 1);
+            res?;
+        }
+        let st = dir.read();
+        let upper = st.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        self.layers.set_opaque(upper.as_fd_borrowed())?;
+        drop(st);
+        let mut st = dir.write();
+        st.opaque = true;
+        st.lowers.clear();
+        Ok(())
+    }
+}

@@ -1,0 +1,642 @@
+//! Directory operations: create, mknod, mkdir, symlink, link, unlink, rmdir, rename.
+//!
+//! Every change to the upper is one atomic step on disk, so a crash leaves the old or the new
+//! state and never one that shows a deleted file again or hides a live one:
+//! - a new entry over a whiteout is built in the work directory and renamed over the whiteout
+//!   (a directory is exchanged with it, as rename cannot put a directory over a device node);
+//! - removing an entry that hides a lower one renames a fresh whiteout over it;
+//! - removing a directory first moves it out of the way (exchanged with a whiteout when one is
+//!   needed), then cleans it up in the work directory;
+//! - rename uses RENAME_WHITEOUT so the source name stays hidden in the same step.
+
+use std::ffi::{CStr, OsStr};
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::Arc;
+
+use fuser::FileAttr;
+
+use crate::inode::Inode;
+use crate::layers;
+use crate::overlay::{OpResult, Overlay, check_new_name, errno};
+use crate::sys::{self, BorrowFd};
+
+/// A lookup reference taken for the duration of one operation, given back on drop.
+struct Held<'a> {
+    ov: &'a Overlay,
+    inode: Arc<Inode>,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.ov.inodes.forget(self.inode.ino, 1);
+    }
+}
+
+/// What occupies a name in the parent's upper directory before a create.
+#[derive(PartialEq)]
+enum Slot {
+    Free,
+    /// A whiteout (device or xattr form) that the new entry replaces atomically.
+    Whiteout,
+}
+
+/// Who creates an entry and with which mode.
+#[derive(Clone, Copy, Debug)]
+pub struct Creator {
+    pub uid: u32,
+    pub gid: u32,
+    /// Permission bits and file type for the new entry (umask already applied).
+    pub mode: u32,
+}
+
+impl Overlay {
+    fn held<'a>(&'a self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Held<'a>> {
+        let (inode, _) = self.lookup_in(parent, name)?;
+        Ok(Held { ov: self, inode })
+    }
+
+    fn held_opt<'a>(&'a self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<Held<'a>>> {
+        match self.held(parent, name) {
+            Ok(h) => Ok(Some(h)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Copies the parent up and tells whether `name` is free in its upper directory or held by
+    /// a whiteout. A visible entry there means EEXIST.
+    fn prepare_create(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Slot> {
+        check_new_name(name)?;
+        if !parent.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        self.copy_up(parent)?;
+        let cname = sys::cstr(name)?;
+        let pst = parent.read();
+        let upper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        match sys::open_path(upper.as_fd_borrowed(), &cname) {
+            Ok(fd) => {
+                let st = sys::fstat(fd.as_fd_borrowed())?;
+                if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
+                    Ok(Slot::Whiteout)
+                } else {
+                    Err(errno(libc::EEXIST))
+                }
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let aufs_wh = sys::fstatat_opt(upper.as_fd_borrowed(), &layers::wh_name(name)?)?;
+                drop(pst);
+                if aufs_wh.is_none() && self.lower_positive(parent, name)? {
+                    return Err(errno(libc::EEXIST));
+                }
+                Ok(Slot::Free)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The owner a new entry gets: the caller, with the group inherited from a setgid parent.
+    fn owner(&self, parent_upper: BorrowedFd<'_>, who: &Creator) -> OpResult<Option<(u32, u32)>> {
+        if !self.privileged {
+            return Ok(None);
+        }
+        let pst = sys::fstat(parent_upper)?;
+        let gid = if pst.st_mode & libc::S_ISGID != 0 {
+            pst.st_gid
+        } else {
+            who.gid
+        };
+        Ok(Some((who.uid, gid)))
+    }
+
+    /// Creates an entry with `make` (called with a directory and a name), gives it its owner
+    /// and exact mode, and puts it in place: directly when the name is free, else built in the
+    /// work directory and swapped in for the whiteout. Returns what `make` opened, if anything.
+    fn create_entry(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        who: &Creator,
+        make: &dyn Fn(BorrowedFd<'_>, &CStr) -> OpResult<Option<OwnedFd>>,
+    ) -> OpResult<(Arc<Inode>, FileAttr, Option<OwnedFd>)> {
+        let slot = self.prepare_create(parent, name)?;
+        let cname = sys::cstr(name)?;
+        let is_dir = who.mode & libc::S_IFMT == libc::S_IFDIR;
+        let is_link = who.mode & libc::S_IFMT == libc::S_IFLNK;
+        let opened;
+        {
+            let pst = parent.read();
+            let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+            let pupper = pupper.as_fd_borrowed();
+            let owner = self.owner(pupper, who)?;
+            let (dir, tmpname) = match slot {
+                Slot::Free => (pupper, cname.clone()),
+                Slot::Whiteout => (self.layers.work()?, self.layers.tmp_name()),
+            };
+            opened = make(dir, &tmpname)?;
+            let finish = || -> OpResult<()> {
+                let fd = sys::open_path(dir, &tmpname)?;
+                let fd = fd.as_fd_borrowed();
+                if let Some((uid, gid)) = owner {
+                    sys::fchown_fd(fd, uid, gid)?;
+                }
+                if !is_link {
+                    // The process umask (ours, not the caller's) may have cut bits, and chown
+                    // clears setuid/setgid: set the exact mode the caller asked for.
+                    let st = sys::fstat(fd)?;
+                    let want = who.mode & 0o7777;
+                    let want = if is_dir {
+                        want | (st.st_mode & libc::S_ISGID)
+                    } else {
+                        want
+                    };
+                    if st.st_mode & 0o7777 != want {
+                        sys::fchmod_fd(fd, want)?;
+                    }
+                }
+                if slot == Slot::Whiteout {
+                    if is_dir {
+                        // The whiteout hid a lower entry; the new directory must not merge it.
+                        self.layers.set_opaque(fd)?;
+                        sys::renameat2(dir, &tmpname, pupper, &cname, libc::RENAME_EXCHANGE)?;
+                        // Now the whiteout sits in the work dir; stale ones are cleared at mount.
+                        let _ = sys::unlinkat(dir, &tmpname, 0);
+                    } else {
+                        sys::renameat2(dir, &tmpname, pupper, &cname, 0)?;
+                    }
+                }
+                Ok(())
+            };
+            if let Err(e) = finish() {
+                let _ = sys::remove_tree(dir, &tmpname);
+                return Err(e);
+            }
+            // An aufs-style marker for this name is obsolete now that the entry exists above it.
+            let wh = layers::wh_name(name)?;
+            if sys::fstatat_opt(pupper, &wh)?.is_some() {
+                sys::unlinkat(pupper, &wh, 0)?;
+            }
+        }
+        let (inode, attr) = self.lookup_in(parent, name)?;
+        Ok((inode, attr, opened))
+    }
+
+    /// FUSE mknod (fifo, socket, regular file; devices when privileged).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        who: Creator,
+        rdev: u32,
+    ) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let parent = self.inode(parent)?;
+        let fmt = who.mode & libc::S_IFMT;
+        if fmt == libc::S_IFCHR && rdev == 0 {
+            // A char 0/0 is the whiteout format: it cannot be a user's file.
+            return Err(errno(libc::EPERM));
+        }
+        let mode = who.mode;
+        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+            sys::mknodat(d, n, mode, rdev as u64)?;
+            Ok(None)
+        })?;
+        Ok((inode, attr))
+    }
+
+    /// FUSE mkdir.
+    pub fn mkdir(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mut who: Creator,
+    ) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let parent = self.inode(parent)?;
+        who.mode = (who.mode & 0o7777) | libc::S_IFDIR;
+        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+            sys::mkdirat(d, n, 0o700)?;
+            Ok(None)
+        })?;
+        Ok((inode, attr))
+    }
+
+    /// FUSE symlink.
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &OsStr,
+        mut who: Creator,
+    ) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let parent = self.inode(parent)?;
+        who.mode = libc::S_IFLNK | 0o777;
+        let ctarget = sys::cstr(target)?;
+        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+            sys::symlinkat(&ctarget, d, n)?;
+            Ok(None)
+        })?;
+        Ok((inode, attr))
+    }
+
+    /// FUSE create: a new regular file, opened with `flags`.
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mut who: Creator,
+        flags: i32,
+    ) -> OpResult<(Arc<Inode>, FileAttr, OwnedFd)> {
+        let parent = self.inode(parent)?;
+        who.mode = (who.mode & 0o7777) | libc::S_IFREG;
+        let oflags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+            | libc::O_CREAT
+            | libc::O_EXCL;
+        let mode = who.mode & 0o7777;
+        let (inode, attr, fd) = self.create_entry(&parent, name, &who, &|d, n| {
+            Ok(Some(sys::openat(d, n, oflags, mode)?))
+        })?;
+        let fd = fd.ok_or_else(|| errno(libc::EIO))?;
+        Ok((inode, attr, fd))
+    }
+
+    /// FUSE link: a new name for an existing inode (copied up first: links live in the upper).
+    pub fn link(
+        &self,
+        ino: u64,
+        newparent: u64,
+        newname: &OsStr,
+    ) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let inode = self.inode(ino)?;
+        let parent = self.inode(newparent)?;
+        if inode.is_dir() {
+            return Err(errno(libc::EPERM));
+        }
+        self.copy_up(&inode)?;
+        let src = inode
+            .read()
+            .upper
+            .as_ref()
+            .ok_or_else(|| errno(libc::EIO))?
+            .try_clone()?;
+        let (found, attr) = self.link_entry(&parent, newname, &src)?;
+        Ok((found, attr))
+    }
+
+    /// Puts a hard link to `src` at `name`, over a whiteout in one step if there is one.
+    fn link_entry(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+        src: &OwnedFd,
+    ) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let slot = self.prepare_create(parent, name)?;
+        let cname = sys::cstr(name)?;
+        {
+            let pst = parent.read();
+            let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+            let pupper = pupper.as_fd_borrowed();
+            match slot {
+                Slot::Free => sys::link_fd(src.as_fd_borrowed(), pupper, &cname)?,
+                Slot::Whiteout => {
+                    let work = self.layers.work()?;
+                    let tmp = self.layers.tmp_name();
+                    sys::link_fd(src.as_fd_borrowed(), work, &tmp)?;
+                    if let Err(e) = sys::renameat2(work, &tmp, pupper, &cname, 0) {
+                        let _ = sys::unlinkat(work, &tmp, 0);
+                        return Err(e);
+                    }
+                }
+            }
+            let wh = layers::wh_name(name)?;
+            if sys::fstatat_opt(pupper, &wh)?.is_some() {
+                sys::unlinkat(pupper, &wh, 0)?;
+            }
+        }
+        self.lookup_in(parent, name)
+    }
+
+    /// Puts a whiteout at `name` in the parent's upper directory, replacing whatever is there
+    /// in one step.
+    fn whiteout_over(
+        &self,
+        pupper: BorrowedFd<'_>,
+        cname: &CStr,
+        name: &OsStr,
+        exists: bool,
+        is_dir: bool,
+    ) -> OpResult<()> {
+        if !self.layers.whiteout_dev {
+            // Without mknod rights: the aufs-style marker, then the entry goes. A crash in
+            // between leaves the entry visible (never a lost file).
+            let wh = layers::wh_name(name)?;
+            drop(sys::openat(
+                pupper,
+                &wh,
+                libc::O_CREAT | libc::O_WRONLY,
+                0o600,
+            )?);
+            if exists {
+                self.remove_upper_entry(pupper, cname, is_dir)?;
+            }
+            return Ok(());
+        }
+        if !exists {
+            return sys::mknodat(pupper, cname, libc::S_IFCHR, 0);
+        }
+        let work = self.layers.work()?;
+        let tmp = self.layers.tmp_name();
+        self.layers.make_whiteout(work, &tmp)?;
+        if is_dir {
+            if let Err(e) = sys::renameat2(work, &tmp, pupper, cname, libc::RENAME_EXCHANGE) {
+                let _ = sys::unlinkat(work, &tmp, 0);
+                return Err(e);
+            }
+            // The old directory is now in the work dir; it holds only whiteouts.
+            if let Err(e) = sys::remove_tree(work, &tmp) {
+                log::warn!("leaving removed directory in work dir for the next mount: {e}");
+            }
+            Ok(())
+        } else {
+            sys::renameat2(work, &tmp, pupper, cname, 0).inspect_err(|_| {
+                let _ = sys::unlinkat(work, &tmp, 0);
+            })
+        }
+    }
+
+    /// Removes an upper entry that hides nothing; a directory is moved to the work dir first
+    /// (it may still hold whiteouts) so the removal is one step.
+    fn remove_upper_entry(
+        &self,
+        pupper: BorrowedFd<'_>,
+        cname: &CStr,
+        is_dir: bool,
+    ) -> OpResult<()> {
+        if !is_dir {
+            return sys::unlinkat(pupper, cname, 0);
+        }
+        let work = self.layers.work()?;
+        let tmp = self.layers.tmp_name();
+        sys::renameat2(pupper, cname, work, &tmp, libc::RENAME_NOREPLACE)?;
+        if let Err(e) = sys::remove_tree(work, &tmp) {
+            log::warn!("leaving removed directory in work dir for the next mount: {e}");
+        }
+        Ok(())
+    }
+
+    fn remove(&self, parent: u64, name: &OsStr, dir: bool) -> OpResult<()> {
+        let parent = self.inode(parent)?;
+        let child = self.held(&parent, name)?;
+        match (dir, child.inode.is_dir()) {
+            (false, true) => return Err(errno(libc::EISDIR)),
+            (true, false) => return Err(errno(libc::ENOTDIR)),
+            (true, true) if !self.is_empty_dir(&child.inode)? => {
+                return Err(errno(libc::ENOTEMPTY));
+            }
+            _ => {}
+        }
+        self.copy_up(&parent)?;
+        let need_wh = self.lower_positive(&parent, name)?;
+        let cname = sys::cstr(name)?;
+        let has_upper = child.inode.read().upper.is_some();
+        {
+            let pst = parent.read();
+            let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+            let pupper = pupper.as_fd_borrowed();
+            if need_wh {
+                self.whiteout_over(pupper, &cname, name, has_upper, dir)?;
+            } else if has_upper {
+                self.remove_upper_entry(pupper, &cname, dir)?;
+            }
+        }
+        child.inode.write().unlinked = true;
+        Ok(())
+    }
+
+    /// FUSE unlink.
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> OpResult<()> {
+        self.remove(parent, name, false)
+    }
+
+    /// FUSE rmdir.
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> OpResult<()> {
+        self.remove(parent, name, true)
+    }
+
+    /// Gets an entry ready to move: copied up, and for a directory self-contained (all of it
+    /// in the upper, opaque) when it merges lower content, which stays behind otherwise.
+    fn prepare_move(&self, inode: &Arc<Inode>) -> OpResult<()> {
+        if inode.is_dir() {
+            self.copy_up_tree(inode)
+        } else {
+            self.copy_up(inode)
+        }
+    }
+
+    /// FUSE rename, with RENAME_NOREPLACE and RENAME_EXCHANGE.
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> OpResult<()> {
+        if flags & !(libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE) != 0
+            || flags == libc::RENAME_NOREPLACE | libc::RENAME_EXCHANGE
+        {
+            return Err(errno(libc::EINVAL));
+        }
+        let exchange = flags & libc::RENAME_EXCHANGE != 0;
+        check_new_name(newname)?;
+        let parent = self.inode(parent)?;
+        let newparent = self.inode(newparent)?;
+        let src = self.held(&parent, name)?;
+        let tgt = self.held_opt(&newparent, newname)?;
+        if let Some(t) = &tgt {
+            if flags & libc::RENAME_NOREPLACE != 0 {
+                return Err(errno(libc::EEXIST));
+            }
+            if Arc::ptr_eq(&t.inode, &src.inode) && !exchange {
+                // Two names of one file (or the same name): POSIX says do nothing.
+                return Ok(());
+            }
+            if !exchange {
+                match (src.inode.is_dir(), t.inode.is_dir()) {
+                    (true, false) => return Err(errno(libc::ENOTDIR)),
+                    (false, true) => return Err(errno(libc::EISDIR)),
+                    (true, true) if !self.is_empty_dir(&t.inode)? => {
+                        return Err(errno(libc::ENOTEMPTY));
+                    }
+                    _ => {}
+                }
+            }
+        } else if exchange {
+            return Err(errno(libc::ENOENT));
+        }
+
+        self.copy_up(&parent)?;
+        self.copy_up(&newparent)?;
+        self.prepare_move(&src.inode)?;
+        if exchange {
+            let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
+            self.prepare_move(&t.inode)?;
+        }
+        let cname = sys::cstr(name)?;
+        let cnew = sys::cstr(newname)?;
+        let src_wh = !exchange && self.lower_positive(&parent, name)?;
+        // A directory landing where a lower directory of that name exists must not merge it.
+        if src.inode.is_dir() && self.lower_positive(&newparent, newname)? {
+            self.set_opaque_upper(&src.inode)?;
+        }
+        if exchange {
+            let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
+            if t.inode.is_dir() && self.lower_positive(&parent, name)? {
+                self.set_opaque_upper(&t.inode)?;
+            }
+        }
+
+        {
+            let pst = parent.read();
+            let npst;
+            let (pupper, npupper) = if Arc::ptr_eq(&parent, &newparent) {
+                let u = pst
+                    .upper
+                    .as_ref()
+                    .ok_or_else(|| errno(libc::EROFS))?
+                    .as_fd_borrowed();
+                (u, u)
+            } else {
+                npst = newparent.read();
+                (
+                    pst.upper
+                        .as_ref()
+                        .ok_or_else(|| errno(libc::EROFS))?
+                        .as_fd_borrowed(),
+                    npst.upper
+                        .as_ref()
+                        .ok_or_else(|| errno(libc::EROFS))?
+                        .as_fd_borrowed(),
+                )
+            };
+            if exchange {
+                sys::renameat2(pupper, &cname, npupper, &cnew, libc::RENAME_EXCHANGE)?;
+            } else {
+                self.rename_upper(
+                    pupper,
+                    &cname,
+                    name,
+                    npupper,
+                    &cnew,
+                    newname,
+                    src.inode.is_dir(),
+                    tgt.as_ref(),
+                    src_wh,
+                )?;
+            }
+        }
+
+        {
+            let mut s = src.inode.write();
+            s.parent = Some(newparent.clone());
+            s.name = newname.to_os_string();
+        }
+        if let Some(t) = &tgt {
+            let mut s = t.inode.write();
+            if exchange {
+                s.parent = Some(parent.clone());
+                s.name = name.to_os_string();
+            } else {
+                s.unlinked = true;
+            }
+        }
+        Ok(())
+    }
+
+    fn set_opaque_upper(&self, dir: &Inode) -> OpResult<()> {
+        let mut st = dir.write();
+        let upper = st.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        self.layers.set_opaque(upper.as_fd_borrowed())?;
+        st.opaque = true;
+        st.lowers.clear();
+        Ok(())
+    }
+
+    /// The non-exchange rename in the upper layer.
+    #[allow(clippy::too_many_arguments)]
+    fn rename_upper(
+        &self,
+        pupper: BorrowedFd<'_>,
+        cname: &CStr,
+        name: &OsStr,
+        npupper: BorrowedFd<'_>,
+        cnew: &CStr,
+        newname: &OsStr,
+        src_is_dir: bool,
+        tgt: Option<&Held<'_>>,
+        src_wh: bool,
+    ) -> OpResult<()> {
+        // What is at the target name in the upper right now?
+        let tgt_upper = match sys::open_path(npupper, cnew) {
+            Ok(fd) => {
+                let st = sys::fstat(fd.as_fd_borrowed())?;
+                Some((self.layers.is_whiteout(&st, fd.as_fd_borrowed())?, st))
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => None,
+            Err(e) => return Err(e),
+        };
+        if let (Some((false, st)), Some(t)) = (&tgt_upper, tgt) {
+            // Replacing an empty merged directory: its upper may still hold whiteouts, which the
+            // real rename would refuse with ENOTEMPTY. Swap in an empty opaque directory first.
+            if st.st_mode & libc::S_IFMT == libc::S_IFDIR && t.inode.is_dir() {
+                let ufd = t
+                    .inode
+                    .read()
+                    .upper
+                    .as_ref()
+                    .map(|f| f.try_clone())
+                    .transpose()?;
+                if let Some(ufd) = ufd {
+                    if !sys::read_dir(ufd.as_fd_borrowed())?.is_empty() {
+                        let work = self.layers.work()?;
+                        let tmp = self.layers.tmp_name();
+                        sys::mkdirat(work, &tmp, 0o700)?;
+                        let nfd = sys::open_path(work, &tmp)?;
+                        let meta = sys::fstat(ufd.as_fd_borrowed())?;
+                        crate::copy_up::copy_meta(nfd.as_fd_borrowed(), &meta, self.privileged)?;
+                        self.layers.set_opaque(nfd.as_fd_borrowed())?;
+                        sys::renameat2(work, &tmp, npupper, cnew, libc::RENAME_EXCHANGE)?;
+                        if let Err(e) = sys::remove_tree(work, &tmp) {
+                            log::warn!("leaving replaced directory in work dir: {e}");
+                        }
+                    }
+                }
+            }
+        }
+        let over_whiteout = matches!(tgt_upper, Some((true, _)));
+        if over_whiteout && src_is_dir {
+            // rename(2) cannot put a directory over a device node: exchange them, which also
+            // leaves the whiteout at the source name, exactly what a hidden lower entry needs.
+            sys::renameat2(pupper, cname, npupper, cnew, libc::RENAME_EXCHANGE)?;
+            if !src_wh {
+                sys::unlinkat(pupper, cname, 0)?;
+            }
+        } else if src_wh {
+            match sys::renameat2(pupper, cname, npupper, cnew, libc::RENAME_WHITEOUT) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EPERM)) => {
+                    // No RENAME_WHITEOUT here: move, then hide. A crash in between shows the
+                    // lower file again at the old name but loses nothing.
+                    sys::renameat2(pupper, cname, npupper, cnew, 0)?;
+                    self.whiteout_over(pupper, cname, name, false, false)?;
+                }
+                Err(e) => return Err(e),
+            }
+        } else {
+            sys::renameat2(pupper, cname, npupper, cnew, 0)?;
+        }
+        let wh = layers::wh_name(newname)?;
+        if sys::fstatat_opt(npupper, &wh)?.is_some() {
+            sys::unlinkat(npupper, &wh, 0)?;
+        }
+        Ok(())
+    }
+}

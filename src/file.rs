@@ -1,0 +1,325 @@
+//! File I/O and the open-file table.
+//!
+//! An open overlay file keeps the real file open for its whole life: reads and writes are one
+//! `pread`/`pwrite` on a descriptor we already hold, with no path resolution per request. A
+//! write-open of a lower file copies it up first and opens the upper copy, so the lower layers
+//! are never written. Directory handles hold the snapshot their listing is served from.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, Weak};
+
+use crate::inode::Inode;
+use crate::overlay::{OpResult, Overlay, errno};
+use crate::readdir::DirEntry;
+use crate::sys::{self, BorrowFd};
+
+/// An open regular file.
+#[derive(Debug)]
+pub struct OpenFile {
+    pub fd: OwnedFd,
+    /// The overlay inode number (for the passthrough registry).
+    pub ino: u64,
+    /// Kernel passthrough registration, released when the handle closes.
+    pub backing: Option<Arc<fuser::BackingId>>,
+}
+
+/// An open directory: the inode and the listing snapshot (`None` until first read).
+#[derive(Debug)]
+pub struct OpenDir {
+    pub inode: Arc<Inode>,
+    pub entries: Mutex<Option<Arc<Vec<DirEntry>>>>,
+}
+
+/// The open-file table: the one owner of every handle given to the kernel.
+#[derive(Debug, Default)]
+pub struct FileTable {
+    next: AtomicU64,
+    files: RwLock<HashMap<u64, Arc<OpenFile>>>,
+    dirs: RwLock<HashMap<u64, Arc<OpenDir>>>,
+    /// How each open inode is served when passthrough is on (see [`IoMode`]).
+    io_modes: Mutex<HashMap<u64, IoMode>>,
+}
+
+/// The kernel serves an inode either through one passthrough backing file shared by all its
+/// opens, or through our read/write with its page cache; it refuses to mix the two on one
+/// inode. This records which one each open inode is in.
+#[derive(Debug)]
+enum IoMode {
+    /// Passed through to the real file (dev, ino); alive while a handle holds the id.
+    Passthrough((u64, u64), Weak<fuser::BackingId>),
+    /// Served by us (registration failed once); the number of such handles.
+    Cached(usize),
+}
+
+/// How one open is to be served.
+pub enum OpenMode {
+    Passthrough(Arc<fuser::BackingId>),
+    Cached,
+}
+
+impl FileTable {
+    fn next_fh(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Decides how an open of inode `ino` on real file `fd` is served: sharing the inode's
+    /// passthrough registration, or a new one from `register`, or cached when the inode is
+    /// already served by us. ETXTBSY when the inode is passed through to a different real
+    /// file: handles opened before a copy-up still read the lower file, and the kernel allows
+    /// only one backing file per inode until they close.
+    pub fn open_mode(
+        &self,
+        ino: u64,
+        fd: &OwnedFd,
+        register: impl FnOnce(&OwnedFd) -> std::io::Result<fuser::BackingId>,
+    ) -> OpResult<OpenMode> {
+        let st = sys::fstat(fd.as_fd_borrowed())?;
+        let real = (st.st_dev, st.st_ino);
+        let mut map = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(&ino) {
+            Some(IoMode::Cached(n)) => {
+                *n += 1;
+                return Ok(OpenMode::Cached);
+            }
+            Some(IoMode::Passthrough(r, weak)) => {
+                if let Some(id) = weak.upgrade() {
+                    return if *r == real {
+                        Ok(OpenMode::Passthrough(id))
+                    } else {
+                        Err(errno(libc::ETXTBSY))
+                    };
+                }
+            }
+            None => {}
+        }
+        match register(fd) {
+            Ok(id) => {
+                let id = Arc::new(id);
+                map.insert(ino, IoMode::Passthrough(real, Arc::downgrade(&id)));
+                Ok(OpenMode::Passthrough(id))
+            }
+            Err(e) => {
+                log::debug!("passthrough registration failed, serving inode {ino} ourselves: {e}");
+                map.insert(ino, IoMode::Cached(1));
+                Ok(OpenMode::Cached)
+            }
+        }
+    }
+
+    /// Registers an open file and returns its handle number.
+    pub fn insert_file(&self, f: OpenFile) -> u64 {
+        let fh = self.next_fh();
+        self.files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::new(f));
+        fh
+    }
+
+    /// The open file `fh`.
+    pub fn file(&self, fh: u64) -> OpResult<Arc<OpenFile>> {
+        self.files
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    /// Closes `fh`. `tracked`: passthrough is on, so the inode's io mode is accounted.
+    pub fn remove_file(&self, fh: u64, tracked: bool) {
+        let f = self
+            .files
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+        let Some(f) = f else { return };
+        if !tracked {
+            return;
+        }
+        let ino = f.ino;
+        let cached = f.backing.is_none();
+        // Dropping the last handle of a passthrough inode releases its registration.
+        drop(f);
+        let mut map = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        let done = match map.get_mut(&ino) {
+            Some(IoMode::Cached(n)) if cached => {
+                *n -= 1;
+                *n == 0
+            }
+            Some(IoMode::Passthrough(_, w)) => w.strong_count() == 0,
+            _ => false,
+        };
+        if done {
+            map.remove(&ino);
+        }
+    }
+
+    /// Registers an open directory.
+    pub fn insert_dir(&self, d: OpenDir) -> u64 {
+        let fh = self.next_fh();
+        self.dirs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(fh, Arc::new(d));
+        fh
+    }
+
+    /// The open directory `fh`.
+    pub fn dir(&self, fh: u64) -> OpResult<Arc<OpenDir>> {
+        self.dirs
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&fh)
+            .cloned()
+            .ok_or_else(|| errno(libc::EBADF))
+    }
+
+    /// Closes directory handle `fh`.
+    pub fn remove_dir(&self, fh: u64) {
+        self.dirs
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&fh);
+    }
+}
+
+fn cvt(n: isize) -> OpResult<usize> {
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// Does an open with `flags` need a writable upper copy?
+pub fn wants_write(flags: i32) -> bool {
+    flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0
+}
+
+impl Overlay {
+    /// Opens the real file behind `inode` for `flags`, copying it up first when the open can
+    /// write (O_TRUNC skips copying the data it would throw away).
+    pub fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {
+        if wants_write(flags) {
+            self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
+        }
+        let st = inode.read();
+        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        sys::reopen(real, flags)
+    }
+
+    /// FUSE open.
+    pub fn open(&self, ino: u64, flags: i32) -> OpResult<(Arc<Inode>, OwnedFd)> {
+        let inode = self.inode(ino)?;
+        if inode.is_dir() && wants_write(flags) {
+            return Err(errno(libc::EISDIR));
+        }
+        let fd = self.open_real(&inode, flags)?;
+        Ok((inode, fd))
+    }
+
+    /// FUSE read.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
+        let f = self.files.file(fh)?;
+        let mut buf: Vec<u8> = Vec::with_capacity(size as usize);
+        let n = cvt(unsafe {
+            libc::pread(
+                f.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                size as usize,
+                offset as i64,
+            )
+        })?;
+        // SAFETY: pread initialised the first n bytes.
+        unsafe { buf.set_len(n) };
+        Ok(buf)
+    }
+
+    /// FUSE write: writes all of `data` unless the filesystem fails (short writes retried).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+        let f = self.files.file(fh)?;
+        let mut done = 0usize;
+        while done < data.len() {
+            let n = unsafe {
+                libc::pwrite(
+                    f.fd.as_raw_fd(),
+                    data[done..].as_ptr().cast(),
+                    data.len() - done,
+                    (offset + done as u64) as i64,
+                )
+            };
+            match cvt(n) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if done > 0 && e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(done as u32)
+    }
+
+    /// FUSE fsync / fsyncdir on an open file.
+    pub fn fsync(&self, fh: u64, datasync: bool) -> OpResult<()> {
+        let f = self.files.file(fh)?;
+        sys::fsync(f.fd.as_fd_borrowed(), datasync)
+    }
+
+    /// FUSE fsyncdir: syncs every real directory of the merged one that we may have written.
+    pub fn fsyncdir(&self, fh: u64, datasync: bool) -> OpResult<()> {
+        let d = self.files.dir(fh)?;
+        let st = d.inode.read();
+        if let Some(u) = &st.upper {
+            let fd = sys::reopen(u.as_fd_borrowed(), libc::O_RDONLY | libc::O_DIRECTORY)?;
+            sys::fsync(fd.as_fd_borrowed(), datasync)?;
+        }
+        Ok(())
+    }
+
+    /// FUSE fallocate.
+    pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> OpResult<()> {
+        let f = self.files.file(fh)?;
+        let r = unsafe { libc::fallocate(f.fd.as_raw_fd(), mode, offset as i64, length as i64) };
+        cvt(r as isize).map(drop)
+    }
+
+    /// FUSE lseek (SEEK_DATA / SEEK_HOLE answered by the real file).
+    pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OpResult<i64> {
+        let f = self.files.file(fh)?;
+        let r = unsafe { libc::lseek(f.fd.as_raw_fd(), offset, whence) };
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(r)
+    }
+
+    /// FUSE copy_file_range between two open files: done by the kernel on the real files
+    /// (reflinks where the filesystem can).
+    pub fn copy_file_range(
+        &self,
+        fh_in: u64,
+        off_in: u64,
+        fh_out: u64,
+        off_out: u64,
+        len: u64,
+    ) -> OpResult<u32> {
+        let fin = self.files.file(fh_in)?;
+        let fout = self.files.file(fh_out)?;
+        let mut oi = off_in as i64;
+        let mut oo = off_out as i64;
+        let n = unsafe {
+            libc::copy_file_range(
+                fin.fd.as_raw_fd(),
+                &mut oi,
+                fout.fd.as_raw_fd(),
+                &mut oo,
+                len.min(u32::MAX as u64 & !0xfff) as usize,
+                0,
+            )
+        };
+        cvt(n).map(|n| n as u32)
+    }
+}

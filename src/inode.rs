@@ -1,0 +1,281 @@
+//! The inode store: the one owner of every overlay inode the kernel knows.
+//!
+//! Invariants:
+//! - An inode is in `by_ino` exactly while the kernel holds lookups on it (`lookups > 0`), plus
+//!   the root, which is never forgotten. `lookup`/`create`/`readdirplus` add one, `forget`
+//!   subtracts what the kernel says; at zero the inode leaves the table and its descriptors close.
+//! - `by_id` maps the real file backing an inode (`st_dev`, `st_ino` of its upper entry if any,
+//!   else of its topmost lower entry) to the inode number, so every name of one real file
+//!   (hard links) resolves to the same overlay inode. After copy-up the key moves from the lower
+//!   file to the upper file: like the kernel without `index=on`, other names of a hard-linked
+//!   lower file then become separate files.
+//! - Inode numbers are never reused for a different file while the kernel may still know the old
+//!   one: virtual numbers come from a counter; persistent numbers are derived from the layer and
+//!   the real inode number, with a collision falling back to a counter in a reserved range.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::sys::BorrowFd;
+
+/// How st_ino values are assigned.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum InodeMode {
+    /// Numbers are handed out in order while mounted (small, dense, never reused in a mount).
+    #[default]
+    Virtual,
+    /// The same unchanged file gets the same number on every mount:
+    /// `(layer + 1) << 56 | real st_ino` for a file whose data lives in lower `layer`, and
+    /// `real st_ino` (layer 0 = upper) for a file in the upper. Unique because each layer's
+    /// real numbers are unique within it and the top byte names the layer; a real number that
+    /// does not fit in 56 bits, or a number already taken in this mount by another file (a
+    /// copied-up file keeps its number while mounted), falls back to a counter with the top
+    /// bit set, which no derived number can reach with fewer than 127 layers.
+    Persistent,
+}
+
+/// The kind of a real entry, fixed for the life of an overlay inode.
+pub type Kind = fuser::FileType;
+
+/// A real entry in one lower layer: the layer index and an `O_PATH` handle.
+#[derive(Debug)]
+pub struct LowerEntry {
+    pub layer: usize,
+    pub fd: OwnedFd,
+}
+
+/// Mutable state of an inode, guarded by the inode's lock.
+#[derive(Debug, Default)]
+pub struct InodeState {
+    /// The entry in the upper layer, once it exists there (created or copied up).
+    pub upper: Option<OwnedFd>,
+    /// Entries in lower layers, topmost first. For a non-directory at most one (the one whose
+    /// data is shown); for a merged directory every lower directory merged into it, stopping at
+    /// the first opaque one.
+    pub lowers: Vec<LowerEntry>,
+    /// The parent and name through which the inode was last reached; copy-up recreates the
+    /// entry there. For directories this is the only name. The parent is held strongly so a
+    /// copy-up can always walk up to the root.
+    pub parent: Option<Arc<Inode>>,
+    pub name: OsString,
+    /// The upper directory is opaque: lower directories are not merged.
+    pub opaque: bool,
+    /// The last name was removed while the kernel still holds the inode (open files). For a
+    /// lower-only file the real link count cannot show it, so st_nlink is reported as 0.
+    pub unlinked: bool,
+}
+
+impl InodeState {
+    /// The handle whose metadata and data are shown: the upper entry if any, else the topmost
+    /// lower entry.
+    pub fn real(&self) -> Option<BorrowedFd<'_>> {
+        self.upper
+            .as_ref()
+            .or_else(|| self.lowers.first().map(|l| &l.fd))
+            .map(|fd| fd.as_fd_borrowed())
+    }
+
+    /// Every directory merged into this one, upper first (for readdir and lookup).
+    pub fn layer_dirs(&self) -> Vec<BorrowedFd<'_>> {
+        let mut v = Vec::with_capacity(1 + self.lowers.len());
+        if let Some(u) = &self.upper {
+            v.push(u.as_fd_borrowed());
+        }
+        v.extend(self.lowers.iter().map(|l| l.fd.as_fd_borrowed()));
+        v
+    }
+}
+
+/// One overlay inode.
+#[derive(Debug)]
+pub struct Inode {
+    /// Inode number, both the FUSE node id and the st_ino shown.
+    pub ino: u64,
+    pub kind: Kind,
+    /// Lookups the kernel holds (see module invariants).
+    lookups: AtomicU64,
+    pub state: RwLock<InodeState>,
+    /// Serialises copy-up of this inode so two writers never race to create it.
+    pub copy_up_lock: Mutex<()>,
+    /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up.
+    id: Mutex<(u64, u64)>,
+}
+
+impl Inode {
+    /// Reads the state, tolerating a poisoned lock (a panicked request must not wedge the mount).
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, InodeState> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes the state.
+    pub fn write(&self) -> std::sync::RwLockWriteGuard<'_, InodeState> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Is this a directory?
+    pub fn is_dir(&self) -> bool {
+        self.kind == Kind::Directory
+    }
+}
+
+/// Root inode number, fixed by FUSE.
+pub const ROOT_INO: u64 = 1;
+const FALLBACK_BASE: u64 = 1 << 63;
+
+/// The table of live inodes. See the module documentation for its invariants.
+#[derive(Debug)]
+pub struct InodeStore {
+    mode: InodeMode,
+    inner: RwLock<Tables>,
+    next_virtual: AtomicU64,
+    next_fallback: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    by_ino: HashMap<u64, Arc<Inode>>,
+    by_id: HashMap<(u64, u64), u64>,
+}
+
+/// What is known about a real entry found by lookup, used to find or create its inode.
+pub struct Found {
+    pub kind: Kind,
+    /// (dev, ino) of the backing real file.
+    pub id: (u64, u64),
+    /// Layer the backing file lives in: 0 = upper, n = lower n-1.
+    pub layer: usize,
+    pub state: InodeState,
+}
+
+impl InodeStore {
+    /// Creates a store holding only the root inode.
+    pub fn new(mode: InodeMode, root: Found) -> Self {
+        let root_inode = Arc::new(Inode {
+            ino: ROOT_INO,
+            kind: Kind::Directory,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(root.state),
+            copy_up_lock: Mutex::new(()),
+            id: Mutex::new(root.id),
+        });
+        let mut t = Tables::default();
+        t.by_ino.insert(ROOT_INO, root_inode);
+        t.by_id.insert(root.id, ROOT_INO);
+        InodeStore {
+            mode,
+            inner: RwLock::new(t),
+            next_virtual: AtomicU64::new(ROOT_INO + 1),
+            next_fallback: AtomicU64::new(FALLBACK_BASE),
+        }
+    }
+
+    fn tables(&self) -> std::sync::RwLockReadGuard<'_, Tables> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tables_mut(&self) -> std::sync::RwLockWriteGuard<'_, Tables> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The inode with number `ino`, if the kernel still holds it.
+    pub fn get(&self, ino: u64) -> Option<Arc<Inode>> {
+        self.tables().by_ino.get(&ino).cloned()
+    }
+
+    /// Number of live inodes (for tests and memory accounting).
+    pub fn len(&self) -> usize {
+        self.tables().by_ino.len()
+    }
+
+    /// True when only the root is left.
+    pub fn is_empty(&self) -> bool {
+        self.len() <= 1
+    }
+
+    /// Finds the inode for a real entry or creates it, and takes one lookup reference.
+    /// An existing inode gets its parent/name refreshed (the kernel just reached it there).
+    pub fn lookup_or_insert(&self, found: Found) -> Arc<Inode> {
+        let mut t = self.tables_mut();
+        if let Some(ino) = t.by_id.get(&found.id).copied() {
+            if let Some(inode) = t.by_ino.get(&ino).cloned() {
+                if inode.kind == found.kind {
+                    inode.lookups.fetch_add(1, Ordering::Relaxed);
+                    drop(t);
+                    {
+                        let mut st = inode.write();
+                        st.parent = found.state.parent;
+                        st.name = found.state.name;
+                    }
+                    return inode;
+                }
+            }
+        }
+        let ino = self.assign(&t, &found);
+        let inode = Arc::new(Inode {
+            ino,
+            kind: found.kind,
+            lookups: AtomicU64::new(1),
+            state: RwLock::new(found.state),
+            copy_up_lock: Mutex::new(()),
+            id: Mutex::new(found.id),
+        });
+        t.by_ino.insert(ino, inode.clone());
+        t.by_id.insert(found.id, ino);
+        inode
+    }
+
+    fn assign(&self, t: &Tables, found: &Found) -> u64 {
+        if self.mode == InodeMode::Persistent {
+            let (_, real) = found.id;
+            if real < (1 << 56) && found.layer < 127 {
+                let n = ((found.layer as u64) << 56) | real;
+                if n > ROOT_INO && !t.by_ino.contains_key(&n) {
+                    return n;
+                }
+            }
+            return self.next_fallback.fetch_add(1, Ordering::Relaxed);
+        }
+        self.next_virtual.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Adds one lookup reference to a live inode (e.g. a hard link names it once more).
+    pub fn add_lookup(&self, inode: &Inode) {
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Drops `n` lookup references; at zero the inode leaves the table.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if ino == ROOT_INO {
+            return;
+        }
+        let mut t = self.tables_mut();
+        let Some(inode) = t.by_ino.get(&ino) else {
+            return;
+        };
+        let prev = inode.lookups.fetch_sub(
+            n.min(inode.lookups.load(Ordering::Relaxed)),
+            Ordering::Relaxed,
+        );
+        if prev <= n {
+            let id = *inode.id.lock().unwrap_or_else(|e| e.into_inner());
+            t.by_ino.remove(&ino);
+            if t.by_id.get(&id) == Some(&ino) {
+                t.by_id.remove(&id);
+            }
+        }
+    }
+
+    /// Re-keys an inode after copy-up: it is now backed by the upper file `id`.
+    pub fn rekey(&self, inode: &Inode, id: (u64, u64)) {
+        let mut t = self.tables_mut();
+        let mut cur = inode.id.lock().unwrap_or_else(|e| e.into_inner());
+        if t.by_id.get(&*cur) == Some(&inode.ino) {
+            t.by_id.remove(&*cur);
+        }
+        *cur = id;
+        t.by_id.insert(id, inode.ino);
+    }
+}

@@ -1,0 +1,203 @@
+//! The layer stack: the read-only lowers, the optional upper, and the private work directory.
+//!
+//! This module owns the on-disk format: which entries are whiteouts, which directories are
+//! opaque, and which xattr names are the overlay's own. The format is kernel overlayfs's, so an
+//! upper written here mounts with the kernel or fuse-overlayfs, and the other way round.
+
+use std::ffi::{CStr, CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::sys::{self, BorrowFd};
+
+/// Prefix of whiteout marker files (the aufs-style format fuse-overlayfs also reads).
+pub const WH_PREFIX: &[u8] = b".wh.";
+/// Marker file that makes its directory opaque (aufs-style).
+pub const OPAQUE_MARKER: &CStr = c".wh..wh..opq";
+
+/// Xattr namespaces whose `overlay.*` names are the overlay's own.
+const TRUSTED_OVL: &[u8] = b"trusted.overlay.";
+const USER_OVL: &[u8] = b"user.overlay.";
+
+/// True for xattr names that belong to the overlay and are never shown to or set by users.
+pub fn is_private_xattr(name: &[u8]) -> bool {
+    name.starts_with(TRUSTED_OVL) || name.starts_with(USER_OVL)
+}
+
+/// True for names reserved by the whiteout format (`.wh.*`).
+pub fn is_reserved_name(name: &OsStr) -> bool {
+    name.as_bytes().starts_with(WH_PREFIX)
+}
+
+/// One read-only layer (or the upper): a directory handle held for the whole mount.
+#[derive(Debug)]
+pub struct Layer {
+    /// The directory as given by the user.
+    pub path: PathBuf,
+    /// `O_PATH` handle on the layer root; all access goes through it.
+    pub root: OwnedFd,
+    /// `st_dev` of the layer root.
+    pub dev: u64,
+}
+
+impl Layer {
+    fn open(path: &Path) -> io::Result<Layer> {
+        let root = sys::open_dir_path(path)?;
+        let st = sys::fstat(root.as_fd_borrowed())?;
+        Ok(Layer {
+            path: path.to_path_buf(),
+            root,
+            dev: st.st_dev,
+        })
+    }
+}
+
+/// All layers of one mount. Owned by the overlay for the mount's lifetime.
+#[derive(Debug)]
+pub struct LayerStack {
+    /// Lower layers, topmost first.
+    pub lowers: Vec<Layer>,
+    /// The writable layer, if any (none: a read-only mount).
+    pub upper: Option<Layer>,
+    /// `O_PATH` handle on the temporaries directory inside the work dir (same filesystem as
+    /// upper), where copy-ups and replacements are prepared before an atomic rename.
+    work: Option<OwnedFd>,
+    /// Counter for temporary names in the work dir; unique within this mount, and the work dir
+    /// is emptied at mount time, so names never collide with leftovers of an earlier crash.
+    tmp_seq: AtomicU64,
+    /// The xattr namespace the overlay writes its own markers in: `trusted.` as root (what the
+    /// kernel reads by default), `user.` otherwise (the kernel's `userxattr` option).
+    pub xattr_prefix: &'static str,
+    /// Whether mknod of a char 0/0 whiteout works on the upper (else `.wh.` files are written).
+    pub whiteout_dev: bool,
+}
+
+/// Name of the temporaries directory inside the work dir (the kernel uses `work/work`).
+const WORK_TMP: &CStr = c"ovl-tmp";
+
+impl LayerStack {
+    /// Opens every layer. `work` must be on the upper's filesystem; it is created if missing
+    /// and its temporaries directory is cleared of leftovers from an earlier crash.
+    pub fn open(lowers: &[PathBuf], upper: Option<&Path>, work: Option<&Path>) -> io::Result<Self> {
+        let lowers = lowers
+            .iter()
+            .map(|p| Layer::open(p))
+            .collect::<io::Result<Vec<_>>>()?;
+        let upper = upper.map(Layer::open).transpose()?;
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut stack = LayerStack {
+            lowers,
+            upper,
+            work: None,
+            tmp_seq: AtomicU64::new(0),
+            xattr_prefix: if root { "trusted." } else { "user." },
+            whiteout_dev: true,
+        };
+        if let (Some(upper), Some(work)) = (&stack.upper, work) {
+            let wdir = sys::open_dir_path(work)?;
+            let wst = sys::fstat(wdir.as_fd_borrowed())?;
+            if wst.st_dev != upper.dev {
+                return Err(io::Error::other(format!(
+                    "work directory {} is not on the same filesystem as upper directory {}",
+                    work.display(),
+                    upper.path.display()
+                )));
+            }
+            // Leftovers are incomplete copy-ups or replaced entries awaiting removal: by design
+            // nothing live is ever only in the work dir, so clearing it loses nothing.
+            sys::remove_tree(wdir.as_fd_borrowed(), WORK_TMP)?;
+            sys::mkdirat(wdir.as_fd_borrowed(), WORK_TMP, 0o700)?;
+            let tmp = sys::open_path(wdir.as_fd_borrowed(), WORK_TMP)?;
+            stack.work = Some(tmp);
+            stack.whiteout_dev = stack.probe_whiteout();
+        }
+        Ok(stack)
+    }
+
+    /// Tries to create a char 0/0 whiteout in the work dir.
+    fn probe_whiteout(&self) -> bool {
+        let Some(work) = &self.work else { return false };
+        let name = self.tmp_name();
+        let ok = sys::mknodat(work.as_fd_borrowed(), &name, libc::S_IFCHR, 0).is_ok();
+        if ok {
+            let _ = sys::unlinkat(work.as_fd_borrowed(), &name, 0);
+        }
+        ok
+    }
+
+    /// The work temporaries directory. Only valid when there is an upper.
+    pub fn work(&self) -> io::Result<BorrowedFd<'_>> {
+        self.work
+            .as_ref()
+            .map(|w| w.as_fd_borrowed())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// A fresh temporary name for the work dir.
+    pub fn tmp_name(&self) -> CString {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        CString::new(format!("t{n:x}")).expect("no NUL")
+    }
+
+    /// The upper layer, or EROFS for a read-only mount.
+    pub fn upper(&self) -> io::Result<&Layer> {
+        self.upper
+            .as_ref()
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EROFS))
+    }
+
+    /// Full name of one of the overlay's own xattrs in the namespace this mount writes.
+    pub fn ovl_xattr(&self, what: &str) -> CString {
+        CString::new(format!("{}overlay.{what}", self.xattr_prefix)).expect("no NUL")
+    }
+
+    /// Is the directory behind `fd` opaque (hides the layers below)? Reads both xattr
+    /// namespaces and the aufs-style marker file, as every overlay writer uses one of them.
+    pub fn is_opaque_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+            if let Some(v) = sys::fgetxattr(fd.as_raw_fd(), name)? {
+                if v == b"y" {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some())
+    }
+
+    /// Is the entry with stat `st` (handle `fd`) a whiteout? Char 0/0, or an empty regular file
+    /// carrying an `overlay.whiteout` xattr (the kernel's xattr whiteouts).
+    pub fn is_whiteout(&self, st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<bool> {
+        if sys::is_whiteout_dev(st) {
+            return Ok(true);
+        }
+        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
+            for name in [c"trusted.overlay.whiteout", c"user.overlay.whiteout"] {
+                if sys::fgetxattr(fd.as_raw_fd(), name)?.is_some() {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Marks a directory (in the upper) opaque.
+    pub fn set_opaque(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
+        sys::fsetxattr(fd.as_raw_fd(), &self.ovl_xattr("opaque"), b"y", 0)
+    }
+
+    /// Creates a whiteout named `name` in `dir` (char 0/0, or a `.wh.` file where mknod is
+    /// refused). Used on temporaries in the work dir, which are then renamed into place.
+    pub fn make_whiteout(&self, dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
+        sys::mknodat(dir, name, libc::S_IFCHR, 0)
+    }
+}
+
+/// Builds the aufs-style whiteout marker name for `name`.
+pub fn wh_name(name: &OsStr) -> io::Result<CString> {
+    let mut v = WH_PREFIX.to_vec();
+    v.extend_from_slice(name.as_bytes());
+    CString::new(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}

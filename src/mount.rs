@@ -1,0 +1,416 @@
+//! Mounting: validating the layers, building the overlay and running the FUSE session.
+//!
+//! # Example
+//! ```no_run
+//! use ovl::{InodeMode, OverlayFS};
+//! let mut ofs = OverlayFS::new("/srv/rootfs");
+//! ofs.set_upper("/srv/rootfs_upper")
+//!     .set_mountpoint("/mnt/merged")
+//!     .set_inode_mode(InodeMode::Persistent);
+//! ofs.mount()?;
+//! println!("mounted at {}", ofs.handle().unwrap().mount_point().display());
+//! ofs.umount()?;
+//! # Ok::<(), ovl::Error>(())
+//! ```
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+
+use crate::error::{Error, Result};
+use crate::fs::OverlayFs;
+use crate::inode::InodeMode;
+use crate::layers::LayerStack;
+use crate::overlay::Overlay;
+
+/// An overlay to mount: lower layers, optional upper, mount point and options.
+#[derive(Debug, Default)]
+pub struct OverlayFS {
+    lowers: Vec<PathBuf>,
+    upper: Option<PathBuf>,
+    work: Option<PathBuf>,
+    mountpoint: Option<PathBuf>,
+    inode_mode: InodeMode,
+    allow_other: bool,
+    suid_dev: bool,
+    passthrough: bool,
+    fsname: Option<String>,
+    threads: Option<usize>,
+    handle: Option<MountHandle>,
+}
+
+/// A live mount. Unmounts when dropped.
+#[derive(Debug)]
+pub struct MountHandle {
+    session: Option<BackgroundSession>,
+    mountpoint: PathBuf,
+    overlay: Arc<Overlay>,
+}
+
+impl MountHandle {
+    /// Where the merged tree is visible.
+    pub fn mount_point(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Number of inodes the kernel currently holds (memory grows with this, not the tree).
+    pub fn live_inodes(&self) -> usize {
+        self.overlay.inodes.len()
+    }
+
+    /// Unmounts and waits for the FUSE session to end.
+    pub fn umount(mut self) -> Result<()> {
+        self.do_umount()
+    }
+
+    /// Waits until the filesystem is unmounted by someone else (`umount`, `fusermount3 -u`).
+    pub fn join(mut self) -> Result<()> {
+        if let Some(s) = self.session.take() {
+            s.join()
+                .map_err(|e| Error::io("serving", self.mountpoint.clone(), e))?;
+        }
+        Ok(())
+    }
+
+    fn do_umount(&mut self) -> Result<()> {
+        if let Some(s) = self.session.take() {
+            s.umount_and_join()
+                .map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.do_umount() {
+            log::error!("{e}");
+        }
+    }
+}
+
+fn canonical(what: &str, p: &Path) -> Result<PathBuf> {
+    let c = p.canonicalize().map_err(|e| {
+        Error::bad(
+            p,
+            format!("{what} is not accessible ({e}): create it or fix the path"),
+        )
+    })?;
+    if !c.is_dir() {
+        return Err(Error::bad(
+            p,
+            format!("{what} is not a directory: give a directory"),
+        ));
+    }
+    Ok(c)
+}
+
+/// Are `a` and `b` the same directory or is one inside the other?
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Resolves a path that may not exist yet: its nearest existing ancestor canonicalized, plus
+/// the rest.
+fn resolve_future(p: &Path) -> PathBuf {
+    let abs = if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        std::env::current_dir().unwrap_or_default().join(p)
+    };
+    let mut rest = Vec::new();
+    let mut cur = abs.as_path();
+    loop {
+        if let Ok(c) = cur.canonicalize() {
+            let mut out = c;
+            for r in rest.iter().rev() {
+                out.push(r);
+            }
+            return out;
+        }
+        match (cur.parent(), cur.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                cur = parent;
+            }
+            _ => return abs,
+        }
+    }
+}
+
+/// The default work directory for an upper: a hidden sibling on the same filesystem.
+pub fn default_workdir(upper: &Path) -> PathBuf {
+    let name = upper
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "upper".into());
+    upper
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!(".{name}.ovl-work"))
+}
+
+impl OverlayFS {
+    /// An overlay over one lower directory (more with [`OverlayFS::add_lower`]).
+    pub fn new(lower: impl Into<PathBuf>) -> Self {
+        OverlayFS {
+            lowers: vec![lower.into()],
+            passthrough: true,
+            ..Default::default()
+        }
+    }
+
+    /// Adds a lower layer below the ones given so far.
+    pub fn add_lower(&mut self, lower: impl Into<PathBuf>) -> &mut Self {
+        self.lowers.push(lower.into());
+        self
+    }
+
+    /// Sets the writable upper directory (created if missing). Without one the mount is read-only.
+    pub fn set_upper(&mut self, upper: impl Into<PathBuf>) -> &mut Self {
+        self.upper = Some(upper.into());
+        self
+    }
+
+    /// Sets the work directory (default: a hidden sibling of the upper, see [`default_workdir`]).
+    pub fn set_workdir(&mut self, work: impl Into<PathBuf>) -> &mut Self {
+        self.work = Some(work.into());
+        self
+    }
+
+    /// Sets the mount point (created if missing).
+    pub fn set_mountpoint(&mut self, mountpoint: impl Into<PathBuf>) -> &mut Self {
+        self.mountpoint = Some(mountpoint.into());
+        self
+    }
+
+    /// Chooses how inode numbers are assigned.
+    pub fn set_inode_mode(&mut self, mode: InodeMode) -> &mut Self {
+        self.inode_mode = mode;
+        self
+    }
+
+    /// Lets other users (root included) access the mount (`allow_other`).
+    pub fn set_allow_other(&mut self, allow: bool) -> &mut Self {
+        self.allow_other = allow;
+        self
+    }
+
+    /// Honours setuid bits and device nodes in the mount (root only; fuse-overlayfs does so).
+    pub fn set_suid_dev(&mut self, on: bool) -> &mut Self {
+        self.suid_dev = on;
+        self
+    }
+
+    /// Uses FUSE passthrough for open files when the kernel allows (default: on).
+    pub fn set_passthrough(&mut self, on: bool) -> &mut Self {
+        self.passthrough = on;
+        self
+    }
+
+    /// Sets the filesystem name shown in /proc/mounts.
+    pub fn set_fsname(&mut self, name: impl Into<String>) -> &mut Self {
+        self.fsname = Some(name.into());
+        self
+    }
+
+    /// Number of FUSE worker threads (default: one per CPU).
+    pub fn set_threads(&mut self, n: usize) -> &mut Self {
+        self.threads = Some(n.max(1));
+        self
+    }
+
+    /// The lower layers, topmost first.
+    pub fn lowers(&self) -> &[PathBuf] {
+        &self.lowers
+    }
+
+    /// The upper directory, if any.
+    pub fn upper(&self) -> Option<&Path> {
+        self.upper.as_deref()
+    }
+
+    /// The work directory that will be (or is) used.
+    pub fn workdir(&self) -> Option<PathBuf> {
+        self.work
+            .clone()
+            .or_else(|| self.upper.as_deref().map(default_workdir))
+    }
+
+    /// The live mount, if mounted.
+    pub fn handle(&self) -> Option<&MountHandle> {
+        self.handle.as_ref()
+    }
+
+    /// Takes the live mount out (to wait on it with [`MountHandle::join`]).
+    pub fn take_handle(&mut self) -> Option<MountHandle> {
+        self.handle.take()
+    }
+
+    /// Checks every path without changing anything on disk. Returns the canonical lowers.
+    pub fn validate(&self) -> Result<Vec<PathBuf>> {
+        if self.lowers.is_empty() {
+            return Err(Error::bad(
+                "",
+                "no lower directory given: pass at least one",
+            ));
+        }
+        let mut lowers = Vec::new();
+        for l in &self.lowers {
+            let c = canonical("lower directory", l)?;
+            if let Err(e) = std::fs::read_dir(&c) {
+                return Err(Error::bad(
+                    l,
+                    format!("lower directory is not readable ({e}): fix its permissions"),
+                ));
+            }
+            lowers.push(c);
+        }
+        let mut layers: Vec<(&str, PathBuf)> =
+            lowers.iter().map(|l| ("lower", l.clone())).collect();
+        if let Some(u) = &self.upper {
+            let cu = resolve_future(u);
+            for l in &lowers {
+                if overlaps(&cu, l) {
+                    return Err(Error::bad(
+                        u,
+                        format!(
+                            "upper directory overlaps lower directory {}: put the upper outside every lower",
+                            l.display()
+                        ),
+                    ));
+                }
+            }
+            if cu.exists() && !cu.is_dir() {
+                return Err(Error::bad(u, "upper is not a directory: give a directory"));
+            }
+            let cw = resolve_future(&self.workdir().unwrap_or_default());
+            for (what, p) in layers.iter().chain([("upper", cu.clone())].iter()) {
+                if overlaps(&cw, p) {
+                    return Err(Error::bad(
+                        &cw,
+                        format!(
+                            "work directory overlaps {what} directory {}: put it beside the upper",
+                            p.display()
+                        ),
+                    ));
+                }
+            }
+            layers.push(("upper", cu));
+        }
+        let m = self
+            .mountpoint
+            .as_ref()
+            .ok_or_else(|| Error::bad("", "no mount point given: set one"))?;
+        let cm = resolve_future(m);
+        if cm.exists() && !cm.is_dir() {
+            return Err(Error::bad(
+                m,
+                "mount point is not a directory: give a directory",
+            ));
+        }
+        for (what, p) in &layers {
+            if overlaps(&cm, p) {
+                return Err(Error::bad(
+                    m,
+                    format!(
+                        "mount point overlaps {what} directory {}: mount outside the layers",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        Ok(lowers)
+    }
+
+    /// Mounts the overlay; returns when the mount is live.
+    pub fn mount(&mut self) -> Result<()> {
+        if self.handle.is_some() {
+            return Ok(());
+        }
+        let lowers = self.validate()?;
+        let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
+        let work = self.workdir();
+        if let Some(u) = &self.upper {
+            std::fs::create_dir_all(u).map_err(|e| Error::io("creating upper directory", u, e))?;
+        }
+        if let Some(w) = &work {
+            std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
+        }
+        std::fs::create_dir_all(&mountpoint)
+            .map_err(|e| Error::io("creating mount point", &mountpoint, e))?;
+        crate::sys::raise_nofile_limit();
+
+        let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
+            .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
+        let overlay = Arc::new(
+            Overlay::new(stack, self.inode_mode, self.passthrough)
+                .map_err(|e| Error::io("reading layer roots of", lowers[0].clone(), e))?,
+        );
+        let root = unsafe { libc::geteuid() } == 0;
+        let mut opts = vec![
+            MountOption::FSName(self.fsname.clone().unwrap_or_else(|| "ovl".into())),
+            MountOption::Subtype("ovl".into()),
+            MountOption::DefaultPermissions,
+        ];
+        if self.upper.is_none() {
+            opts.push(MountOption::RO);
+        }
+        if self.suid_dev && root {
+            opts.push(MountOption::Suid);
+            opts.push(MountOption::Dev);
+        }
+        let mut config = Config::default();
+        config.mount_options = opts;
+        config.acl = if self.allow_other {
+            SessionACL::All
+        } else {
+            SessionACL::Owner
+        };
+        config.n_threads = Some(
+            self.threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        );
+        config.clone_fd = true;
+        let session = fuser::Session::new(OverlayFs(overlay.clone()), &mountpoint, &config)
+            .and_then(|s| s.spawn())
+            .map_err(|e| mount_error(&mountpoint, e))?;
+        self.handle = Some(MountHandle {
+            session: Some(session),
+            mountpoint,
+            overlay,
+        });
+        Ok(())
+    }
+
+    /// Unmounts, if mounted.
+    pub fn umount(&mut self) -> Result<()> {
+        match self.handle.take() {
+            Some(h) => h.umount(),
+            None => Ok(()),
+        }
+    }
+}
+
+fn mount_error(mountpoint: &Path, e: io::Error) -> Error {
+    let hint = match e.raw_os_error() {
+        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => {
+            " (no /dev/fuse: load the fuse module or run where FUSE is available)"
+        }
+        Some(libc::EPERM) | Some(libc::EACCES) => {
+            " (not allowed to mount: run as root, or install fuse3 for fusermount3)"
+        }
+        _ => "",
+    };
+    Error::Io {
+        what: if hint.is_empty() {
+            "mounting"
+        } else {
+            "mounting (see hint)"
+        },
+        path: mountpoint.to_path_buf(),
+        source: io::Error::new(e.kind(), format!("{e}{hint}")),
+    }
+}

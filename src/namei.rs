@@ -1,0 +1,200 @@
+//! Name lookup: resolves a name in a merged directory to the real entries behind it.
+//!
+//! The upper layer is consulted first, then each lower directory merged into the parent, top
+//! to bottom. A whiteout ends the search (the name is deleted); a non-directory ends it (it hides
+//! everything below); a directory continues it unless it is opaque, collecting every lower
+//! directory to merge.
+
+use std::ffi::OsStr;
+use std::io;
+use std::sync::Arc;
+
+use fuser::FileAttr;
+
+use crate::inode::{Found, Inode, InodeState, Kind, LowerEntry};
+use crate::layers::{self, LayerStack};
+use crate::overlay::{NAME_MAX, OpResult, Overlay, attr_from_stat, errno, kind_of};
+use crate::sys::{self, BorrowFd};
+
+/// Builds the root entry: the upper root and every lower root, merged.
+pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
+    let mut state = InodeState::default();
+    let mut id = None;
+    if let Some(u) = &layers.upper {
+        let fd = sys::open_path(u.root.as_fd_borrowed(), c".")?;
+        let st = sys::fstat(fd.as_fd_borrowed())?;
+        id = Some((st.st_dev, st.st_ino));
+        state.opaque = layers.is_opaque_dir(fd.as_fd_borrowed())?;
+        state.upper = Some(fd);
+    }
+    if !state.opaque {
+        for (i, l) in layers.lowers.iter().enumerate() {
+            let fd = sys::open_path(l.root.as_fd_borrowed(), c".")?;
+            if id.is_none() {
+                let st = sys::fstat(fd.as_fd_borrowed())?;
+                id = Some((st.st_dev, st.st_ino));
+            }
+            let opaque = layers.is_opaque_dir(fd.as_fd_borrowed())?;
+            state.lowers.push(LowerEntry { layer: i, fd });
+            if opaque {
+                break;
+            }
+        }
+    }
+    Ok(Found {
+        kind: Kind::Directory,
+        id: id.ok_or_else(|| io::Error::other("an overlay needs at least one layer"))?,
+        layer: 0,
+        state,
+    })
+}
+
+fn is_enoent(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
+}
+
+impl Overlay {
+    /// Resolves `name` in `parent` without touching the inode store. `Ok(None)`: no such name.
+    /// Also returns the stat of the entry whose attributes are shown.
+    pub fn find(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<(Found, libc::stat)>> {
+        if name.len() > NAME_MAX {
+            return Err(errno(libc::ENAMETOOLONG));
+        }
+        if layers::is_reserved_name(name) {
+            return Ok(None);
+        }
+        if !parent.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let cname = sys::cstr(name)?;
+        let pst = parent.read();
+        let mut state = InodeState {
+            parent: Some(parent.clone()),
+            name: name.to_os_string(),
+            ..Default::default()
+        };
+        let mut shown: Option<(libc::stat, usize)> = None;
+        let mut search_lower = !pst.opaque;
+
+        if let Some(udir) = &pst.upper {
+            match sys::open_path(udir.as_fd_borrowed(), &cname) {
+                Ok(fd) => {
+                    let st = sys::fstat(fd.as_fd_borrowed())?;
+                    if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
+                        return Ok(None);
+                    }
+                    if kind_of(st.st_mode) == Kind::Directory {
+                        state.opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
+                        search_lower &= !state.opaque;
+                    } else {
+                        search_lower = false;
+                    }
+                    state.upper = Some(fd);
+                    shown = Some((st, 0));
+                }
+                Err(e) if is_enoent(&e) => {
+                    if sys::fstatat_opt(udir.as_fd_borrowed(), &layers::wh_name(name)?)?.is_some() {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+
+        if search_lower {
+            let n = pst.lowers.len();
+            for (i, l) in pst.lowers.iter().enumerate() {
+                match sys::open_path(l.fd.as_fd_borrowed(), &cname) {
+                    Ok(fd) => {
+                        let st = sys::fstat(fd.as_fd_borrowed())?;
+                        if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
+                            break;
+                        }
+                        let is_dir = kind_of(st.st_mode) == Kind::Directory;
+                        match &shown {
+                            None => {
+                                shown = Some((st, l.layer + 1));
+                            }
+                            // A non-directory below a directory is hidden by it.
+                            Some(_) if !is_dir => break,
+                            Some(_) => {}
+                        }
+                        let opaque = is_dir && self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
+                        state.lowers.push(LowerEntry { layer: l.layer, fd });
+                        if !is_dir || opaque {
+                            break;
+                        }
+                    }
+                    Err(e) if is_enoent(&e) => {
+                        // An aufs-style whiteout here hides the layers further down.
+                        if i + 1 < n
+                            && sys::fstatat_opt(l.fd.as_fd_borrowed(), &layers::wh_name(name)?)?
+                                .is_some()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        drop(pst);
+
+        let Some((st, layer)) = shown else {
+            return Ok(None);
+        };
+        Ok(Some((
+            Found {
+                kind: kind_of(st.st_mode),
+                id: (st.st_dev, st.st_ino),
+                layer,
+                state,
+            },
+            st,
+        )))
+    }
+
+    /// FUSE lookup: resolves the name and takes a lookup reference on the inode.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let parent = self.inode(parent)?;
+        self.lookup_in(&parent, name)
+    }
+
+    /// Lookup with the parent inode in hand.
+    pub fn lookup_in(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<(Arc<Inode>, FileAttr)> {
+        let (found, st) = self
+            .find(parent, name)?
+            .ok_or_else(|| errno(libc::ENOENT))?;
+        let merged = found.kind == Kind::Directory
+            && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
+        let inode = self.inodes.lookup_or_insert(found);
+        let mut attr = attr_from_stat(inode.ino, &st);
+        if merged {
+            attr.nlink = 1;
+        }
+        Ok((inode, attr))
+    }
+
+    /// Whether any lower directory merged into `parent` has a visible entry `name`: removing
+    /// or renaming away the upper entry must then leave a whiteout.
+    pub fn lower_positive(&self, parent: &Inode, name: &OsStr) -> OpResult<bool> {
+        let cname = sys::cstr(name)?;
+        let pst = parent.read();
+        if pst.opaque {
+            return Ok(false);
+        }
+        for l in &pst.lowers {
+            if let Some(st) = sys::fstatat_opt(l.fd.as_fd_borrowed(), &cname)? {
+                if sys::is_whiteout_dev(&st) {
+                    return Ok(false);
+                }
+                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
+                    let fd = sys::open_path(l.fd.as_fd_borrowed(), &cname)?;
+                    return Ok(!self.layers.is_whiteout(&st, fd.as_fd_borrowed())?);
+                }
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+}

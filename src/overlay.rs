@@ -1,0 +1,146 @@
+//! The overlay's shared state and the helpers every operation module uses.
+//!
+//! `Overlay` owns the three pieces of state, each with one owner: the layer stack
+//! ([`crate::layers`]), the inode store ([`crate::inode`]) and the open-file table
+//! ([`crate::file`]). The operation modules (`namei`, `dir`, `file`, `attr`, `xattr`,
+//! `readdir`, `copy_up`) add `impl Overlay` blocks; `fs` dispatches FUSE requests to them.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType};
+
+use crate::file::FileTable;
+use crate::inode::{Inode, InodeMode, InodeStore};
+use crate::layers::LayerStack;
+use crate::sys;
+
+/// Result type of the operation modules: errno-carrying I/O errors.
+pub type OpResult<T> = io::Result<T>;
+
+/// The mounted overlay (everything a request handler needs).
+#[derive(Debug)]
+pub struct Overlay {
+    pub layers: LayerStack,
+    pub inodes: InodeStore,
+    pub files: FileTable,
+    /// How long the kernel may cache entries and attributes. The mount owns its layers (they
+    /// must not change underneath it), so every change goes through us and the kernel's cache
+    /// is kept exact by our replies: a long TTL is safe.
+    pub ttl: Duration,
+    /// We run as root: chown new entries to the caller and allow device nodes.
+    pub privileged: bool,
+    /// FUSE passthrough was negotiated with the kernel at init.
+    pub passthrough: AtomicBool,
+    /// Passthrough was asked for (it is still only used when the kernel agrees).
+    pub want_passthrough: bool,
+}
+
+/// Returns the error for a raw errno.
+pub fn errno(e: i32) -> io::Error {
+    io::Error::from_raw_os_error(e)
+}
+
+/// Linux NAME_MAX; FUSE does not enforce it for us.
+pub const NAME_MAX: usize = 255;
+
+/// Checks a name the user wants to create: length and the reserved `.wh.` prefix.
+pub fn check_new_name(name: &OsStr) -> OpResult<()> {
+    if name.len() > NAME_MAX {
+        return Err(errno(libc::ENAMETOOLONG));
+    }
+    if crate::layers::is_reserved_name(name) {
+        return Err(errno(libc::EINVAL));
+    }
+    if name.as_bytes().contains(&b'/') {
+        return Err(errno(libc::EINVAL));
+    }
+    Ok(())
+}
+
+fn to_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::new((-sec) as u64, 0) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// The FUSE file type of a `st_mode`.
+pub fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        _ => FileType::RegularFile,
+    }
+}
+
+/// Builds the attributes shown for inode `ino` from the real entry's stat.
+pub fn attr_from_stat(ino: u64, st: &libc::stat) -> FileAttr {
+    FileAttr {
+        ino: fuser::INodeNo(ino),
+        size: st.st_size as u64,
+        blocks: st.st_blocks as u64,
+        atime: to_time(st.st_atime, st.st_atime_nsec),
+        mtime: to_time(st.st_mtime, st.st_mtime_nsec),
+        ctime: to_time(st.st_ctime, st.st_ctime_nsec),
+        crtime: UNIX_EPOCH,
+        kind: kind_of(st.st_mode),
+        perm: (st.st_mode & 0o7777) as u16,
+        nlink: st.st_nlink as u32,
+        uid: st.st_uid,
+        gid: st.st_gid,
+        rdev: st.st_rdev as u32,
+        blksize: st.st_blksize as u32,
+        flags: 0,
+    }
+}
+
+impl Overlay {
+    /// Creates the overlay over an opened layer stack.
+    pub fn new(layers: LayerStack, mode: InodeMode, want_passthrough: bool) -> io::Result<Self> {
+        let root = crate::namei::root_entry(&layers)?;
+        Ok(Overlay {
+            layers,
+            inodes: InodeStore::new(mode, root),
+            files: FileTable::default(),
+            ttl: Duration::from_secs(86400),
+            privileged: unsafe { libc::geteuid() } == 0,
+            passthrough: AtomicBool::new(false),
+            want_passthrough,
+        })
+    }
+
+    /// The live inode `ino`, or ENOENT/ESTALE when the kernel sends a number we never gave.
+    pub fn inode(&self, ino: u64) -> OpResult<Arc<Inode>> {
+        self.inodes.get(ino).ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    /// Current attributes of an inode, from its real entry.
+    pub fn stat_inode(&self, inode: &Inode) -> OpResult<FileAttr> {
+        let st = inode.read();
+        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        let s = sys::fstat(real)?;
+        let mut attr = attr_from_stat(inode.ino, &s);
+        // A merged directory's link count is unknown without counting every layer's
+        // subdirectories; like the kernel, report 1 ("unknown" to find and friends).
+        if inode.is_dir() && st.upper.is_some() && !st.lowers.is_empty() {
+            attr.nlink = 1;
+        }
+        if inode.is_dir() && st.upper.is_none() && st.lowers.len() > 1 {
+            attr.nlink = 1;
+        }
+        if st.unlinked && st.upper.is_none() {
+            attr.nlink = 0;
+        }
+        Ok(attr)
+    }
+}

@@ -1,0 +1,94 @@
+//! Extended attributes: get, set, list, remove.
+//!
+//! The overlay's own attributes (`trusted.overlay.*`, `user.overlay.*`) are its on-disk format:
+//! they are never listed, read or written through the mount. Setting or removing an attribute
+//! of a lower entry copies it up first.
+
+use std::ffi::OsStr;
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+
+use crate::layers::is_private_xattr;
+use crate::overlay::{OpResult, Overlay, errno};
+use crate::sys;
+
+/// Result of getxattr/listxattr with the FUSE size protocol: the size alone when the caller
+/// passed 0, else the bytes.
+pub enum XattrReply {
+    Size(u32),
+    Data(Vec<u8>),
+}
+
+fn check_name(name: &OsStr) -> OpResult<std::ffi::CString> {
+    if is_private_xattr(name.as_bytes()) {
+        // What kernel overlayfs answers for its own attributes.
+        return Err(errno(libc::EOPNOTSUPP));
+    }
+    sys::cstr(name)
+}
+
+impl Overlay {
+    /// FUSE getxattr.
+    pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> OpResult<XattrReply> {
+        let cname = check_name(name)?;
+        let inode = self.inode(ino)?;
+        let st = inode.read();
+        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        let (len, data) = sys::getxattr_raw(real.as_raw_fd(), &cname, size as usize)?;
+        Ok(if size == 0 {
+            XattrReply::Size(len as u32)
+        } else {
+            XattrReply::Data(data)
+        })
+    }
+
+    /// FUSE listxattr, without the overlay's own names.
+    pub fn listxattr(&self, ino: u64, size: u32) -> OpResult<XattrReply> {
+        let inode = self.inode(ino)?;
+        let st = inode.read();
+        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        let all = sys::flistxattr(real.as_raw_fd())?;
+        let mut out = Vec::with_capacity(all.len());
+        for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+            if !is_private_xattr(n) {
+                out.extend_from_slice(n);
+                out.push(0);
+            }
+        }
+        if size == 0 {
+            return Ok(XattrReply::Size(out.len() as u32));
+        }
+        if out.len() > size as usize {
+            return Err(errno(libc::ERANGE));
+        }
+        Ok(XattrReply::Data(out))
+    }
+
+    /// FUSE setxattr.
+    pub fn setxattr(&self, ino: u64, name: &OsStr, value: &[u8], flags: i32) -> OpResult<()> {
+        let cname = check_name(name)?;
+        let inode = self.inode(ino)?;
+        self.copy_up(&inode)?;
+        let st = inode.read();
+        let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        sys::fsetxattr(fd.as_raw_fd(), &cname, value, flags)
+    }
+
+    /// FUSE removexattr.
+    pub fn removexattr(&self, ino: u64, name: &OsStr) -> OpResult<()> {
+        let cname = check_name(name)?;
+        let inode = self.inode(ino)?;
+        {
+            // Removing an attribute that is not there must not copy the file up.
+            let st = inode.read();
+            let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+            if sys::fgetxattr(real.as_raw_fd(), &cname)?.is_none() {
+                return Err(errno(libc::ENODATA));
+            }
+        }
+        self.copy_up(&inode)?;
+        let st = inode.read();
+        let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        sys::fremovexattr(fd.as_raw_fd(), &cname)
+    }
+}

@@ -1,0 +1,133 @@
+//! Shared test harness: real FUSE mounts in private temp dirs (tests run in parallel).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ovl::{InodeMode, OverlayFS};
+use tempfile::TempDir;
+
+/// A test overlay: `root/lower`, `root/upper`, `root/work`, mounted at `root/mnt`.
+pub struct Mounted {
+    pub root: TempDir,
+    pub lower: PathBuf,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+    pub mnt: PathBuf,
+    pub mode: InodeMode,
+    ofs: Option<OverlayFS>,
+}
+
+impl Mounted {
+    /// Creates the layers, lets `setup` fill the lower, and mounts.
+    pub fn new(setup: impl FnOnce(&Path)) -> Self {
+        Self::with_mode(InodeMode::Virtual, setup)
+    }
+
+    pub fn with_mode(mode: InodeMode, setup: impl FnOnce(&Path)) -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("ovl-test")
+            .tempdir()
+            .unwrap();
+        let lower = root.path().join("lower");
+        let upper = root.path().join("upper");
+        let work = root.path().join("work");
+        let mnt = root.path().join("mnt");
+        for d in [&lower, &upper, &work, &mnt] {
+            std::fs::create_dir(d).unwrap();
+        }
+        setup(&lower);
+        let mut m = Mounted {
+            root,
+            lower,
+            upper,
+            work,
+            mnt,
+            mode,
+            ofs: None,
+        };
+        m.mount();
+        m
+    }
+
+    /// Path inside the mount.
+    pub fn p(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+
+    pub fn mount(&mut self) {
+        let mut ofs = OverlayFS::new(&self.lower);
+        ofs.set_upper(&self.upper)
+            .set_workdir(&self.work)
+            .set_mountpoint(&self.mnt)
+            .set_inode_mode(self.mode);
+        ofs.mount().expect("mount");
+        self.ofs = Some(ofs);
+    }
+
+    pub fn umount(&mut self) {
+        if let Some(mut o) = self.ofs.take() {
+            o.umount().expect("umount");
+        }
+    }
+
+    pub fn remount(&mut self) {
+        self.umount();
+        self.mount();
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut o) = self.ofs.take() {
+            let _ = o.umount();
+        }
+    }
+}
+
+/// A kernel overlayfs mount (the reference), unmounted on drop.
+pub struct KernelMount {
+    pub mnt: PathBuf,
+}
+
+impl KernelMount {
+    pub fn new(lowers: &[&Path], upper: &Path, work: &Path, mnt: &Path) -> Self {
+        let lower = lowers
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let st = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o"])
+            .arg(format!(
+                "lowerdir={lower},upperdir={},workdir={}",
+                upper.display(),
+                work.display()
+            ))
+            .arg(mnt)
+            .status()
+            .expect("run mount");
+        assert!(st.success(), "kernel overlay mount failed");
+        KernelMount {
+            mnt: mnt.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+/// errno of an io::Error (0 for success).
+pub fn errno<T>(r: &std::io::Result<T>) -> i32 {
+    match r {
+        Ok(_) => 0,
+        Err(e) => e.raw_os_error().unwrap_or(-1),
+    }
+}
+
+pub fn is_root() -> bool {
+    unsafe { libc::geteuid() == 0 }
+}
