@@ -84,9 +84,9 @@ impl Overlay {
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let aufs_wh = sys::fstatat_opt(upper.as_fd_borrowed(), &layers::wh_name(name)?)?;
+                let aufs_wh = layers::has_aufs_whiteout(upper.as_fd_borrowed(), name)?;
                 drop(pst);
-                if aufs_wh.is_none() && self.lower_positive(parent, name)? {
+                if !aufs_wh && self.lower_positive(parent, name)? {
                     return Err(errno(libc::EEXIST));
                 }
                 Ok(Slot::Free)
@@ -172,10 +172,7 @@ impl Overlay {
                 return Err(e);
             }
             // An aufs-style marker for this name is obsolete now that the entry exists above it.
-            let wh = layers::wh_name(name)?;
-            if sys::fstatat_opt(pupper, &wh)?.is_some() {
-                sys::unlinkat(pupper, &wh, 0)?;
-            }
+            layers::remove_aufs_whiteout(pupper, name)?;
         }
         let (inode, attr) = self.lookup_in(parent, name)?;
         Ok((inode, attr, opened))
@@ -306,10 +303,7 @@ impl Overlay {
                     }
                 }
             }
-            let wh = layers::wh_name(name)?;
-            if sys::fstatat_opt(pupper, &wh)?.is_some() {
-                sys::unlinkat(pupper, &wh, 0)?;
-            }
+            layers::remove_aufs_whiteout(pupper, name)?;
         }
         self.lookup_in(parent, name)
     }
@@ -633,10 +627,7 @@ impl Overlay {
         } else {
             sys::renameat2(pupper, cname, npupper, cnew, 0)?;
         }
-        let wh = layers::wh_name(newname)?;
-        if sys::fstatat_opt(npupper, &wh)?.is_some() {
-            sys::unlinkat(npupper, &wh, 0)?;
-        }
+        layers::remove_aufs_whiteout(npupper, newname)?;
         Ok(())
     }
 }

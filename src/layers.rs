@@ -201,3 +201,20 @@ pub fn wh_name(name: &OsStr) -> io::Result<CString> {
     v.extend_from_slice(name.as_bytes());
     CString::new(v).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
+
+/// Does `dir` hold an aufs-style `.wh.<name>` marker? A name too long to carry the prefix
+/// cannot have one.
+pub fn has_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
+    if name.len() + WH_PREFIX.len() > crate::overlay::NAME_MAX {
+        return Ok(false);
+    }
+    Ok(sys::fstatat_opt(dir, &wh_name(name)?)?.is_some())
+}
+
+/// Removes the `.wh.<name>` marker, if any: an entry now exists above it.
+pub fn remove_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    if has_aufs_whiteout(dir, name)? {
+        sys::unlinkat(dir, &wh_name(name)?, 0)?;
+    }
+    Ok(())
+}

@@ -93,7 +93,7 @@ impl Overlay {
                     shown = Some((st, 0));
                 }
                 Err(e) if is_enoent(&e) => {
-                    if sys::fstatat_opt(udir.as_fd_borrowed(), &layers::wh_name(name)?)?.is_some() {
+                    if layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)? {
                         return Ok(None);
                     }
                 }
@@ -127,10 +127,7 @@ impl Overlay {
                     }
                     Err(e) if is_enoent(&e) => {
                         // An aufs-style whiteout here hides the layers further down.
-                        if i + 1 < n
-                            && sys::fstatat_opt(l.fd.as_fd_borrowed(), &layers::wh_name(name)?)?
-                                .is_some()
-                        {
+                        if i + 1 < n && layers::has_aufs_whiteout(l.fd.as_fd_borrowed(), name)? {
                             break;
                         }
                     }
