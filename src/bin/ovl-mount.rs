@@ -123,7 +123,8 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if args.debug {
         "debug"
     } else {
-        "warn"
+        // fuser warns when a mount it no longer owns is already gone (after `umount`).
+        "warn,fuser::mnt=error"
     }))
     .init();
     let opts = match parse_opts(&args.options) {
@@ -218,9 +219,12 @@ fn daemonize(ofs: OverlayFS) -> ExitCode {
             unsafe {
                 libc::setsid();
                 let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                // Detach from the caller's terminal and pipes entirely (a caller reading our
+                // output must see EOF); mount errors travel through the readiness pipe.
                 if null >= 0 {
                     libc::dup2(null, 0);
                     libc::dup2(null, 1);
+                    libc::dup2(null, 2);
                     libc::close(null);
                 }
             }

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs what building and testing ovl needs on a fresh Debian machine. Idempotent.
+set -euo pipefail
+if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
+need=()
+for pkg in fuse3 fuse-overlayfs attr; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! command -v pjdfstest >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/pjdfstest" ]; then
+  cargo install --quiet --locked pjdfstest
+fi
+cargo build --release --quiet

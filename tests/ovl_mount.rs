@@ -1,0 +1,145 @@
+//! The `ovl-mount` command line: fuse-overlayfs compatible options, daemon, errors.
+
+mod common;
+use common::*;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ovl-mount");
+
+fn layers() -> (tempfile::TempDir, String) {
+    let t = tempfile::tempdir().unwrap();
+    for d in ["lower", "upper", "work", "mnt"] {
+        fs::create_dir(t.path().join(d)).unwrap();
+    }
+    fs::write(t.path().join("lower/f"), "lower").unwrap();
+    let p = t.path().display();
+    let opts = format!("lowerdir={p}/lower,upperdir={p}/upper,workdir={p}/work");
+    (t, opts)
+}
+
+fn is_mounted(p: &Path) -> bool {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let s = p.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
+}
+
+#[test]
+fn daemon_mounts_and_exits_on_umount() {
+    let (t, opts) = layers();
+    let mnt = t.path().join("mnt");
+    let out = Command::new(BIN)
+        .args(["-o", &opts])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    // The mount is live when the command returns.
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
+    fs::write(mnt.join("g"), "new").unwrap();
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    assert!(!is_mounted(&mnt));
+    assert_eq!(fs::read_to_string(t.path().join("upper/g")).unwrap(), "new");
+}
+
+#[test]
+fn foreground_exits_cleanly_after_fusermount_u() {
+    let (t, opts) = layers();
+    let mnt = t.path().join("mnt");
+    let mut child = Command::new(BIN)
+        .args(["-f", "-o", &opts])
+        .arg(&mnt)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !is_mounted(&mnt) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mount never appeared"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
+    assert!(
+        Command::new("fusermount3")
+            .arg("-u")
+            .arg(&mnt)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let st = child.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+}
+
+#[test]
+fn mount_helper_form_source_mountpoint_options() {
+    // `mount -t fuse.ovl-mount SRC MNT -o OPTS` makes mount.fuse3 run `ovl-mount SRC MNT -o OPTS`.
+    let (t, opts) = layers();
+    let mnt = t.path().join("mnt");
+    let out = Command::new(BIN)
+        .arg("ovl")
+        .arg(&mnt)
+        .args(["-o", &format!("rw,nodev,nosuid,{opts}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    if is_root() && Path::new("/sbin/mount.fuse3").exists() {
+        // `-t fuse` with `PROGRAM#SOURCE` names the helper by path (mount(8) does not pass our
+        // PATH on to mount.fuse3, so `-t fuse.ovl-mount` needs ovl-mount installed in PATH).
+        let out = Command::new("mount")
+            .args(["-t", "fuse", &format!("{BIN}#ovl")])
+            .arg(&mnt)
+            .args(["-o", &opts])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
+        assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    }
+}
+
+#[test]
+fn bad_options_and_paths_fail_with_one_line() {
+    let (t, opts) = layers();
+    let mnt = t.path().join("mnt");
+    let p = t.path().display();
+    let cases = [
+        (
+            format!("{opts},bogus_option"),
+            "unknown mount option 'bogus_option'",
+        ),
+        (
+            format!("lowerdir={p}/nope,upperdir={p}/upper,workdir={p}/work"),
+            "nope",
+        ),
+        (
+            format!("lowerdir={p}/lower,upperdir={p}/lower/up,workdir={p}/work"),
+            "overlaps lower",
+        ),
+        (format!("upperdir={p}/upper"), "no lowerdir"),
+    ];
+    for (o, want) in cases {
+        let out = Command::new(BIN)
+            .args(["-o", &o])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{o}: {err}");
+        assert!(err.contains(want), "{o}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(!is_mounted(&mnt));
+    }
+    assert!(
+        !t.path().join("lower/up").exists(),
+        "nothing created on bad input"
+    );
+}
