@@ -12,7 +12,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
 use crate::inode::{Inode, Kind};
-use crate::layers;
+use crate::layers::{self, LayerStack};
+
+/// Private xattr on an indexed copy: "LINKED TOTAL", how many of the lower file's names are
+/// linked up to it, and how many names the lower file has.
+const LINKED_XATTR: &str = "ovl-linked";
 use crate::overlay::{OpResult, Overlay, errno};
 use crate::sys::{self, BorrowFd};
 
@@ -75,6 +79,10 @@ impl Overlay {
 
     /// Copies `inode` up; `with_data: false` creates an empty file (open with O_TRUNC throws
     /// the data away, so copying it would be wasted work).
+    ///
+    /// A lower file with several names is copied once: the copy is also linked into the
+    /// hard-link index, and every other name of it (known now, or looked up later) is linked
+    /// to that copy, so a write through one name is seen through all of them.
     pub fn copy_up_with(&self, inode: &Arc<Inode>, with_data: bool) -> OpResult<()> {
         if inode.read().upper.is_some() {
             return Ok(());
@@ -84,30 +92,108 @@ impl Overlay {
         if inode.read().upper.is_some() {
             return Ok(());
         }
-        let (parent, name) = {
+        let (parent, name, lower, layer) = {
             let st = inode.read();
-            (st.parent.clone(), st.name.clone())
+            let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
+            (
+                st.parent.clone(),
+                st.name.clone(),
+                l.fd.try_clone()?,
+                l.layer,
+            )
         };
         let parent = parent.ok_or_else(|| errno(libc::EIO))?;
         self.copy_up(&parent)?;
-        let cname = sys::cstr(&name)?;
-
-        let lower = {
-            let st = inode.read();
-            let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
-            l.fd.try_clone()?
-        };
         let st = sys::fstat(lower.as_fd_borrowed())?;
+        let indexed =
+            inode.kind != Kind::Directory && st.st_nlink > 1 && self.layers.index().is_some();
+        let existing = if indexed {
+            self.layers.index_lookup(layer, st.st_ino)?
+        } else {
+            None
+        };
+        let newfd = match existing {
+            // Another name of this lower file was copied up before (maybe in an earlier mount).
+            Some(fd) => {
+                self.link_up(&fd, &parent, &name)?;
+                fd
+            }
+            None => {
+                match self.copy_into_place(
+                    inode,
+                    &lower,
+                    &st,
+                    &parent,
+                    &name,
+                    with_data,
+                    indexed.then_some(layer),
+                )? {
+                    Some(fd) => fd,
+                    None => return Ok(()), // directory adopted from a twin inode object
+                }
+            }
+        };
+        let s = sys::fstat(newfd.as_fd_borrowed())?;
+        self.inodes.rekey(inode, (s.st_dev, s.st_ino));
+        let extra = {
+            let mut st = inode.write();
+            st.upper = Some(newfd.try_clone()?);
+            st.extra_names.clone()
+        };
+        for (p, n) in extra {
+            if let Err(e) = self.link_up(&newfd, &p, &n) {
+                if e.raw_os_error() != Some(libc::EEXIST) {
+                    log::warn!("linking copied-up file to its other name {n:?}: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the copy in the work dir and renames it into place. For an indexed file the
+    /// copy enters the index first (a crash then leaves an index entry that the next lookup
+    /// of the name links up, never a name without its data).
+    #[allow(clippy::too_many_arguments)]
+    fn copy_into_place(
+        &self,
+        inode: &Arc<Inode>,
+        lower: &OwnedFd,
+        st: &libc::stat,
+        parent: &Arc<Inode>,
+        name: &std::ffi::OsStr,
+        with_data: bool,
+        index_layer: Option<usize>,
+    ) -> OpResult<Option<OwnedFd>> {
+        let cname = sys::cstr(name)?;
         let work = self.layers.work()?;
         let tmp = self.layers.tmp_name();
-        let newfd = match self.build_copy(inode.kind, &lower, &st, work, &tmp, with_data) {
+        let newfd = match self.build_copy(inode.kind, lower, st, work, &tmp, with_data) {
             Ok(fd) => fd,
             Err(e) => {
                 let _ = sys::remove_tree(work, &tmp);
                 return Err(e);
             }
         };
-
+        if let (Some(layer), Some(index)) = (index_layer, self.layers.index()) {
+            let links = format!("1 {}", st.st_nlink);
+            let set = sys::fsetxattr(
+                newfd.as_raw_fd(),
+                &self.layers.ovl_xattr(LINKED_XATTR),
+                links.as_bytes(),
+                0,
+            );
+            let linked = set.and_then(|_| {
+                sys::link_fd(
+                    newfd.as_fd_borrowed(),
+                    index,
+                    &LayerStack::index_name(layer, st.st_ino),
+                )
+            });
+            if let Err(e) = linked {
+                let _ = sys::unlinkat(work, &tmp, 0);
+                return Err(e);
+            }
+        }
         let pstate = parent.read();
         let pupper = pstate.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
         match sys::renameat2(
@@ -117,7 +203,7 @@ impl Overlay {
             &cname,
             libc::RENAME_NOREPLACE,
         ) {
-            Ok(()) => {}
+            Ok(()) => Ok(Some(newfd)),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && inode.kind == Kind::Directory => {
                 // Another inode object for the same directory (the kernel forgot and re-looked
                 // it up while a child still pointed here) copied it up first: adopt that one.
@@ -130,18 +216,51 @@ impl Overlay {
                 drop(pstate);
                 self.inodes.rekey(inode, (s.st_dev, s.st_ino));
                 inode.write().upper = Some(fd);
-                return Ok(());
+                Ok(None)
             }
             Err(e) => {
                 let _ = sys::remove_tree(work, &tmp);
-                return Err(e);
+                Err(e)
             }
         }
-        drop(pstate);
-        let s = sys::fstat(newfd.as_fd_borrowed())?;
-        self.inodes.rekey(inode, (s.st_dev, s.st_ino));
-        inode.write().upper = Some(newfd);
+    }
+
+    /// Links the upper copy `fd` of a hard-linked lower file at `name` in `parent` (copied up
+    /// first) and counts the name as settled in the copy's link bookkeeping.
+    pub fn link_up(
+        &self,
+        fd: &OwnedFd,
+        parent: &Arc<Inode>,
+        name: &std::ffi::OsStr,
+    ) -> OpResult<()> {
+        self.copy_up(parent)?;
+        let cname = sys::cstr(name)?;
+        {
+            let pst = parent.read();
+            let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
+            sys::link_fd(fd.as_fd_borrowed(), pupper.as_fd_borrowed(), &cname)?;
+        }
+        let key = self.layers.ovl_xattr(LINKED_XATTR);
+        if let Some((linked, total)) = self.link_counts(fd.as_fd_borrowed()) {
+            let v = format!("{} {total}", linked + 1);
+            sys::fsetxattr(fd.as_raw_fd(), &key, v.as_bytes(), 0)?;
+        }
         Ok(())
+    }
+
+    /// The link bookkeeping of an indexed copy: (lower names linked up, lower names in all).
+    fn link_counts(&self, fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
+        let v = sys::fgetxattr(fd.as_raw_fd(), &self.layers.ovl_xattr(LINKED_XATTR)).ok()??;
+        let v = String::from_utf8(v).ok()?;
+        let (a, b) = v.split_once(' ')?;
+        Some((a.parse().ok()?, b.parse().ok()?))
+    }
+
+    /// st_nlink of an indexed (hard-linked, copied-up) lower file: its names in the upper
+    /// (without the index entry) plus the lower names not linked up yet. `None` for others.
+    pub fn indexed_nlink(&self, upper: BorrowedFd<'_>, upper_nlink: u64) -> Option<u64> {
+        let (linked, total) = self.link_counts(upper)?;
+        Some(upper_nlink.saturating_sub(1) + total.saturating_sub(linked))
     }
 
     fn build_copy(

@@ -96,17 +96,20 @@ impl Overlay {
     }
 
     /// The owner a new entry gets: the caller, with the group inherited from a setgid parent.
-    fn owner(&self, parent_upper: BorrowedFd<'_>, who: &Creator) -> OpResult<Option<(u32, u32)>> {
-        if !self.privileged {
-            return Ok(None);
-        }
+    /// Also returns whether the parent is setgid (new directories inherit the bit; done by
+    /// hand because an entry built in the work directory does not get it from there).
+    fn owner(
+        &self,
+        parent_upper: BorrowedFd<'_>,
+        who: &Creator,
+    ) -> OpResult<(Option<(u32, u32)>, bool)> {
         let pst = sys::fstat(parent_upper)?;
-        let gid = if pst.st_mode & libc::S_ISGID != 0 {
-            pst.st_gid
-        } else {
-            who.gid
-        };
-        Ok(Some((who.uid, gid)))
+        let sgid = pst.st_mode & libc::S_ISGID != 0;
+        if !self.privileged {
+            return Ok((None, sgid));
+        }
+        let gid = if sgid { pst.st_gid } else { who.gid };
+        Ok((Some((who.uid, gid)), sgid))
     }
 
     /// Creates an entry with `make` (called with a directory and a name), gives it its owner
@@ -128,7 +131,7 @@ impl Overlay {
             let pst = parent.read();
             let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
             let pupper = pupper.as_fd_borrowed();
-            let owner = self.owner(pupper, who)?;
+            let (owner, parent_sgid) = self.owner(pupper, who)?;
             let (dir, tmpname) = match slot {
                 Slot::Free => (pupper, cname.clone()),
                 Slot::Whiteout => (self.layers.work()?, self.layers.tmp_name()),
@@ -145,8 +148,8 @@ impl Overlay {
                     // clears setuid/setgid: set the exact mode the caller asked for.
                     let st = sys::fstat(fd)?;
                     let want = who.mode & 0o7777;
-                    let want = if is_dir {
-                        want | (st.st_mode & libc::S_ISGID)
+                    let want = if is_dir && parent_sgid {
+                        want | libc::S_ISGID
                     } else {
                         want
                     };
@@ -388,6 +391,7 @@ impl Overlay {
             _ => {}
         }
         self.copy_up(&parent)?;
+        self.settle_hardlink(&child.inode)?;
         let need_wh = self.lower_positive(&parent, name)?;
         let cname = sys::cstr(name)?;
         let has_upper = child.inode.read().upper.is_some();
@@ -401,7 +405,7 @@ impl Overlay {
                 self.remove_upper_entry(pupper, &cname, dir)?;
             }
         }
-        child.inode.write().unlinked = true;
+        child.inode.write().remove_name(&parent, name);
         Ok(())
     }
 
@@ -413,6 +417,22 @@ impl Overlay {
     /// FUSE rmdir.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> OpResult<()> {
         self.remove(parent, name, true)
+    }
+
+    /// Before one name of a hard-linked lower file goes away, copy it up (into the index), so
+    /// the link count its other names show stays right, as the kernel does with index=on.
+    fn settle_hardlink(&self, inode: &Arc<Inode>) -> OpResult<()> {
+        let lower_nlink = {
+            let st = inode.read();
+            match (&st.upper, st.lowers.first()) {
+                (None, Some(l)) if !inode.is_dir() => sys::fstat(l.fd.as_fd_borrowed())?.st_nlink,
+                _ => return Ok(()),
+            }
+        };
+        if lower_nlink > 1 && self.layers.index().is_some() {
+            self.copy_up(inode)?;
+        }
+        Ok(())
     }
 
     /// Gets an entry ready to move: copied up, and for a directory self-contained (all of it
@@ -473,6 +493,8 @@ impl Overlay {
         if exchange {
             let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
             self.prepare_move(&t.inode)?;
+        } else if let Some(t) = &tgt {
+            self.settle_hardlink(&t.inode)?;
         }
         let cname = sys::cstr(name)?;
         let cnew = sys::cstr(newname)?;
@@ -530,16 +552,14 @@ impl Overlay {
 
         {
             let mut s = src.inode.write();
-            s.parent = Some(newparent.clone());
-            s.name = newname.to_os_string();
+            s.remove_name(&parent, name);
+            s.add_name(&newparent, newname, src.inode.is_dir());
         }
         if let Some(t) = &tgt {
             let mut s = t.inode.write();
+            s.remove_name(&newparent, newname);
             if exchange {
-                s.parent = Some(parent.clone());
-                s.name = name.to_os_string();
-            } else {
-                s.unlinked = true;
+                s.add_name(&parent, name, t.inode.is_dir());
             }
         }
         Ok(())

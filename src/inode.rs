@@ -14,7 +14,7 @@
 //!   the real inode number, with a collision falling back to a counter in a reserved range.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -61,6 +61,9 @@ pub struct InodeState {
     /// copy-up can always walk up to the root.
     pub parent: Option<Arc<Inode>>,
     pub name: OsString,
+    /// Further names of a hard-linked non-directory (beyond `parent`/`name`), so a copy-up
+    /// can link every known name to the copy and losing one name never strands the inode.
+    pub extra_names: Vec<(Arc<Inode>, OsString)>,
     /// The upper directory is opaque: lower directories are not merged.
     pub opaque: bool,
     /// The last name was removed while the kernel still holds the inode (open files). For a
@@ -76,6 +79,41 @@ impl InodeState {
             .as_ref()
             .or_else(|| self.lowers.first().map(|l| &l.fd))
             .map(|fd| fd.as_fd_borrowed())
+    }
+
+    /// Records that the inode is reachable as `name` in `parent` (lookup, link, rename target).
+    pub fn add_name(&mut self, parent: &Arc<Inode>, name: &OsStr, is_dir: bool) {
+        let same = |p: &Arc<Inode>, n: &OsStr| Arc::ptr_eq(p, parent) && n == name;
+        if is_dir || self.unlinked || self.parent.is_none() {
+            // A directory has one name; an unlinked inode got a name back.
+            self.parent = Some(parent.clone());
+            self.name = name.to_os_string();
+            self.extra_names.clear();
+            self.unlinked = false;
+            return;
+        }
+        let known = self.parent.as_ref().is_some_and(|p| same(p, &self.name))
+            || self.extra_names.iter().any(|(p, n)| same(p, n));
+        if !known {
+            self.extra_names.push((parent.clone(), name.to_os_string()));
+        }
+    }
+
+    /// Forgets the name `name` in `parent` (unlink, or renamed away / replaced). When no name
+    /// is left the inode is unlinked.
+    pub fn remove_name(&mut self, parent: &Arc<Inode>, name: &OsStr) {
+        let same = |p: &Arc<Inode>, n: &OsStr| Arc::ptr_eq(p, parent) && n == name;
+        if self.parent.as_ref().is_some_and(|p| same(p, &self.name)) {
+            match self.extra_names.pop() {
+                Some((p, n)) => {
+                    self.parent = Some(p);
+                    self.name = n;
+                }
+                None => self.unlinked = true,
+            }
+        } else {
+            self.extra_names.retain(|(p, n)| !same(p, n));
+        }
     }
 
     /// Every directory merged into this one, upper first (for readdir and lookup).
@@ -204,10 +242,10 @@ impl InodeStore {
                 if inode.kind == found.kind {
                     inode.lookups.fetch_add(1, Ordering::Relaxed);
                     drop(t);
-                    {
-                        let mut st = inode.write();
-                        st.parent = found.state.parent;
-                        st.name = found.state.name;
+                    if let Some(parent) = &found.state.parent {
+                        inode
+                            .write()
+                            .add_name(parent, &found.state.name, inode.is_dir());
                     }
                     return inode;
                 }

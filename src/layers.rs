@@ -65,6 +65,11 @@ pub struct LayerStack {
     /// `O_PATH` handle on the temporaries directory inside the work dir (same filesystem as
     /// upper), where copy-ups and replacements are prepared before an atomic rename.
     work: Option<OwnedFd>,
+    /// `O_PATH` handle on the hard-link index inside the work dir: one link per copied-up
+    /// lower file that has several names, named after its lower layer and inode, so every
+    /// other name of it is linked to the same copy (now or at its first lookup, also in a
+    /// later mount). Kept across mounts, unlike the temporaries.
+    index: Option<OwnedFd>,
     /// Counter for temporary names in the work dir; unique within this mount, and the work dir
     /// is emptied at mount time, so names never collide with leftovers of an earlier crash.
     tmp_seq: AtomicU64,
@@ -77,6 +82,9 @@ pub struct LayerStack {
 
 /// Name of the temporaries directory inside the work dir (the kernel uses `work/work`).
 const WORK_TMP: &CStr = c"ovl-tmp";
+/// Name of the hard-link index inside the work dir (not the kernel's `index`, whose names are
+/// file handles: the kernel would take ours for stale entries).
+const INDEX_DIR: &CStr = c"ovl-index";
 
 impl LayerStack {
     /// Opens every layer. `work` must be on the upper's filesystem; it is created if missing
@@ -92,6 +100,7 @@ impl LayerStack {
             lowers,
             upper,
             work: None,
+            index: None,
             tmp_seq: AtomicU64::new(0),
             xattr_prefix: if root { "trusted." } else { "user." },
             whiteout_dev: true,
@@ -112,6 +121,11 @@ impl LayerStack {
             sys::mkdirat(wdir.as_fd_borrowed(), WORK_TMP, 0o700)?;
             let tmp = sys::open_path(wdir.as_fd_borrowed(), WORK_TMP)?;
             stack.work = Some(tmp);
+            match sys::mkdirat(wdir.as_fd_borrowed(), INDEX_DIR, 0o700) {
+                Err(e) if e.raw_os_error() != Some(libc::EEXIST) => return Err(e),
+                _ => {}
+            }
+            stack.index = Some(sys::open_path(wdir.as_fd_borrowed(), INDEX_DIR)?);
             stack.whiteout_dev = stack.probe_whiteout();
         }
         Ok(stack)
@@ -140,6 +154,28 @@ impl LayerStack {
     pub fn tmp_name(&self) -> CString {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         CString::new(format!("t{n:x}")).expect("no NUL")
+    }
+
+    /// The hard-link index directory, if the mount is writable.
+    pub fn index(&self) -> Option<BorrowedFd<'_>> {
+        self.index.as_ref().map(|i| i.as_fd_borrowed())
+    }
+
+    /// Index entry name of the lower file `ino` in lower layer `layer`.
+    pub fn index_name(layer: usize, ino: u64) -> CString {
+        CString::new(format!("L{layer}-{ino:x}")).expect("no NUL")
+    }
+
+    /// The upper copy of a hard-linked lower file, if one was made.
+    pub fn index_lookup(&self, layer: usize, ino: u64) -> io::Result<Option<OwnedFd>> {
+        let Some(index) = self.index() else {
+            return Ok(None);
+        };
+        match sys::open_path(index, &Self::index_name(layer, ino)) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// The upper layer, or EROFS for a read-only mount.

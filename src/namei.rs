@@ -137,9 +137,24 @@ impl Overlay {
         }
         drop(pst);
 
-        let Some((st, layer)) = shown else {
+        let Some((mut st, mut layer)) = shown else {
             return Ok(None);
         };
+        // Another name of this hard-linked lower file was copied up: link this name to the
+        // same copy (the kernel's index=on behaviour), so all names stay one file.
+        if state.upper.is_none() && kind_of(st.st_mode) != Kind::Directory && st.st_nlink > 1 {
+            let lower_layer = state.lowers.first().map(|l| l.layer);
+            if let Some(ifd) = lower_layer
+                .map(|l| self.layers.index_lookup(l, st.st_ino))
+                .transpose()?
+                .flatten()
+            {
+                self.link_up(&ifd, parent, name)?;
+                st = sys::fstat(ifd.as_fd_borrowed())?;
+                layer = 0;
+                state.upper = Some(ifd);
+            }
+        }
         Ok(Some((
             Found {
                 kind: kind_of(st.st_mode),
@@ -169,6 +184,7 @@ impl Overlay {
         if merged {
             attr.nlink = 1;
         }
+        self.fix_indexed_nlink(&inode, &inode.read(), &mut attr);
         Ok((inode, attr))
     }
 

@@ -124,6 +124,25 @@ impl Overlay {
         self.inodes.get(ino).ok_or_else(|| errno(libc::ESTALE))
     }
 
+    /// A copied-up hard-linked lower file has an extra link (its index entry) and may have
+    /// names not linked up yet: show the number of names it has in the merged tree.
+    pub fn fix_indexed_nlink(
+        &self,
+        inode: &Inode,
+        st: &crate::inode::InodeState,
+        attr: &mut FileAttr,
+    ) {
+        if inode.is_dir() || attr.nlink < 2 {
+            return;
+        }
+        if let Some(upper) = &st.upper {
+            use crate::sys::BorrowFd;
+            if let Some(n) = self.indexed_nlink(upper.as_fd_borrowed(), attr.nlink as u64) {
+                attr.nlink = n as u32;
+            }
+        }
+    }
+
     /// Current attributes of an inode, from its real entry.
     pub fn stat_inode(&self, inode: &Inode) -> OpResult<FileAttr> {
         let st = inode.read();
@@ -141,6 +160,7 @@ impl Overlay {
         if st.unlinked && st.upper.is_none() {
             attr.nlink = 0;
         }
+        self.fix_indexed_nlink(inode, &st, &mut attr);
         Ok(attr)
     }
 }

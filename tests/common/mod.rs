@@ -92,6 +92,18 @@ pub struct KernelMount {
 
 impl KernelMount {
     pub fn new(lowers: &[&Path], upper: &Path, work: &Path, mnt: &Path) -> Self {
+        Self::with_options(lowers, upper, work, mnt, "")
+    }
+
+    /// Mounts with extra overlay options (e.g. `index=on`, the kernel mode whose hard-link
+    /// semantics ovl follows: all names of a lower file stay one file after copy-up).
+    pub fn with_options(
+        lowers: &[&Path],
+        upper: &Path,
+        work: &Path,
+        mnt: &Path,
+        extra: &str,
+    ) -> Self {
         let lower = lowers
             .iter()
             .map(|p| p.display().to_string())
@@ -100,7 +112,8 @@ impl KernelMount {
         let st = Command::new("mount")
             .args(["-t", "overlay", "overlay", "-o"])
             .arg(format!(
-                "lowerdir={lower},upperdir={},workdir={}",
+                "{extra}{}lowerdir={lower},upperdir={},workdir={}",
+                if extra.is_empty() { "" } else { "," },
                 upper.display(),
                 work.display()
             ))

@@ -1,0 +1,844 @@
+//! Differential test: the same seeded random sequence of filesystem operations is applied to an
+//! ovl mount and to a kernel overlayfs mount over identical lower trees. After every step the
+//! errno (0 for success) and any data the step read must match; every `CHECK_EVERY` steps and at
+//! the end the whole visible trees must match (paths, types, sizes, contents, modes, symlink
+//! targets, nlink of non-directories, user xattrs).
+//!
+//! Deliberate difference: the kernel (without `redirect_dir`) refuses to rename a directory that
+//! exists in a lower layer (or merges one) with EXDEV; ovl performs the rename. When that
+//! happens the test checks ovl's own result (the tree moved) and mirrors the move on the kernel
+//! side the way `mv` does after EXDEV (recursive move + delete), so both trees stay comparable.
+//!
+//! Reproduce one seed with `OVL_DIFF_SEED=<seed>` (and optionally `OVL_DIFF_OPS=<n>`); run more
+//! seeds with `OVL_DIFF_SEEDS=<count>`.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use tempfile::TempDir;
+
+/// Default seeds and steps per seed.
+const SEEDS: u64 = 8;
+const OPS: usize = 300;
+/// Full tree comparison interval.
+const CHECK_EVERY: usize = 25;
+/// How many recent steps a failure report lists.
+const HISTORY: usize = 30;
+
+/// The name pool: few enough names that operations collide (EEXIST, ENOENT, ENOTEMPTY,
+/// ENOTDIR...), nested enough to rename across directories.
+const NAMES: &[&str] = &[
+    "a", "b", "c", "d1", "d1/x", "d1/y", "d1/d", "d1/d/q", "d2", "d2/sub", "d2/sub/z", "d2/h2",
+    "d3", "d3/e", "d4", "d4/f", "h1", "s1",
+];
+/// Symlink targets (relative, so they resolve the same way in both mounts).
+const TARGETS: &[&str] = &["a", "../a", "d1", "x", "nowhere", "sub/z", "h1"];
+const XATTRS: &[&str] = &["user.k1", "user.k2", "user.lo"];
+const MODES: &[u32] = &[0o644, 0o600, 0o755, 0o700, 0o640, 0o4755, 0o2775, 0o1777];
+/// Scratch name for mirroring an exchange on the kernel side (never in the pool).
+const SCRATCH: &str = ".diff-xchg";
+
+/// The common lower tree: files, nested directories, a symlink, a hard-linked pair, an xattr.
+fn setup_lower(l: &Path) {
+    fs::write(l.join("a"), "alpha\n").unwrap();
+    fs::write(l.join("b"), "bravo").unwrap();
+    fs::set_permissions(l.join("b"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::create_dir(l.join("d1")).unwrap();
+    fs::write(l.join("d1/x"), "x-one").unwrap();
+    fs::write(l.join("d1/y"), "y-one\n").unwrap();
+    fs::create_dir(l.join("d1/d")).unwrap();
+    fs::create_dir_all(l.join("d2/sub")).unwrap();
+    fs::write(l.join("d2/sub/z"), "zeta").unwrap();
+    fs::write(l.join("h1"), "hardlinked").unwrap();
+    fs::hard_link(l.join("h1"), l.join("d2/h2")).unwrap();
+    fs::create_dir(l.join("d3")).unwrap();
+    fs::set_permissions(l.join("d3"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::write(l.join("d3/e"), "").unwrap();
+    std::os::unix::fs::symlink("a", l.join("s1")).unwrap();
+    lsetxattr(&l.join("a"), "user.lo", b"lower", 0).unwrap();
+    lsetxattr(&l.join("d1"), "user.k1", b"dir", 0).unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operations
+
+#[derive(Clone, Debug)]
+enum Op {
+    /// open(O_WRONLY|O_CREAT|O_TRUNC [|O_EXCL], 0644) + write.
+    Create {
+        path: String,
+        data: String,
+        excl: bool,
+    },
+    Append {
+        path: String,
+        data: String,
+    },
+    Truncate {
+        path: String,
+        len: u64,
+    },
+    WriteAt {
+        path: String,
+        off: u64,
+        data: String,
+    },
+    /// renameat2 with flags 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Unlink {
+        path: String,
+    },
+    Mkdir {
+        path: String,
+        mode: Mode,
+    },
+    Rmdir {
+        path: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
+    Chmod {
+        path: String,
+        mode: Mode,
+    },
+    SetXattr {
+        path: String,
+        name: String,
+        value: String,
+        flags: i32,
+    },
+    RemoveXattr {
+        path: String,
+        name: String,
+    },
+    Read {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    ListDir {
+        path: String,
+    },
+}
+
+/// A mode, shown in octal.
+#[derive(Clone, Copy)]
+struct Mode(u32);
+
+impl fmt::Debug for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "0o{:o}", self.0)
+    }
+}
+
+/// What a step returned: data it read (empty for most), or the errno.
+type Res = Result<String, i32>;
+
+fn show(r: &Res) -> String {
+    match r {
+        Ok(s) if s.is_empty() => "ok".into(),
+        Ok(s) => format!("ok {s}"),
+        Err(e) => format!("errno {e} ({})", io::Error::from_raw_os_error(*e)),
+    }
+}
+
+fn pick<'a>(rng: &mut StdRng, from: &[&'a str]) -> &'a str {
+    from[rng.gen_range(0..from.len())]
+}
+
+fn data(rng: &mut StdRng) -> String {
+    let n = rng.gen_range(0..24);
+    (0..n)
+        .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
+        .collect()
+}
+
+fn gen_op(rng: &mut StdRng) -> Op {
+    let p = |rng: &mut StdRng| pick(rng, NAMES).to_string();
+    match rng.gen_range(0..100) {
+        0..10 => Op::Create {
+            path: p(rng),
+            data: data(rng),
+            excl: rng.gen_bool(0.3),
+        },
+        10..16 => Op::Append {
+            path: p(rng),
+            data: data(rng),
+        },
+        16..21 => Op::Truncate {
+            path: p(rng),
+            len: rng.gen_range(0..20),
+        },
+        21..26 => Op::WriteAt {
+            path: p(rng),
+            off: rng.gen_range(0..16),
+            data: data(rng),
+        },
+        26..40 => Op::Rename {
+            from: p(rng),
+            to: p(rng),
+            flags: match rng.gen_range(0..10) {
+                0..6 => 0,
+                6..8 => libc::RENAME_NOREPLACE,
+                _ => libc::RENAME_EXCHANGE,
+            },
+        },
+        40..45 => Op::Link {
+            from: p(rng),
+            to: p(rng),
+        },
+        45..53 => Op::Unlink { path: p(rng) },
+        53..62 => Op::Mkdir {
+            path: p(rng),
+            mode: pick_mode(rng),
+        },
+        62..68 => Op::Rmdir { path: p(rng) },
+        68..73 => Op::Symlink {
+            target: pick(rng, TARGETS).to_string(),
+            path: p(rng),
+        },
+        73..78 => Op::Chmod {
+            path: p(rng),
+            mode: pick_mode(rng),
+        },
+        78..84 => Op::SetXattr {
+            path: p(rng),
+            name: pick(rng, XATTRS).to_string(),
+            value: data(rng),
+            flags: match rng.gen_range(0..4) {
+                0 => libc::XATTR_CREATE,
+                1 => libc::XATTR_REPLACE,
+                _ => 0,
+            },
+        },
+        84..87 => Op::RemoveXattr {
+            path: p(rng),
+            name: pick(rng, XATTRS).to_string(),
+        },
+        87..92 => Op::Read { path: p(rng) },
+        92..96 => Op::Stat { path: p(rng) },
+        _ => Op::ListDir {
+            path: if rng.gen_bool(0.2) {
+                String::new()
+            } else {
+                p(rng)
+            },
+        },
+    }
+}
+
+fn pick_mode(rng: &mut StdRng) -> Mode {
+    Mode(MODES[rng.gen_range(0..MODES.len())])
+}
+
+fn cpath(p: &Path) -> CString {
+    CString::new(p.as_os_str().as_bytes()).unwrap()
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
+    let (f, t) = (cpath(from), cpath(to));
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            f.as_ptr(),
+            libc::AT_FDCWD,
+            t.as_ptr(),
+            flags,
+        )
+    })
+}
+
+fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
+    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
+    check(unsafe {
+        libc::lsetxattr(
+            cp.as_ptr(),
+            cn.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+}
+
+fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
+    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
+    check(unsafe { libc::lremovexattr(cp.as_ptr(), cn.as_ptr()) })
+}
+
+/// All xattr names of `p` (not following symlinks).
+fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
+    let cp = cpath(p);
+    loop {
+        let n = unsafe { libc::llistxattr(cp.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; n as usize];
+        let m = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if m < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(m as usize);
+        return Ok(buf
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+            .map(|n| String::from_utf8_lossy(n).into_owned())
+            .collect());
+    }
+}
+
+fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
+    loop {
+        let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; n as usize];
+        let m = unsafe {
+            libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
+        };
+        if m < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ERANGE) {
+                continue;
+            }
+            return Err(e);
+        }
+        buf.truncate(m as usize);
+        return Ok(buf);
+    }
+}
+
+fn kind_char(ft: fs::FileType) -> char {
+    if ft.is_dir() {
+        'd'
+    } else if ft.is_file() {
+        'f'
+    } else if ft.is_symlink() {
+        'l'
+    } else {
+        '?'
+    }
+}
+
+/// Applies `op` under `root`.
+fn apply(root: &Path, op: &Op) -> Res {
+    let j = |p: &str| -> PathBuf {
+        if p.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(p)
+        }
+    };
+    let r: io::Result<String> = (|| match op {
+        Op::Create { path, data, excl } => {
+            let mut o = fs::OpenOptions::new();
+            o.write(true).mode(0o644);
+            if *excl {
+                o.create_new(true);
+            } else {
+                o.create(true).truncate(true);
+            }
+            o.open(j(path))?.write_all(data.as_bytes())?;
+            Ok(String::new())
+        }
+        Op::Append { path, data } => {
+            let mut f = fs::OpenOptions::new().append(true).open(j(path))?;
+            f.write_all(data.as_bytes())?;
+            Ok(String::new())
+        }
+        Op::Truncate { path, len } => {
+            let cp = cpath(&j(path));
+            check(unsafe { libc::truncate(cp.as_ptr(), *len as libc::off_t) })?;
+            Ok(String::new())
+        }
+        Op::WriteAt { path, off, data } => {
+            let f = fs::OpenOptions::new().write(true).open(j(path))?;
+            f.write_all_at(data.as_bytes(), *off)?;
+            Ok(String::new())
+        }
+        Op::Rename { from, to, flags } => {
+            renameat2(&j(from), &j(to), *flags)?;
+            Ok(String::new())
+        }
+        Op::Link { from, to } => {
+            fs::hard_link(j(from), j(to))?;
+            Ok(String::new())
+        }
+        Op::Unlink { path } => {
+            fs::remove_file(j(path))?;
+            Ok(String::new())
+        }
+        Op::Mkdir { path, mode } => {
+            fs::DirBuilder::new().mode(mode.0).create(j(path))?;
+            Ok(String::new())
+        }
+        Op::Rmdir { path } => {
+            fs::remove_dir(j(path))?;
+            Ok(String::new())
+        }
+        Op::Symlink { target, path } => {
+            std::os::unix::fs::symlink(target, j(path))?;
+            Ok(String::new())
+        }
+        Op::Chmod { path, mode } => {
+            fs::set_permissions(j(path), fs::Permissions::from_mode(mode.0))?;
+            Ok(String::new())
+        }
+        Op::SetXattr {
+            path,
+            name,
+            value,
+            flags,
+        } => {
+            lsetxattr(&j(path), name, value.as_bytes(), *flags)?;
+            Ok(String::new())
+        }
+        Op::RemoveXattr { path, name } => {
+            lremovexattr(&j(path), name)?;
+            Ok(String::new())
+        }
+        Op::Read { path } => Ok(fs::read(j(path))?.escape_ascii().to_string()),
+        Op::Stat { path } => {
+            let md = fs::symlink_metadata(j(path))?;
+            let k = kind_char(md.file_type());
+            Ok(if k == 'd' {
+                format!("{k} mode={:o}", md.mode() & 0o7777)
+            } else {
+                format!(
+                    "{k} mode={:o} size={} nlink={}",
+                    md.mode() & 0o7777,
+                    md.size(),
+                    md.nlink()
+                )
+            })
+        }
+        Op::ListDir { path } => {
+            let mut names = fs::read_dir(j(path))?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<_>>>()?;
+            names.sort();
+            Ok(names.join(","))
+        }
+    })();
+    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Visible trees
+
+#[derive(Clone, PartialEq, Eq)]
+struct Entry {
+    kind: char,
+    mode: u32,
+    /// Size of non-directories.
+    size: Option<u64>,
+    /// Contents of regular files.
+    data: Option<String>,
+    target: Option<String>,
+    /// nlink of non-directories (when compared).
+    nlink: Option<u64>,
+    /// user.* xattrs.
+    xattrs: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Entry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {:04o}", self.kind, self.mode)?;
+        if let Some(s) = self.size {
+            write!(f, " size={s}")?;
+        }
+        if let Some(n) = self.nlink {
+            write!(f, " nlink={n}")?;
+        }
+        if let Some(t) = &self.target {
+            write!(f, " -> {t:?}")?;
+        }
+        if let Some(d) = &self.data {
+            write!(f, " data=\"{d}\"")?;
+        }
+        if !self.xattrs.is_empty() {
+            write!(f, " xattrs={:?}", self.xattrs)?;
+        }
+        Ok(())
+    }
+}
+
+type Tree = BTreeMap<String, Entry>;
+
+fn entry(p: &Path, with_nlink: bool) -> io::Result<Entry> {
+    let md = fs::symlink_metadata(p)?;
+    let kind = kind_char(md.file_type());
+    let dir = kind == 'd';
+    let mut xattrs = BTreeMap::new();
+    for n in llistxattr(p)? {
+        if n.starts_with("user.") {
+            xattrs.insert(n.clone(), lgetxattr(p, &n)?.escape_ascii().to_string());
+        }
+    }
+    Ok(Entry {
+        kind,
+        mode: md.mode() & 0o7777,
+        size: (!dir).then(|| md.size()),
+        data: if kind == 'f' {
+            Some(fs::read(p)?.escape_ascii().to_string())
+        } else {
+            None
+        },
+        target: if kind == 'l' {
+            Some(fs::read_link(p)?.to_string_lossy().into_owned())
+        } else {
+            None
+        },
+        nlink: (!dir && with_nlink).then(|| md.nlink()),
+        xattrs,
+    })
+}
+
+/// The visible tree below `base` (which is "." itself), not following symlinks.
+fn walk(base: &Path, with_nlink: bool) -> io::Result<Tree> {
+    fn rec(base: &Path, rel: &str, with_nlink: bool, out: &mut Tree) -> io::Result<()> {
+        let p = if rel.is_empty() {
+            base.to_path_buf()
+        } else {
+            base.join(rel)
+        };
+        let e = entry(&p, with_nlink)?;
+        let dir = e.kind == 'd';
+        out.insert(
+            if rel.is_empty() {
+                ".".into()
+            } else {
+                rel.into()
+            },
+            e,
+        );
+        if dir {
+            let mut names = fs::read_dir(&p)?
+                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+                .collect::<io::Result<Vec<_>>>()?;
+            names.sort();
+            for n in names {
+                let r = if rel.is_empty() {
+                    n
+                } else {
+                    format!("{rel}/{n}")
+                };
+                rec(base, &r, with_nlink, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut t = Tree::new();
+    rec(base, "", with_nlink, &mut t)?;
+    Ok(t)
+}
+
+/// The subtree at `rel` (None if nothing is there), nlink left out.
+fn snapshot(root: &Path, rel: &str) -> Option<Tree> {
+    let p = root.join(rel);
+    if fs::symlink_metadata(&p).is_err() {
+        return None;
+    }
+    Some(walk(&p, false).unwrap_or_else(|e| panic!("walking {}: {e}", p.display())))
+}
+
+/// Human-readable differences between two trees (empty if equal).
+fn diff(a_name: &str, a: &Tree, b_name: &str, b: &Tree) -> String {
+    let mut out = String::new();
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    for k in keys {
+        match (a.get(k), b.get(k)) {
+            (Some(x), Some(y)) if x == y => {}
+            (x, y) => {
+                out.push_str(&format!(
+                    "    {k}:\n      {a_name}: {x:?}\n      {b_name}: {y:?}\n"
+                ));
+            }
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernel side: the reference overlay, and mirroring ovl's directory renames
+
+struct KernelSide {
+    // Unmounted before the directory goes away (fields drop in order).
+    km: KernelMount,
+    _root: TempDir,
+}
+
+impl KernelSide {
+    fn new() -> Self {
+        let root = tempfile::Builder::new()
+            .prefix("ovl-diff-kernel")
+            .tempdir()
+            .unwrap();
+        let d = |n: &str| root.path().join(n);
+        for n in ["lower", "upper", "work", "mnt"] {
+            fs::create_dir(d(n)).unwrap();
+        }
+        setup_lower(&d("lower"));
+        // index=on: the kernel mode whose hard-link semantics ovl has (a copied-up lower file
+        // keeps all its names; see copy_up.rs).
+        let km = KernelMount::with_options(
+            &[&d("lower")],
+            &d("upper"),
+            &d("work"),
+            &d("mnt"),
+            "index=on",
+        );
+        KernelSide { km, _root: root }
+    }
+}
+
+/// Moves `from` to `to` as `mv` does: rename, and on EXDEV rebuild the directory at `to`
+/// (mode, user xattrs), move its entries one by one (recursively), and remove `from`.
+/// Non-directories are always renamed, so hard links stay links.
+fn mv(from: &Path, to: &Path) -> io::Result<()> {
+    match fs::rename(from, to) {
+        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+        r => return r,
+    }
+    let md = fs::symlink_metadata(from)?;
+    assert!(
+        md.is_dir(),
+        "EXDEV renaming a non-directory {}",
+        from.display()
+    );
+    fs::DirBuilder::new().mode(0o700).create(to)?;
+    for n in llistxattr(from)? {
+        if n.starts_with("user.") {
+            lsetxattr(to, &n, &lgetxattr(from, &n)?, 0)?;
+        }
+    }
+    for e in fs::read_dir(from)? {
+        let n = e?.file_name();
+        mv(&from.join(&n), &to.join(&n))?;
+    }
+    fs::set_permissions(to, fs::Permissions::from_mode(md.mode() & 0o7777))?;
+    fs::remove_dir(from)
+}
+
+fn is_dir(p: &Path) -> bool {
+    fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
+}
+
+fn is_nonempty_dir(p: &Path) -> bool {
+    is_dir(p) && fs::read_dir(p).is_ok_and(|mut d| d.next().is_some())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+struct Run {
+    seed: u64,
+    history: Vec<String>,
+    /// Directory renames the kernel refused with EXDEV and the test mirrored.
+    mirrored: usize,
+}
+
+impl Run {
+    fn fail(&self, step: usize, what: &str) -> ! {
+        let start = self.history.len().saturating_sub(HISTORY);
+        panic!(
+            "\n=== ovl/kernel overlayfs mismatch: seed {} step {step} ===\n{what}\n\
+             recent steps (ovl result / kernel result):\n{}\n\
+             reproduce: OVL_DIFF_SEED={} cargo test --test differential\n",
+            self.seed,
+            self.history[start..].join("\n"),
+            self.seed,
+        );
+    }
+
+    fn compare_trees(&self, step: usize, ovl: &Path, kern: &Path, when: &str) {
+        let a = walk(ovl, true).unwrap_or_else(|e| self.fail(step, &format!("walking ovl: {e}")));
+        let b =
+            walk(kern, true).unwrap_or_else(|e| self.fail(step, &format!("walking kernel: {e}")));
+        let d = diff("ovl", &a, "kernel", &b);
+        if !d.is_empty() {
+            self.fail(step, &format!("visible trees differ ({when}):\n{d}"));
+        }
+    }
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    let v = std::env::var(name).ok()?;
+    Some(
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+    )
+}
+
+fn run_seed(seed: u64, ops: usize) -> usize {
+    let m = Mounted::new(setup_lower);
+    let k = KernelSide::new();
+    let (ovl, kern) = (m.mnt.clone(), k.km.mnt.clone());
+    let mut run = Run {
+        seed,
+        history: Vec::new(),
+        mirrored: 0,
+    };
+    run.compare_trees(0, &ovl, &kern, "before any step");
+    let mut rng = StdRng::seed_from_u64(seed);
+    for step in 1..=ops {
+        let op = gen_op(&mut rng);
+        let before = match &op {
+            Op::Rename { from, to, .. } => Some((snapshot(&ovl, from), snapshot(&ovl, to))),
+            _ => None,
+        };
+        let ro = apply(&ovl, &op);
+        let rk = apply(&kern, &op);
+        run.history.push(format!(
+            "  {step:4}: {op:?} => {} / {}",
+            show(&ro),
+            show(&rk)
+        ));
+        let what = |note: &str| {
+            format!(
+                "op: {op:?}\n  ovl:    {}\n  kernel: {}\n{note}",
+                show(&ro),
+                show(&rk)
+            )
+        };
+        match (&op, &rk) {
+            (Op::Rename { from, to, flags }, Err(libc::EXDEV)) => {
+                // Deliberate difference: the kernel does not move lower or merged directories.
+                let (kf, kt) = (kern.join(from), kern.join(to));
+                let exchange = *flags == libc::RENAME_EXCHANGE;
+                if !(is_dir(&kf) || exchange && is_dir(&kt)) {
+                    run.fail(step, &what("kernel EXDEV without a directory involved"));
+                }
+                match ro {
+                    Ok(_) => {
+                        // ovl moved it: check that, then mirror the move on the kernel side.
+                        let (sf, st) = before.unwrap();
+                        let (af, at) = (snapshot(&ovl, from), snapshot(&ovl, to));
+                        let ok = if exchange {
+                            af == st && at == sf
+                        } else {
+                            af.is_none() && at == sf
+                        };
+                        if !ok {
+                            run.fail(
+                                step,
+                                &what(&format!(
+                                    "ovl reported success but the tree did not move:\n  \
+                                     before: {from} = {sf:#?}\n          {to} = {st:#?}\n  \
+                                     after:  {from} = {af:#?}\n          {to} = {at:#?}"
+                                )),
+                            );
+                        }
+                        let r = if exchange {
+                            let tmp = kern.join(SCRATCH);
+                            mv(&kf, &tmp).and_then(|_| mv(&kt, &kf)).and_then(|_| mv(&tmp, &kt))
+                        } else {
+                            let clear = if is_dir(&kt) {
+                                fs::remove_dir(&kt)
+                            } else {
+                                Ok(())
+                            };
+                            clear.and_then(|_| mv(&kf, &kt))
+                        };
+                        if let Err(e) = r {
+                            run.fail(step, &what(&format!("mirroring on the kernel side: {e}")));
+                        }
+                        run.mirrored += 1;
+                        run.history
+                            .push(format!("        (kernel EXDEV mirrored by mv {from} {to})"));
+                        run.compare_trees(step, &ovl, &kern, "after mirroring a directory rename");
+                    }
+                    // Renaming over a non-empty directory fails either way; the kernel just
+                    // says EXDEV first.
+                    Err(libc::ENOTEMPTY) if *flags == 0 && is_nonempty_dir(&kt) => {}
+                    Err(_) => run.fail(
+                        step,
+                        &what("kernel refused a directory rename with EXDEV (deliberate); ovl must perform it"),
+                    ),
+                }
+            }
+            _ => {
+                if ro != rk {
+                    run.fail(step, &what("results differ"));
+                }
+            }
+        }
+        if step % CHECK_EVERY == 0 {
+            run.compare_trees(step, &ovl, &kern, "periodic check");
+        }
+    }
+    run.compare_trees(ops, &ovl, &kern, "end of run");
+    let mut m = m;
+    m.remount();
+    run.compare_trees(ops, &ovl, &kern, "end of run, after remounting ovl");
+    run.mirrored
+}
+
+/// Runs each seed, catching failures so every failing seed is reported.
+fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
+    if !is_root() {
+        eprintln!("skipping differential test: needs root (FUSE and kernel overlayfs mounts)");
+        return;
+    }
+    let ops = env_u64("OVL_DIFF_OPS").map_or(OPS, |n| n as usize);
+    let mut failed = Vec::new();
+    for seed in seeds {
+        let r = std::panic::catch_unwind(|| run_seed(seed, ops));
+        match r {
+            Ok(mirrored) => eprintln!(
+                "seed {seed}: {ops} steps match ({mirrored} directory renames mirrored after kernel EXDEV)"
+            ),
+            Err(_) => failed.push(seed),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?} (details above)"
+    );
+}
+
+#[test]
+fn differential_vs_kernel_overlayfs() {
+    if let Some(seed) = env_u64("OVL_DIFF_SEED") {
+        return run_seeds([seed]);
+    }
+    let n = env_u64("OVL_DIFF_SEEDS").unwrap_or(SEEDS);
+    run_seeds(1..=n);
+}
