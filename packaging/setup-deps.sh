@@ -14,4 +14,9 @@ fi
 if ! command -v pjdfstest >/dev/null 2>&1 && [ ! -x "$HOME/.cargo/bin/pjdfstest" ]; then
   cargo install --quiet --locked pjdfstest
 fi
+# Debian's udev rule makes /dev/fuse 0666 so users can mount; containers without udev often
+# leave it 0600, which blocks every unprivileged FUSE mount (fusermount3 included).
+if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  $SUDO chmod 0666 /dev/fuse
+fi
 cargo build --release --quiet

@@ -24,6 +24,7 @@ mod dir;
 pub mod error;
 mod file;
 mod fs;
+mod fusermount;
 pub mod inode;
 pub mod layers;
 pub mod mount;

@@ -38,6 +38,7 @@ pub struct OverlayFS {
     passthrough: bool,
     fsname: Option<String>,
     threads: Option<usize>,
+    auto_unmount: bool,
     handle: Option<MountHandle>,
 }
 
@@ -45,6 +46,8 @@ pub struct OverlayFS {
 #[derive(Debug)]
 pub struct MountHandle {
     session: Option<BackgroundSession>,
+    /// Set when fusermount3 mounted for us (unprivileged); it also unmounts.
+    helper: Option<crate::fusermount::HelperMount>,
     mountpoint: PathBuf,
     overlay: Arc<Overlay>,
 }
@@ -75,11 +78,15 @@ impl MountHandle {
     }
 
     fn do_umount(&mut self) -> Result<()> {
-        if let Some(s) = self.session.take() {
-            s.umount_and_join()
-                .map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))?;
-        }
-        Ok(())
+        let Some(s) = self.session.take() else {
+            return Ok(());
+        };
+        let res = match self.helper.as_mut() {
+            Some(h) => h.unmount(&self.mountpoint).and_then(|()| s.join()),
+            None => s.umount_and_join(),
+        };
+        self.helper = None;
+        res.map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))
     }
 }
 
@@ -213,6 +220,13 @@ impl OverlayFS {
     /// Sets the filesystem name shown in /proc/mounts.
     pub fn set_fsname(&mut self, name: impl Into<String>) -> &mut Self {
         self.fsname = Some(name.into());
+        self
+    }
+
+    /// Unprivileged mounts only: let fusermount3 unmount as soon as this process dies, however
+    /// it dies, so no dead mount (ENOTCONN) is ever left behind.
+    pub fn set_auto_unmount(&mut self, on: bool) -> &mut Self {
+        self.auto_unmount = on;
         self
     }
 
@@ -374,11 +388,33 @@ impl OverlayFS {
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         );
         config.clone_fd = true;
-        let session = fuser::Session::new(OverlayFs(overlay.clone()), &mountpoint, &config)
-            .and_then(|s| s.spawn())
-            .map_err(|e| mount_error(&mountpoint, e))?;
+        let fs = OverlayFs(overlay.clone());
+        let (session, helper) = if root {
+            let s = fuser::Session::new(fs, &mountpoint, &config)
+                .and_then(|s| s.spawn())
+                .map_err(|e| mount_error(&mountpoint, e))?;
+            (s, None)
+        } else {
+            // Without privileges fusermount3 mounts for us (it works even where /dev/fuse is
+            // not open to users).
+            let mut o = format!(
+                "fsname={},subtype=ovl,default_permissions,{}",
+                self.fsname.as_deref().unwrap_or("ovl"),
+                if self.upper.is_none() { "ro" } else { "rw" }
+            );
+            if self.allow_other {
+                o.push_str(",allow_other");
+            }
+            let (fd, helper) = crate::fusermount::mount(&mountpoint, &o, self.auto_unmount)
+                .map_err(|e| mount_error(&mountpoint, e))?;
+            let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
+                .and_then(|s| s.spawn())
+                .map_err(|e| mount_error(&mountpoint, e))?;
+            (s, Some(helper))
+        };
         self.handle = Some(MountHandle {
             session: Some(session),
+            helper,
             mountpoint,
             overlay,
         });
@@ -395,7 +431,15 @@ impl OverlayFS {
 }
 
 fn mount_error(mountpoint: &Path, e: io::Error) -> Error {
+    let fuse_dev_closed = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+        .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied);
     let hint = match e.raw_os_error() {
+        _ if fuse_dev_closed => {
+            " (/dev/fuse is not open to this user: as root run `chmod 0666 /dev/fuse`, the mode udev gives it on Debian)"
+        }
         Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => {
             " (no /dev/fuse: load the fuse module or run where FUSE is available)"
         }

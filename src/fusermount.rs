@@ -1,0 +1,153 @@
+//! Mounting without privileges through the setuid `fusermount3` helper (libfuse's protocol).
+//!
+//! fusermount3 opens `/dev/fuse`, mounts it, and hands the descriptor back over a socket named
+//! in `_FUSE_COMMFD`. Used when we are not root: it works even where `/dev/fuse` is not
+//! readable by users. With `auto_unmount` the helper stays alive holding the other end of the
+//! socket and unmounts as soon as we die, however we die (SIGKILL included).
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+
+/// The helper's name, as libfuse 3 installs it.
+pub const HELPER: &str = "fusermount3";
+
+/// Finds fusermount3 (or the libfuse 2 `fusermount`) in PATH and the usual places.
+pub fn find_helper() -> Option<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    for name in [HELPER, "fusermount"] {
+        for dir in path
+            .split(':')
+            .chain(["/usr/bin", "/bin", "/usr/local/bin"])
+        {
+            let p = Path::new(dir).join(name);
+            if p.is_file() {
+                return Some(p);
+            }
+        }
+    }
+    None
+}
+
+/// A mount made by the helper: (with auto_unmount) the helper process and our end of its
+/// socket, which must stay open while mounted.
+#[derive(Debug)]
+pub struct HelperMount {
+    helper: Option<(Child, UnixStream)>,
+    bin: PathBuf,
+}
+
+/// Mounts with `fusermount3 -o OPTIONS -- MOUNTPOINT`; returns the `/dev/fuse` descriptor.
+pub fn mount(
+    mountpoint: &Path,
+    options: &str,
+    auto_unmount: bool,
+) -> io::Result<(OwnedFd, HelperMount)> {
+    let bin = find_helper().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::NotFound,
+            "fusermount3 not found: install fuse3 (e.g. apt-get install fuse3)",
+        )
+    })?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let theirs_fd = theirs.as_raw_fd();
+    let mut opts = options.to_string();
+    if auto_unmount {
+        opts.push_str(",auto_unmount");
+    }
+    let mut cmd = Command::new(&bin);
+    cmd.arg("-o")
+        .arg(&opts)
+        .arg("--")
+        .arg(mountpoint)
+        .env("_FUSE_COMMFD", theirs_fd.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    // The helper must inherit its end of the socket.
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(theirs_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(theirs_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn()?;
+    drop(theirs);
+
+    let fd = receive_fd(&ours);
+    let fd = match fd {
+        Ok(fd) => fd,
+        Err(e) => {
+            let out = child.wait_with_output()?;
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(io::Error::new(
+                e.kind(),
+                if msg.is_empty() { e.to_string() } else { msg },
+            ));
+        }
+    };
+    let helper = if auto_unmount {
+        Some((child, ours))
+    } else {
+        child.wait()?;
+        None
+    };
+    Ok((fd, HelperMount { helper, bin }))
+}
+
+fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
+    let mut buf = [0u8; 8];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(io::Error::from)?;
+    for c in msg.cmsgs().map_err(io::Error::from)? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        "fusermount3 did not mount",
+    ))
+}
+
+impl HelperMount {
+    /// Unmounts (`fusermount3 -u -z`) and lets an auto_unmount helper exit.
+    pub fn unmount(&mut self, mountpoint: &Path) -> io::Result<()> {
+        let out = Command::new(&self.bin)
+            .args(["-u", "-z", "--"])
+            .arg(mountpoint)
+            .stdin(Stdio::null())
+            .output()?;
+        if let Some((mut child, sock)) = self.helper.take() {
+            drop(sock);
+            let _ = child.wait();
+        }
+        if out.status.success() {
+            Ok(())
+        } else {
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            // Already unmounted by someone else: nothing left to do.
+            if msg.contains("not mounted") || msg.contains("not found in") {
+                return Ok(());
+            }
+            Err(io::Error::other(msg))
+        }
+    }
+}
