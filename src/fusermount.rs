@@ -128,6 +128,19 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
 }
 
 impl HelperMount {
+    /// Pid of the auto_unmount helper, which stays alive as long as we do.
+    pub fn pid(&self) -> Option<i32> {
+        self.helper.as_ref().map(|(c, _)| c.id() as i32)
+    }
+
+    /// Lets an auto_unmount helper go after someone else unmounted.
+    pub fn release(&mut self) {
+        if let Some((mut child, sock)) = self.helper.take() {
+            drop(sock);
+            let _ = child.wait();
+        }
+    }
+
     /// Unmounts (`fusermount3 -u -z`) and lets an auto_unmount helper exit.
     pub fn unmount(&mut self, mountpoint: &Path) -> io::Result<()> {
         let out = Command::new(&self.bin)
@@ -149,5 +162,28 @@ impl HelperMount {
             }
             Err(io::Error::other(msg))
         }
+    }
+}
+
+/// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3.
+pub fn unmount_path(mountpoint: &Path) -> io::Result<()> {
+    if unsafe { libc::geteuid() } == 0 {
+        let c = crate::sys::cstr(mountpoint.as_os_str())?;
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+    }
+    let bin = find_helper().ok_or_else(|| io::Error::other("fusermount3 not found"))?;
+    let out = Command::new(bin)
+        .args(["-u", "-z", "--"])
+        .arg(mountpoint)
+        .stdin(Stdio::null())
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
     }
 }

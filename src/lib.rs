@@ -18,14 +18,16 @@
 //! `dir` (create/unlink/rename), `file` (I/O), `attr`, `xattr`, `readdir`, `copy_up`, and
 //! [`mount`]; `fs` is the thin FUSE dispatch over them.
 
+pub mod action;
 mod attr;
 mod copy_up;
 mod dir;
 pub mod error;
 mod file;
 mod fs;
-mod fusermount;
+pub mod fusermount;
 pub mod inode;
+pub mod launcher;
 pub mod layers;
 pub mod mount;
 pub mod namei;
@@ -34,6 +36,7 @@ mod readdir;
 mod sys;
 mod xattr;
 
+pub use action::{OverlayAction, Report};
 pub use error::{Error, Result};
 pub use inode::InodeMode;
-pub use mount::{MountHandle, OverlayFS};
+pub use mount::{MountHandle, MountMethod, OverlayFS};

@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, MountOption, SessionACL};
 
+use crate::action::{OverlayAction, Report};
 use crate::error::{Error, Result};
 use crate::fs::OverlayFs;
 use crate::inode::InodeMode;
@@ -39,7 +40,24 @@ pub struct OverlayFS {
     fsname: Option<String>,
     threads: Option<usize>,
     auto_unmount: bool,
+    method: MountMethod,
+    require_empty: bool,
+    /// The mount point was chosen by [`OverlayFS::mountpoint_as_home`]: created on mount and
+    /// removed after unmount.
+    own_mountpoint: bool,
     handle: Option<MountHandle>,
+}
+
+/// How the FUSE mount is made.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MountMethod {
+    /// `mount(2)` as root, the fusermount3 helper otherwise.
+    #[default]
+    Auto,
+    /// `mount(2)`: needs root or a user namespace of our own (see [`crate::launcher`]).
+    Direct,
+    /// The setuid fusermount3 helper.
+    Helper,
 }
 
 /// A live mount. Unmounts when dropped.
@@ -70,11 +88,25 @@ impl MountHandle {
 
     /// Waits until the filesystem is unmounted by someone else (`umount`, `fusermount3 -u`).
     pub fn join(mut self) -> Result<()> {
+        self.wait_unmounted()
+    }
+
+    /// Like [`MountHandle::join`], keeping the handle.
+    pub fn wait_unmounted(&mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
             s.join()
                 .map_err(|e| Error::io("serving", self.mountpoint.clone(), e))?;
         }
+        if let Some(h) = self.helper.as_mut() {
+            h.release();
+        }
+        self.helper = None;
         Ok(())
+    }
+
+    /// Pid of a helper process that lives as long as the mount (fusermount3 auto_unmount).
+    pub fn helper_pid(&self) -> Option<i32> {
+        self.helper.as_ref().and_then(|h| h.pid())
     }
 
     fn do_umount(&mut self) -> Result<()> {
@@ -230,6 +262,87 @@ impl OverlayFS {
         self
     }
 
+    /// Chooses how the FUSE mount is made (default: [`MountMethod::Auto`]).
+    pub fn set_mount_method(&mut self, method: MountMethod) -> &mut Self {
+        self.method = method;
+        self
+    }
+
+    /// Refuses a mount point that is not empty (instead of hiding its content).
+    pub fn set_require_empty_mountpoint(&mut self, on: bool) -> &mut Self {
+        self.require_empty = on;
+        self
+    }
+
+    /// Mounts at a fresh directory `$XDG_CACHE_HOME/mount_<name>_<pid>_<time>` (else under
+    /// `~/.cache`), unique so parallel runs over one lower never collide; it is created on
+    /// mount and removed after unmount.
+    pub fn mountpoint_as_home(&mut self) -> &mut Self {
+        let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+        let name: String = self.lowers[0]
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "root".into())
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || c == '-' || c == '.' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        let ts = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        self.mountpoint = Some(base.join(format!("mount_{name}_{}_{ts}", std::process::id())));
+        self.own_mountpoint = true;
+        self
+    }
+
+    /// The mount point, once set.
+    pub fn mountpoint(&self) -> Option<&Path> {
+        self.mountpoint.as_deref()
+    }
+
+    /// Unmounts (if mounted) and applies a finalization to the upper layer.
+    pub fn overlay_action(&mut self, action: OverlayAction) -> Result<Report> {
+        self.umount()?;
+        let upper = self
+            .upper
+            .clone()
+            .ok_or_else(|| Error::bad("", "no upper layer: there is nothing to finalize"))?;
+        let changes = crate::action::count_entries(&upper)?;
+        let mut report = Report {
+            action,
+            path: upper.clone(),
+            changes,
+            ..Default::default()
+        };
+        match action {
+            OverlayAction::Preserve => {}
+            OverlayAction::Discard => {
+                if upper.exists() {
+                    crate::action::remove_dir_tree(&upper)?;
+                }
+                if let Some(w) = self.workdir().filter(|w| w.exists()) {
+                    crate::action::remove_dir_tree(&w)?;
+                }
+            }
+            OverlayAction::Commit | OverlayAction::CommitAtomic => {
+                return Err(Error::bad(
+                    &upper,
+                    "commit is not available in this version: use preserve and merge by hand",
+                ));
+            }
+        }
+        if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic) {
+            report.path = self.lowers[0].clone();
+        }
+        Ok(report)
+    }
+
     /// Number of FUSE worker threads (default: one per CPU).
     pub fn set_threads(&mut self, n: usize) -> &mut Self {
         self.threads = Some(n.max(1));
@@ -360,8 +473,12 @@ impl OverlayFS {
         let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
             .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
         let overlay = Arc::new(
-            Overlay::new(stack, self.inode_mode, self.passthrough)
-                .map_err(|e| Error::io("reading layer roots of", lowers[0].clone(), e))?,
+            Overlay::new(
+                stack,
+                self.inode_mode,
+                self.passthrough && initial_userns_root(),
+            )
+            .map_err(|e| Error::io("reading layer roots of", lowers[0].clone(), e))?,
         );
         let root = unsafe { libc::geteuid() } == 0;
         let mut opts = vec![
@@ -389,7 +506,12 @@ impl OverlayFS {
         );
         config.clone_fd = true;
         let fs = OverlayFs(overlay.clone());
-        let (session, helper) = if root {
+        let direct = match self.method {
+            MountMethod::Auto => root,
+            MountMethod::Direct => true,
+            MountMethod::Helper => false,
+        };
+        let (session, helper) = if direct {
             let s = fuser::Session::new(fs, &mountpoint, &config)
                 .and_then(|s| s.spawn())
                 .map_err(|e| mount_error(&mountpoint, e))?;
@@ -421,12 +543,23 @@ impl OverlayFS {
         Ok(())
     }
 
-    /// Unmounts, if mounted.
+    /// Unmounts, if mounted (and removes a mount point made by `mountpoint_as_home`).
     pub fn umount(&mut self) -> Result<()> {
-        match self.handle.take() {
-            Some(h) => h.umount(),
-            None => Ok(()),
+        if let Some(h) = self.handle.take() {
+            h.umount()?;
         }
+        if self.own_mountpoint {
+            if let Some(m) = &self.mountpoint {
+                // Only an empty directory goes: rmdir never removes content.
+                let _ = std::fs::remove_dir(m);
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the live mount out, for a caller that waits on it and then finalizes.
+    pub fn handle_mut(&mut self) -> Option<&mut MountHandle> {
+        self.handle.as_mut()
     }
 }
 
@@ -457,4 +590,12 @@ fn mount_error(mountpoint: &Path, e: io::Error) -> Error {
         path: mountpoint.to_path_buf(),
         source: io::Error::new(e.kind(), format!("{e}{hint}")),
     }
+}
+
+/// Root in the initial user namespace: what FUSE passthrough needs (CAP_SYS_ADMIN there).
+fn initial_userns_root() -> bool {
+    let euid = unsafe { libc::geteuid() };
+    euid == 0
+        && std::fs::read_to_string("/proc/self/uid_map")
+            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
 }

@@ -1,0 +1,118 @@
+//! Finalizations: what happens to the upper layer once the work is done.
+//!
+//! A layer above the engine: it works on the layer directories with the overlay unmounted.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::sys::{self, BorrowFd};
+
+/// What to do with the upper layer after unmounting.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OverlayAction {
+    /// Keep the upper as it is (a later mount, or the kernel, can use it again).
+    #[default]
+    Preserve,
+    /// Remove the upper and the work directory.
+    Discard,
+    /// Merge the upper into the lower, file by file, each file replaced atomically.
+    Commit,
+    /// Switch the whole lower from old to new in one step.
+    CommitAtomic,
+}
+
+impl std::str::FromStr for OverlayAction {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "preserve" => Ok(Self::Preserve),
+            "discard" => Ok(Self::Discard),
+            "commit" => Ok(Self::Commit),
+            "commit-atomic" => Ok(Self::CommitAtomic),
+            _ => Err(format!(
+                "unknown finalization '{s}': use preserve, discard, commit or commit-atomic"
+            )),
+        }
+    }
+}
+
+/// The outcome of a finalization, printed by ovl-run in one line.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub action: OverlayAction,
+    /// Where the outcome landed (the upper for Preserve/Discard, the lower for commits).
+    pub path: PathBuf,
+    /// Entries in the upper (files, directories, whiteouts) when it was finalized.
+    pub changes: u64,
+    /// Files written into the lower (commits).
+    pub written: u64,
+    /// Files left untouched because they were identical (commits).
+    pub deduplicated: u64,
+    /// Entries deleted from the lower (commits).
+    pub deleted: u64,
+    /// Directories whose content was replaced (opaque directories, commits).
+    pub dirs_replaced: u64,
+    /// Bytes written into the lower (commits).
+    pub bytes: u64,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = self.path.display();
+        match self.action {
+            OverlayAction::Preserve => write!(f, "preserved {} changes in {p}", self.changes),
+            OverlayAction::Discard => write!(f, "discarded {} changes from {p}", self.changes),
+            OverlayAction::Commit | OverlayAction::CommitAtomic => write!(
+                f,
+                "committed {} files, {} deletions, {} replaced directories ({} unchanged, {} bytes) into {p}{}",
+                self.written,
+                self.deleted,
+                self.dirs_replaced,
+                self.deduplicated,
+                self.bytes,
+                if self.action == OverlayAction::CommitAtomic {
+                    " atomically"
+                } else {
+                    ""
+                }
+            ),
+        }
+    }
+}
+
+/// Counts the entries of a tree without following symlinks.
+pub fn count_entries(dir: &Path) -> Result<u64> {
+    fn walk(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+        let mut n = 0;
+        for e in sys::read_dir(fd)? {
+            n += 1;
+            if e.dtype == libc::DT_DIR {
+                let c = std::ffi::CString::new(e.name).map_err(std::io::Error::other)?;
+                let sub = sys::openat(fd, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+                n += walk(sub.as_fd_borrowed())?;
+            }
+        }
+        Ok(n)
+    }
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let fd = sys::open_dir_path(dir).map_err(|e| Error::io("reading", dir, e))?;
+    walk(fd.as_fd_borrowed()).map_err(|e| Error::io("reading", dir, e))
+}
+
+/// Removes a directory tree, never following a symlink out of it.
+pub fn remove_dir_tree(path: &Path) -> Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(Error::bad(path, "refusing to remove a filesystem root"));
+    };
+    let pfd = sys::open_dir_path(if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    })
+    .map_err(|e| Error::io("opening", parent, e))?;
+    let cname = sys::cstr(name).map_err(|e| Error::io("removing", path, e))?;
+    sys::remove_tree(pfd.as_fd_borrowed(), &cname).map_err(|e| Error::io("removing", path, e))
+}

@@ -1,0 +1,333 @@
+//! `ovl-run`: run a command inside an overlay, unprivileged, and finalize when it exits.
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicI32;
+
+use clap::Parser;
+use ovl::launcher::{self, EXIT_FAILURE, Launch};
+use ovl::{InodeMode, MountMethod, OverlayAction, OverlayFS};
+
+const EXAMPLES: &str = "\
+Examples:
+  ovl-run --lower rootfs -- make install       run a build; changes land in rootfs_upper
+  ovl-run --lower app --on-exit discard -- ./test.sh
+                                               try something, throw the changes away
+  ovl-run --lower data --on-exit commit -- ./migrate
+                                               keep the changes: merge them into data
+  ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
+  ovl-run --lower rootfs                       mount, print the mount point, serve until
+                                               Ctrl-C or `fusermount3 -u`, then finalize
+
+Exit status: the command's own; 128+N if it died of signal N; 125 if ovl-run failed;
+126 if the command cannot be executed; 127 if it was not found.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ovl-run",
+    version,
+    about = "Run a command inside an overlay of DIR(s), then keep, discard or commit its changes",
+    after_help = EXAMPLES
+)]
+struct Args {
+    /// Read-only lower directory (repeat for more; the first is topmost).
+    #[arg(long = "lower", value_name = "DIR", required = true)]
+    lowers: Vec<PathBuf>,
+    /// Writable upper directory (default: <first lower>_upper beside it; created if missing).
+    #[arg(long, value_name = "DIR")]
+    upper: Option<PathBuf>,
+    /// Where to mount (default: a fresh directory under $XDG_CACHE_HOME, removed afterwards).
+    #[arg(long, value_name = "DIR")]
+    mountpoint: Option<PathBuf>,
+    /// What to do with the changes afterwards: preserve, discard, commit or commit-atomic.
+    #[arg(long = "on-exit", value_name = "ACTION", default_value = "preserve")]
+    on_exit: String,
+    /// Inode numbers: virtual (assigned while mounted) or persistent (stable across mounts).
+    #[arg(long = "inode-mode", value_name = "MODE", default_value = "virtual")]
+    inode_mode: String,
+    /// Run the command with the merged tree as its `/` (a container-like rootfs session).
+    #[arg(long)]
+    root: bool,
+    /// Keep the mount point directory afterwards.
+    #[arg(long)]
+    keep_mountpoint: bool,
+    /// More logging (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    verbose: u8,
+    /// Do not print the finalization report.
+    #[arg(short, long)]
+    quiet: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, value_name = "COMMAND")]
+    command: Vec<OsString>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> i32 {
+    eprintln!("ovl-run: {msg}");
+    EXIT_FAILURE
+}
+
+fn main() -> ExitCode {
+    ExitCode::from(real_main().clamp(0, 255) as u8)
+}
+
+fn real_main() -> i32 {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                let _ = e.print();
+                return 0;
+            }
+            // clap's message is several lines; keep the one that says what is wrong.
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            return fail(format!("{line} (see ovl-run --help)"));
+        }
+    };
+    let level = match (args.quiet, args.verbose) {
+        (_, 0) => "warn,fuser=error",
+        (_, 1) => "info,fuser=warn",
+        _ => "debug",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+
+    let action: OverlayAction = match args.on_exit.parse() {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let inode_mode = match args.inode_mode.as_str() {
+        "virtual" => InodeMode::Virtual,
+        "persistent" => InodeMode::Persistent,
+        other => {
+            return fail(format!(
+                "unknown inode mode '{other}': use virtual or persistent"
+            ));
+        }
+    };
+    let dashdash = std::env::args_os().any(|a| a == "--");
+    if dashdash && args.command.is_empty() {
+        return fail(
+            "no COMMAND after `--`: give the command to run, or leave out `--` to just mount",
+        );
+    }
+
+    let lower0 = args.lowers[0].clone();
+    let upper = args.upper.clone().unwrap_or_else(|| default_upper(&lower0));
+    let mut ofs = OverlayFS::new(&lower0);
+    for l in &args.lowers[1..] {
+        ofs.add_lower(l);
+    }
+    ofs.set_upper(&upper)
+        .set_inode_mode(inode_mode)
+        .set_require_empty_mountpoint(true);
+    match &args.mountpoint {
+        Some(m) => ofs.set_mountpoint(m),
+        None => ofs.mountpoint_as_home(),
+    };
+    if let Err(e) = ofs.validate() {
+        return fail(e);
+    }
+    if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic) {
+        // Refused before anything is mounted or written.
+        return fail(format!(
+            "{}: --on-exit {} is not available in this version: use preserve",
+            upper.display(),
+            args.on_exit
+        ));
+    }
+    if let Some(base) = dirs::cache_dir() {
+        remove_stale_mountpoints(&base);
+    }
+
+    let code = if args.command.is_empty() {
+        serve(&mut ofs)
+    } else {
+        run_command(&mut ofs, &args, &upper)
+    };
+    if code == EXIT_FAILURE {
+        let _ = ofs.umount();
+        return code;
+    }
+    let mountpoint = ofs.mountpoint().map(Path::to_path_buf);
+    let result = ofs.overlay_action(action);
+    if args.keep_mountpoint {
+        if let Some(m) = mountpoint {
+            let _ = std::fs::create_dir_all(m);
+        }
+    }
+    match result {
+        Ok(report) => {
+            if !args.quiet {
+                eprintln!("ovl-run: {report}");
+            }
+            code
+        }
+        Err(e) => fail(e),
+    }
+}
+
+/// `<lower>_upper` beside the lower.
+fn default_upper(lower: &Path) -> PathBuf {
+    let lower = lower.canonicalize().unwrap_or_else(|_| lower.to_path_buf());
+    let name = lower
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into());
+    lower
+        .parent()
+        .unwrap_or(Path::new("/"))
+        .join(format!("{name}_upper"))
+}
+
+/// Removes `mount_*` directories an earlier, killed run of ours left in the cache dir: only
+/// when their owner process is gone, and only empty directories (a dead mount is detached
+/// first).
+fn remove_stale_mountpoints(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("mount_") {
+            continue;
+        }
+        let mut parts = name.rsplitn(3, '_');
+        let (_ts, pid) = (parts.next(), parts.next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        if let Err(err) = std::fs::metadata(&path) {
+            if err.raw_os_error() == Some(libc::ENOTCONN) {
+                let _ = ovl::fusermount::unmount_path(&path);
+            }
+        }
+        if std::fs::remove_dir(&path).is_ok() {
+            log::info!("removed stale mount point {}", path.display());
+        }
+    }
+}
+
+/// No command: mount where everyone of ours can use it, print the mount point, serve until
+/// SIGINT/SIGTERM/SIGHUP or an external unmount.
+fn serve(ofs: &mut OverlayFS) -> i32 {
+    // fusermount3 with auto_unmount: visible to the caller's other processes, and gone even if
+    // we are SIGKILLed.
+    ofs.set_mount_method(MountMethod::Helper)
+        .set_auto_unmount(true);
+    if let Err(e) = ofs.mount() {
+        return fail(e);
+    }
+    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
+    println!("{}", mnt.display());
+    let _ = std::io::stdout().flush();
+    let stop = mnt.clone();
+    let signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
+    ]);
+    match signals {
+        Ok(mut s) => {
+            std::thread::spawn(move || {
+                if s.forever().next().is_some() {
+                    if let Err(e) = ovl::fusermount::unmount_path(&stop) {
+                        eprintln!("ovl-run: unmounting {}: {e}", stop.display());
+                    }
+                }
+            });
+        }
+        Err(e) => return fail(format!("installing signal handlers: {e}")),
+    }
+    match ofs.handle_mut().map(|h| h.wait_unmounted()) {
+        Some(Err(e)) => fail(e),
+        _ => 0,
+    }
+}
+
+/// With a command: a private namespace (so the mount dies with us), mount, run, wait for the
+/// command and everything it left running.
+fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> i32 {
+    match launcher::enter_private_namespace() {
+        Ok(ns) => {
+            log::info!("running in {ns:?} namespace");
+            ofs.set_mount_method(MountMethod::Direct);
+        }
+        Err(e) if args.root => {
+            return fail(format!(
+                "--root needs a private namespace ({e}): enable unprivileged user namespaces \
+                 (sysctl kernel.unprivileged_userns_clone=1) or run as root"
+            ));
+        }
+        Err(e) => {
+            log::info!("no private namespace ({e}); mounting through fusermount3");
+            ofs.set_mount_method(MountMethod::Helper)
+                .set_auto_unmount(true);
+        }
+    }
+    if let Err(e) = ofs.mount() {
+        return fail(e);
+    }
+    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let inside = launcher::map_cwd(&cwd, &args.lowers[0], &mnt);
+    let lowers = std::env::join_paths(args.lowers.iter()).unwrap_or_default();
+    let env = vec![
+        ("OVL_MOUNTPOINT".into(), mnt.clone().into_os_string()),
+        ("OVL_LOWER".into(), lowers),
+        ("OVL_UPPER".into(), upper.as_os_str().to_os_string()),
+    ];
+    let launch = if args.root {
+        if let Err(e) = launcher::prepare_rootfs(&mnt) {
+            return fail(format!(
+                "preparing {} as a root filesystem: {e}",
+                mnt.display()
+            ));
+        }
+        let rel = inside.strip_prefix(&mnt).unwrap_or(Path::new(""));
+        Launch {
+            argv: args.command.clone(),
+            cwd: Path::new("/").join(rel),
+            env,
+            chroot: Some(mnt.clone()),
+        }
+    } else {
+        Launch {
+            argv: args.command.clone(),
+            cwd: inside,
+            env,
+            chroot: None,
+        }
+    };
+    let child = Arc::new(AtomicI32::new(0));
+    let fwd = match launcher::forward_signals(child.clone()) {
+        Ok(h) => h,
+        Err(e) => return fail(format!("installing signal handlers: {e}")),
+    };
+    let helpers: Vec<i32> = ofs
+        .handle()
+        .and_then(|h| h.helper_pid())
+        .into_iter()
+        .collect();
+    let code = match launcher::run(&launch, &child, &helpers) {
+        Ok(c) => c,
+        Err(e) => fail(format!("running {:?}: {e}", args.command[0])),
+    };
+    fwd.close();
+    if args.root {
+        launcher::unprepare_rootfs(&mnt);
+    }
+    code
+}

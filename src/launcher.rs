@@ -1,0 +1,279 @@
+//! The launcher: runs a command inside a mounted overlay the way `env`, `timeout` and container
+//! runtimes do (exit status, signals, orphans), and keeps the mount private to it.
+//!
+//! A layer above the engine: it only uses the library API ([`crate::OverlayFS`]).
+
+use std::ffi::OsString;
+use std::io;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use signal_hook::consts::signal::*;
+use signal_hook::iterator::SignalsInfo;
+use signal_hook::iterator::exfiltrator::WithOrigin;
+use signal_hook::low_level::siginfo::Cause;
+
+/// Exit status when the launcher itself failed (docker/env convention).
+pub const EXIT_FAILURE: i32 = 125;
+/// Exit status when the command exists but cannot be executed.
+pub const EXIT_NOT_EXECUTABLE: i32 = 126;
+/// Exit status when the command is not found.
+pub const EXIT_NOT_FOUND: i32 = 127;
+
+/// Which namespace the launcher is in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Namespace {
+    /// A private mount namespace (root): our mounts are invisible to others and die with us.
+    PrivateMount,
+    /// A user + mount namespace mapping our own uid/gid (no privileges needed).
+    User,
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn write_file(path: &str, data: &str) -> io::Result<()> {
+    std::fs::write(path, data).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+/// Makes every mount below `/` private, so nothing we mount propagates out.
+fn make_mounts_private() -> io::Result<()> {
+    check(unsafe {
+        libc::mount(
+            c"none".as_ptr(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Enters a namespace where our mounts are private and vanish when the last process in it
+/// exits, so a SIGKILLed launcher leaves no dead mount behind. As root a private mount
+/// namespace; otherwise a user namespace mapping our own uid and gid (files keep showing up
+/// as owned by the caller). Must be called while the process is single-threaded.
+pub fn enter_private_namespace() -> io::Result<Namespace> {
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if uid == 0 {
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+        make_mounts_private()?;
+        return Ok(Namespace::PrivateMount);
+    }
+    check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) })?;
+    write_file("/proc/self/setgroups", "deny")?;
+    write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
+    write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+    make_mounts_private()?;
+    Ok(Namespace::User)
+}
+
+fn bind(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
+    let s = crate::sys::cstr(src.as_os_str())?;
+    let d = crate::sys::cstr(dst.as_os_str())?;
+    check(unsafe {
+        libc::mount(
+            s.as_ptr(),
+            d.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND | flags,
+            std::ptr::null(),
+        )
+    })
+    .map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("bind {} on {}: {e}", src.display(), dst.display()),
+        )
+    })
+}
+
+/// Prepares a mounted tree to be a command's `/` (inside our private namespace): the host's
+/// /proc, /dev and /sys bound in, a fresh tmpfs on /tmp, and the host's resolv.conf so the
+/// network resolves. Targets the tree lacks are skipped rather than created in the upper.
+pub fn prepare_rootfs(root: &Path) -> io::Result<()> {
+    for d in ["proc", "dev", "sys"] {
+        let target = root.join(d);
+        if target.is_dir() {
+            bind(Path::new("/").join(d).as_path(), &target, libc::MS_REC)?;
+        } else {
+            log::warn!("{} has no /{d}: not providing it", root.display());
+        }
+    }
+    let tmp = root.join("tmp");
+    if tmp.is_dir() {
+        let t = crate::sys::cstr(tmp.as_os_str())?;
+        check(unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                t.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                c"mode=1777".as_ptr().cast(),
+            )
+        })?;
+    }
+    let resolv = root.join("etc/resolv.conf");
+    if Path::new("/etc/resolv.conf").exists() && resolv.is_file() {
+        bind(Path::new("/etc/resolv.conf"), &resolv, 0)?;
+    }
+    Ok(())
+}
+
+/// Detaches what [`prepare_rootfs`] mounted, so the overlay itself can be unmounted.
+pub fn unprepare_rootfs(root: &Path) {
+    for d in ["etc/resolv.conf", "tmp", "sys", "dev", "proc"] {
+        if let Ok(c) = crate::sys::cstr(root.join(d).as_os_str()) {
+            // Not mounted (skipped in prepare) is fine: EINVAL.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// Where the command starts: the same place relative to the mount as the caller's cwd is
+/// relative to the first lower, else the mount's root.
+pub fn map_cwd(cwd: &Path, lower: &Path, mount: &Path) -> PathBuf {
+    let (Ok(cwd), Ok(lower)) = (cwd.canonicalize(), lower.canonicalize()) else {
+        return mount.to_path_buf();
+    };
+    match cwd.strip_prefix(&lower) {
+        Ok(rel) => mount.join(rel),
+        Err(_) => mount.to_path_buf(),
+    }
+}
+
+/// What to run and how.
+#[derive(Debug)]
+pub struct Launch {
+    pub argv: Vec<OsString>,
+    /// Directory to start in (inside the mount, or inside the new root with `chroot`).
+    pub cwd: PathBuf,
+    pub env: Vec<(OsString, OsString)>,
+    /// Run with this directory as `/`.
+    pub chroot: Option<PathBuf>,
+}
+
+/// Signals the launcher passes on to the command.
+pub const FORWARDED: &[i32] = &[
+    SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT,
+];
+
+/// Starts forwarding [`FORWARDED`] signals to `child` (a pid of 0 means none yet). Signals
+/// the terminal generated (Ctrl-C, Ctrl-\, resize) already reached the command, which shares
+/// our foreground process group, so they are not sent twice.
+pub fn forward_signals(child: Arc<AtomicI32>) -> io::Result<signal_hook::iterator::Handle> {
+    let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED)?;
+    let handle = signals.handle();
+    std::thread::Builder::new()
+        .name("ovl-signals".into())
+        .spawn(move || {
+            for info in signals.forever() {
+                let from_tty = matches!(info.cause, Cause::Kernel)
+                    && matches!(info.signal, SIGINT | SIGQUIT | SIGWINCH);
+                let pid = child.load(Ordering::SeqCst);
+                if pid > 0 && !from_tty {
+                    unsafe { libc::kill(pid, info.signal) };
+                }
+            }
+        })?;
+    Ok(handle)
+}
+
+/// Runs the command and waits for it **and every process it left behind** (we are their
+/// subreaper), so a daemonizing child never finds the overlay gone. Returns the exit status
+/// to report: the command's own, 128+N if it died of signal N, 126/127 if it could not start.
+pub fn run(launch: &Launch, child_pid: &AtomicI32, keep_waiting_for: &[i32]) -> io::Result<i32> {
+    check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
+    let (prog, args) = launch
+        .argv
+        .split_first()
+        .ok_or_else(|| io::Error::other("no command given"))?;
+    let mut cmd = Command::new(prog);
+    cmd.args(args).envs(launch.env.iter().cloned());
+    match &launch.chroot {
+        Some(root) => {
+            let root = crate::sys::cstr(root.as_os_str())?;
+            let cwd = crate::sys::cstr(launch.cwd.as_os_str())?;
+            unsafe {
+                cmd.pre_exec(move || {
+                    check(libc::chroot(root.as_ptr()))?;
+                    if libc::chdir(cwd.as_ptr()) < 0 {
+                        check(libc::chdir(c"/".as_ptr()))?;
+                    }
+                    Ok(())
+                });
+            }
+        }
+        None => {
+            cmd.current_dir(&launch.cwd);
+        }
+    }
+    let child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = match e.kind() {
+                io::ErrorKind::NotFound => EXIT_NOT_FOUND,
+                _ => EXIT_NOT_EXECUTABLE,
+            };
+            eprintln!("ovl-run: {}: {e}", prog.to_string_lossy());
+            return Ok(code);
+        }
+    };
+    let main = child.id() as i32;
+    child_pid.store(main, Ordering::SeqCst);
+    let mut status = None;
+    loop {
+        let mut st = 0;
+        let pid = unsafe { libc::waitpid(-1, &mut st, 0) };
+        if pid < 0 {
+            let e = io::Error::last_os_error();
+            match e.raw_os_error() {
+                Some(libc::EINTR) => continue,
+                Some(libc::ECHILD) => break,
+                _ => return Err(e),
+            }
+        }
+        if pid == main {
+            status = Some(st);
+            child_pid.store(0, Ordering::SeqCst);
+        }
+        if status.is_some() && only_these_children_left(keep_waiting_for) {
+            break;
+        }
+    }
+    let st = status.ok_or_else(|| io::Error::other("lost the command's exit status"))?;
+    Ok(if libc::WIFEXITED(st) {
+        libc::WEXITSTATUS(st)
+    } else if libc::WIFSIGNALED(st) {
+        128 + libc::WTERMSIG(st)
+    } else {
+        EXIT_FAILURE
+    })
+}
+
+/// True when every child of ours is one of `helpers` (e.g. fusermount3 in auto_unmount mode,
+/// which lives as long as we do and must not be waited for).
+fn only_these_children_left(helpers: &[i32]) -> bool {
+    children().iter().all(|p| helpers.contains(p))
+}
+
+/// Our current children (direct ones and orphans reparented to us), from /proc.
+pub fn children() -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = std::fs::read_dir("/proc/self/task") {
+        for t in tasks.flatten() {
+            if let Ok(s) = std::fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
