@@ -190,33 +190,14 @@ impl LayerStack {
         CString::new(format!("{}overlay.{what}", self.xattr_prefix)).expect("no NUL")
     }
 
-    /// Is the directory behind `fd` opaque (hides the layers below)? Reads both xattr
-    /// namespaces and the aufs-style marker file, as every overlay writer uses one of them.
+    /// See [`is_opaque_dir`].
     pub fn is_opaque_dir(&self, fd: BorrowedFd<'_>) -> io::Result<bool> {
-        for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-            if let Some(v) = sys::fgetxattr(fd.as_raw_fd(), name)? {
-                if v == b"y" {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some())
+        is_opaque_dir(fd)
     }
 
-    /// Is the entry with stat `st` (handle `fd`) a whiteout? Char 0/0, or an empty regular file
-    /// carrying an `overlay.whiteout` xattr (the kernel's xattr whiteouts).
+    /// See [`is_whiteout`].
     pub fn is_whiteout(&self, st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<bool> {
-        if sys::is_whiteout_dev(st) {
-            return Ok(true);
-        }
-        if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
-            for name in [c"trusted.overlay.whiteout", c"user.overlay.whiteout"] {
-                if sys::fgetxattr(fd.as_raw_fd(), name)?.is_some() {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        is_whiteout(st, fd)
     }
 
     /// Marks a directory (in the upper) opaque.
@@ -253,4 +234,33 @@ pub fn remove_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()>
         sys::unlinkat(dir, &wh_name(name)?, 0)?;
     }
     Ok(())
+}
+
+/// Is the directory behind `fd` opaque (hides the layers below)? Reads both xattr
+/// namespaces and the aufs-style marker file, as every overlay writer uses one of them.
+pub fn is_opaque_dir(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
+        if let Some(v) = sys::fgetxattr(fd.as_raw_fd(), name)? {
+            if v == b"y" {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some())
+}
+
+/// Is the entry with stat `st` (handle `fd`) a whiteout? Char 0/0, or an empty regular file
+/// carrying an `overlay.whiteout` xattr (the kernel's xattr whiteouts).
+pub fn is_whiteout(st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<bool> {
+    if sys::is_whiteout_dev(st) {
+        return Ok(true);
+    }
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
+        for name in [c"trusted.overlay.whiteout", c"user.overlay.whiteout"] {
+            if sys::fgetxattr(fd.as_raw_fd(), name)?.is_some() {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
 }

@@ -20,6 +20,7 @@
 
 pub mod action;
 mod attr;
+pub mod commit;
 mod copy_up;
 mod dir;
 pub mod error;

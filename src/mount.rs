@@ -331,14 +331,23 @@ impl OverlayFS {
                 }
             }
             OverlayAction::Commit | OverlayAction::CommitAtomic => {
-                return Err(Error::bad(
+                if self.lowers.len() > 1 {
+                    return Err(Error::bad(
+                        &self.lowers[0],
+                        "commit needs a single lower directory: merge the lowers first",
+                    ));
+                }
+                let work = self.workdir().unwrap_or_else(|| default_workdir(&upper));
+                let lower = self.lowers[0]
+                    .canonicalize()
+                    .map_err(|e| Error::io("resolving", &self.lowers[0], e))?;
+                report = crate::commit::commit(
+                    &lower,
                     &upper,
-                    "commit is not available in this version: use preserve and merge by hand",
-                ));
+                    &work,
+                    action == OverlayAction::CommitAtomic,
+                )?;
             }
-        }
-        if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic) {
-            report.path = self.lowers[0].clone();
         }
         Ok(report)
     }
@@ -460,6 +469,10 @@ impl OverlayFS {
         let lowers = self.validate()?;
         let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
         let work = self.workdir();
+        // An interrupted commit is finished or rolled back before the layers are used.
+        if let (Some(u), Some(w)) = (&self.upper, &work) {
+            crate::commit::recover(w, u)?;
+        }
         if let Some(u) = &self.upper {
             std::fs::create_dir_all(u).map_err(|e| Error::io("creating upper directory", u, e))?;
         }

@@ -136,11 +136,13 @@ fn real_main() -> i32 {
     if let Err(e) = ofs.validate() {
         return fail(e);
     }
-    if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic) {
+    if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic)
+        && args.lowers.len() > 1
+    {
         // Refused before anything is mounted or written.
         return fail(format!(
-            "{}: --on-exit {} is not available in this version: use preserve",
-            upper.display(),
+            "{}: --on-exit {} needs a single --lower: commit merges into one directory",
+            args.lowers[0].display(),
             args.on_exit
         ));
     }

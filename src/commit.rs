@@ -1,0 +1,720 @@
+//! Commit: merging an upper layer into its lower directory, with the overlay unmounted.
+//!
+//! A layer above the engine; it reads the upper in the engine's on-disk format (whiteouts,
+//! opaque directories) and writes the lower through directory descriptors only, never
+//! following a symlink, so nothing outside the lower tree is ever touched.
+//!
+//! - **Commit** (in place): each changed file is written beside its target (in a staging
+//!   directory inside the lower), fsynced and renamed over it, so every file is either old or
+//!   new, never torn. Identical files (content by BLAKE3, mode, owner, xattrs) are left alone.
+//! - **CommitAtomic**: a new tree is built beside the lower (unchanged files hard-linked, so
+//!   the cost grows with the number of lower entries, not their bytes), the upper merged into
+//!   it, everything fsynced, then swapped with the lower by `renameat2(RENAME_EXCHANGE)`.
+//!
+//! A journal in the work directory names the temporaries before they exist; the next commit,
+//! mount or finalization reads it and finishes or rolls back (see [`recover`]). The upper is
+//! removed only after the lower is durable.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use crate::action::{OverlayAction, Report};
+use crate::copy_up::{copy_meta, copy_xattrs};
+use crate::error::{Error, Result};
+use crate::layers::{self, OPAQUE_MARKER, WH_PREFIX};
+use crate::sys::{self, BorrowFd};
+
+/// Journal file name inside the work directory.
+const JOURNAL: &str = "ovl-commit.journal";
+
+/// Test hook: `OVL_COMMIT_CRASH_AFTER=N` aborts the process right after the N-th durable step,
+/// so tests can check recovery from a crash at every point.
+fn step(counter: &mut u64) {
+    *counter += 1;
+    if let Ok(n) = std::env::var("OVL_COMMIT_CRASH_AFTER") {
+        if n.parse::<u64>().ok() == Some(*counter) {
+            std::process::abort();
+        }
+    }
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Error + 'a {
+    move |e| Error::io(what, path, e)
+}
+
+fn rand_suffix() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let h = blake3::hash(format!("{t}-{}", std::process::id()).as_bytes());
+    h.to_hex()[..16].to_string()
+}
+
+/// Writes the journal durably (temp + fsync + rename + fsync dir).
+fn write_journal(work: &Path, text: &str) -> Result<()> {
+    let tmp = work.join(format!("{JOURNAL}.tmp"));
+    let fin = work.join(JOURNAL);
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io_err("writing journal", &tmp))?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("writing journal", &tmp))?;
+    }
+    std::fs::rename(&tmp, &fin).map_err(io_err("writing journal", &fin))?;
+    sync_dir(work)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    let f = std::fs::File::open(dir).map_err(io_err("syncing", dir))?;
+    f.sync_all().map_err(io_err("syncing", dir))
+}
+
+fn remove_journal(work: &Path) -> Result<()> {
+    let j = work.join(JOURNAL);
+    match std::fs::remove_file(&j) {
+        Ok(()) => sync_dir(work),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io("removing journal", j, e)),
+    }
+}
+
+fn journal_fields(text: &str) -> HashMap<&str, &str> {
+    text.lines().filter_map(|l| l.split_once('=')).collect()
+}
+
+/// Finishes or rolls back a commit that was interrupted (a crash, a kill). Returns whether
+/// there was one. In-place commits roll back their staging directory (files already renamed
+/// into place are complete; the upper is still there, so committing again finishes the job).
+/// Atomic commits roll forward if the swap happened (the lower is the new tree: the old tree
+/// and the upper go), else back (the half-built tree goes; the lower was never touched).
+pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
+    let jpath = work.join(JOURNAL);
+    let text = match std::fs::read_to_string(&jpath) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io("reading journal", jpath, e)),
+    };
+    let f = journal_fields(&text);
+    let get = |k: &str| -> Result<PathBuf> {
+        f.get(k).map(PathBuf::from).ok_or_else(|| {
+            Error::bad(
+                &jpath,
+                format!("commit journal lacks '{k}': inspect it by hand"),
+            )
+        })
+    };
+    match f.get("mode").copied() {
+        Some("inplace") => {
+            let staging = get("staging")?;
+            if staging.exists() {
+                crate::action::remove_dir_tree(&staging)?;
+            }
+        }
+        Some("atomic") => {
+            let lower = get("lower")?;
+            let new = get("new")?;
+            let new_ino: u64 = f.get("new_ino").and_then(|v| v.parse().ok()).unwrap_or(0);
+            let lower_ino = std::fs::symlink_metadata(&lower).map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.ino()
+            });
+            let swapped = new_ino != 0 && lower_ino.as_ref().is_ok_and(|i| *i == new_ino);
+            if swapped {
+                // `new` now holds the old tree; the upper is merged already.
+                if new.exists() {
+                    crate::action::remove_dir_tree(&new)?;
+                }
+                if upper.exists() {
+                    crate::action::remove_dir_tree(upper)?;
+                }
+            } else if new.exists() {
+                crate::action::remove_dir_tree(&new)?;
+            }
+        }
+        _ => {
+            return Err(Error::bad(
+                &jpath,
+                "unknown commit journal: inspect it and remove it by hand",
+            ));
+        }
+    }
+    remove_journal(work)?;
+    Ok(true)
+}
+
+/// Identity of an upper file with several names, to recreate its hard links in the lower.
+type InodeKey = (u64, u64);
+
+struct Merger<'a> {
+    report: &'a mut Report,
+    /// Staging directory (inside the lower's filesystem) where replacements are built.
+    staging: OwnedFd,
+    staging_path: PathBuf,
+    seq: u64,
+    steps: u64,
+    privileged: bool,
+    /// Upper inode → (lower dir handle, name) of the first name committed, for hard links.
+    linked: HashMap<InodeKey, (OwnedFd, CString)>,
+}
+
+fn cname(name: &[u8]) -> Result<CString> {
+    CString::new(name).map_err(|_| Error::bad(OsStr::from_bytes(name), "name contains NUL"))
+}
+
+fn lstat_opt(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<libc::stat>> {
+    sys::fstatat_opt(dir, name)
+}
+
+fn is_dir(st: &libc::stat) -> bool {
+    st.st_mode & libc::S_IFMT == libc::S_IFDIR
+}
+
+fn file_hash(fd: BorrowedFd<'_>) -> io::Result<blake3::Hash> {
+    let f = sys::reopen(fd, libc::O_RDONLY)?;
+    let mut file = std::fs::File::from(f);
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize())
+}
+
+fn xattrs_of(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let list = sys::flistxattr(fd.as_raw_fd())?;
+    let mut out = Vec::new();
+    for n in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        if layers::is_private_xattr(n) {
+            continue;
+        }
+        let c = CString::new(n).map_err(io::Error::other)?;
+        if let Some(v) = sys::fgetxattr(fd.as_raw_fd(), &c)? {
+            out.push((n.to_vec(), v));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Merger<'_> {
+    fn tmp(&mut self) -> CString {
+        self.seq += 1;
+        CString::new(format!("t{:x}", self.seq)).expect("no NUL")
+    }
+
+    /// Merges upper directory `udir` into lower directory `ldir` (`path` for messages).
+    /// `opaque`: the lower's own entries are hidden here, so those not in the upper go.
+    fn merge_dir(
+        &mut self,
+        udir: BorrowedFd<'_>,
+        ldir: BorrowedFd<'_>,
+        path: &Path,
+        opaque: bool,
+    ) -> Result<()> {
+        let entries = sys::read_dir(udir).map_err(io_err("reading", path))?;
+        let mut upper_names: HashSet<Vec<u8>> = HashSet::new();
+        for e in &entries {
+            let name = e.name.as_slice();
+            if name == OPAQUE_MARKER.to_bytes() {
+                continue;
+            }
+            if let Some(target) = name.strip_prefix(WH_PREFIX) {
+                self.delete(ldir, target, &path.join(OsStr::from_bytes(target)))?;
+                continue;
+            }
+            upper_names.insert(name.to_vec());
+            let p = path.join(OsStr::from_bytes(name));
+            self.merge_entry(udir, ldir, name, &p, opaque)?;
+        }
+        if opaque {
+            for e in sys::read_dir(ldir).map_err(io_err("reading", path))? {
+                if !upper_names.contains(&e.name) {
+                    let p = path.join(OsStr::from_bytes(&e.name));
+                    self.delete(ldir, &e.name, &p)?;
+                }
+            }
+        }
+        sys::fsync(
+            sys::reopen(ldir, libc::O_RDONLY | libc::O_DIRECTORY)
+                .map_err(io_err("syncing", path))?
+                .as_fd_borrowed(),
+            false,
+        )
+        .map_err(io_err("syncing", path))
+    }
+
+    fn delete(&mut self, ldir: BorrowedFd<'_>, name: &[u8], path: &Path) -> Result<()> {
+        let c = cname(name)?;
+        if lstat_opt(ldir, &c)
+            .map_err(io_err("reading", path))?
+            .is_some()
+        {
+            sys::remove_tree(ldir, &c).map_err(io_err("deleting", path))?;
+            self.report.deleted += 1;
+            step(&mut self.steps);
+        }
+        Ok(())
+    }
+
+    fn merge_entry(
+        &mut self,
+        udir: BorrowedFd<'_>,
+        ldir: BorrowedFd<'_>,
+        name: &[u8],
+        path: &Path,
+        parent_opaque: bool,
+    ) -> Result<()> {
+        let c = cname(name)?;
+        let ufd = sys::open_path(udir, &c).map_err(io_err("reading", path))?;
+        let ust = sys::fstat(ufd.as_fd_borrowed()).map_err(io_err("reading", path))?;
+        if layers::is_whiteout(&ust, ufd.as_fd_borrowed()).map_err(io_err("reading", path))? {
+            return self.delete(ldir, name, path);
+        }
+        let lst = lstat_opt(ldir, &c).map_err(io_err("reading", path))?;
+        if is_dir(&ust) {
+            let opaque = parent_opaque
+                || layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", path))?;
+            match lst {
+                Some(l) if is_dir(&l) => {
+                    if opaque {
+                        self.report.dirs_replaced += 1;
+                    }
+                }
+                // A file, symlink or nothing: a real directory takes its place. A symlink is
+                // replaced, never followed.
+                Some(_) => {
+                    let tmp = self.tmp();
+                    sys::mkdirat(self.staging.as_fd_borrowed(), &tmp, 0o700)
+                        .map_err(io_err("creating", path))?;
+                    sys::renameat2(
+                        self.staging.as_fd_borrowed(),
+                        &tmp,
+                        ldir,
+                        &c,
+                        libc::RENAME_EXCHANGE,
+                    )
+                    .map_err(io_err("replacing", path))?;
+                    sys::remove_tree(self.staging.as_fd_borrowed(), &tmp)
+                        .map_err(io_err("deleting old", path))?;
+                    self.report.deleted += 1;
+                    step(&mut self.steps);
+                }
+                None => {
+                    sys::mkdirat(ldir, &c, 0o700).map_err(io_err("creating", path))?;
+                    step(&mut self.steps);
+                }
+            }
+            let lsub = sys::openat(ldir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", path))?;
+            let usub = sys::openat(udir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", path))?;
+            self.merge_dir(usub.as_fd_borrowed(), lsub.as_fd_borrowed(), path, opaque)?;
+            copy_xattrs(ufd.as_fd_borrowed(), lsub.as_fd_borrowed(), false)
+                .map_err(io_err("setting xattrs on", path))?;
+            copy_meta(lsub.as_fd_borrowed(), &ust, self.privileged)
+                .map_err(io_err("setting metadata on", path))?;
+            return Ok(());
+        }
+
+        // Non-directories: identical files stay; others are built in staging and renamed in.
+        if let Some(l) = &lst {
+            if self
+                .identical(&ufd, &ust, ldir, &c, l)
+                .map_err(io_err("comparing", path))?
+            {
+                self.report.deduplicated += 1;
+                return Ok(());
+            }
+        }
+        let key = (ust.st_dev, ust.st_ino);
+        let tmp = self.tmp();
+        let st_dir = self.staging.as_fd_borrowed();
+        let fmt = ust.st_mode & libc::S_IFMT;
+        let hardlink_to = if ust.st_nlink > 1 {
+            self.linked.get(&key)
+        } else {
+            None
+        };
+        if let Some((dfd, dname)) = hardlink_to {
+            // Another name of this upper file was committed already: link to it.
+            let src =
+                sys::open_path(dfd.as_fd_borrowed(), dname).map_err(io_err("linking", path))?;
+            sys::link_fd(src.as_fd_borrowed(), st_dir, &tmp).map_err(io_err("linking", path))?;
+        } else {
+            match fmt {
+                libc::S_IFREG => {
+                    let dst = sys::openat(
+                        st_dir,
+                        &tmp,
+                        libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+                        0o600,
+                    )
+                    .map_err(io_err("writing", path))?;
+                    let src = sys::reopen(ufd.as_fd_borrowed(), libc::O_RDONLY)
+                        .map_err(io_err("reading", path))?;
+                    sys::copy_data(
+                        src.as_fd_borrowed(),
+                        dst.as_fd_borrowed(),
+                        ust.st_size as u64,
+                    )
+                    .map_err(io_err("writing", path))?;
+                    sys::fsync(dst.as_fd_borrowed(), false).map_err(io_err("syncing", path))?;
+                    self.report.bytes += ust.st_size as u64;
+                }
+                libc::S_IFLNK => {
+                    let target =
+                        sys::readlink_fd(ufd.as_fd_borrowed()).map_err(io_err("reading", path))?;
+                    let t = CString::new(target)
+                        .map_err(|_| Error::bad(path, "symlink target has NUL"))?;
+                    sys::symlinkat(&t, st_dir, &tmp).map_err(io_err("creating", path))?;
+                }
+                _ => sys::mknodat(st_dir, &tmp, ust.st_mode, ust.st_rdev)
+                    .map_err(io_err("creating", path))?,
+            }
+            let nfd = sys::open_path(st_dir, &tmp).map_err(io_err("creating", path))?;
+            copy_xattrs(
+                ufd.as_fd_borrowed(),
+                nfd.as_fd_borrowed(),
+                fmt == libc::S_IFLNK,
+            )
+            .map_err(io_err("setting xattrs on", path))?;
+            copy_meta(nfd.as_fd_borrowed(), &ust, self.privileged)
+                .map_err(io_err("setting metadata on", path))?;
+        }
+        match lst {
+            Some(l) if is_dir(&l) => {
+                // A directory becomes a file: swap, then remove the old directory.
+                sys::renameat2(st_dir, &tmp, ldir, &c, libc::RENAME_EXCHANGE)
+                    .map_err(io_err("replacing", path))?;
+                sys::remove_tree(st_dir, &tmp).map_err(io_err("deleting old", path))?;
+                self.report.deleted += 1;
+            }
+            _ => sys::renameat2(st_dir, &tmp, ldir, &c, 0).map_err(io_err("replacing", path))?,
+        }
+        self.report.written += 1;
+        step(&mut self.steps);
+        if ust.st_nlink > 1 && !self.linked.contains_key(&key) {
+            let d = sys::openat(ldir, c".", libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", path))?;
+            self.linked.insert(key, (d, c));
+        }
+        Ok(())
+    }
+
+    /// Is the lower entry already exactly the upper one? Never judged on size and mtime:
+    /// regular files compare BLAKE3 of the content when sizes match.
+    fn identical(
+        &self,
+        ufd: &OwnedFd,
+        ust: &libc::stat,
+        ldir: BorrowedFd<'_>,
+        c: &CStr,
+        lst: &libc::stat,
+    ) -> io::Result<bool> {
+        let same_meta = ust.st_mode == lst.st_mode
+            && ust.st_uid == lst.st_uid
+            && ust.st_gid == lst.st_gid
+            && ust.st_rdev == lst.st_rdev
+            && ust.st_size == lst.st_size;
+        // Hard-linked upper files are always rewritten so the links come out right.
+        if !same_meta || ust.st_nlink > 1 {
+            return Ok(false);
+        }
+        let lfd = sys::open_path(ldir, c)?;
+        let fmt = ust.st_mode & libc::S_IFMT;
+        if fmt != libc::S_IFLNK
+            && xattrs_of(ufd.as_fd_borrowed())? != xattrs_of(lfd.as_fd_borrowed())?
+        {
+            return Ok(false);
+        }
+        Ok(match fmt {
+            libc::S_IFREG => file_hash(ufd.as_fd_borrowed())? == file_hash(lfd.as_fd_borrowed())?,
+            libc::S_IFLNK => {
+                sys::readlink_fd(ufd.as_fd_borrowed())? == sys::readlink_fd(lfd.as_fd_borrowed())?
+            }
+            _ => true,
+        })
+    }
+}
+
+/// Commits `upper` into `lower` (see the module documentation). `work` holds the journal.
+/// On success the upper and work directory are removed; on failure both are kept and the
+/// error names what failed.
+pub fn commit(lower: &Path, upper: &Path, work: &Path, atomic: bool) -> Result<Report> {
+    std::fs::create_dir_all(work).map_err(io_err("creating", work))?;
+    recover(work, upper)?;
+    let action = if atomic {
+        OverlayAction::CommitAtomic
+    } else {
+        OverlayAction::Commit
+    };
+    let mut report = Report {
+        action,
+        path: lower.to_path_buf(),
+        changes: crate::action::count_entries(upper)?,
+        ..Default::default()
+    };
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let ufd = sys::open_dir_path(upper).map_err(io_err("opening", upper))?;
+    if atomic {
+        commit_atomic(lower, upper, work, &ufd, &mut report, privileged)?;
+    } else {
+        commit_in_place(lower, work, &ufd, &mut report, privileged)?;
+    }
+    // The lower is durable: only now does the upper go.
+    crate::action::remove_dir_tree(upper)?;
+    remove_journal(work)?;
+    crate::action::remove_dir_tree(work)?;
+    Ok(report)
+}
+
+fn new_staging(parent: &Path, prefix: &str) -> Result<(PathBuf, OsString)> {
+    for _ in 0..16 {
+        let name = OsString::from(format!("{prefix}{}", rand_suffix()));
+        let p = parent.join(&name);
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok((p, name)),
+            // A user's entry of that name is never touched: pick another.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io("creating", p, e)),
+        }
+    }
+    Err(Error::bad(parent, "could not find a free temporary name"))
+}
+
+fn commit_in_place(
+    lower: &Path,
+    work: &Path,
+    ufd: &OwnedFd,
+    report: &mut Report,
+    privileged: bool,
+) -> Result<()> {
+    // The staging path is journaled before it exists, so recovery knows it without guessing.
+    let name = format!(".ovl-commit-{}", rand_suffix());
+    let staging_path = lower.join(&name);
+    write_journal(
+        work,
+        &format!(
+            "mode=inplace\nlower={}\nstaging={}\n",
+            lower.display(),
+            staging_path.display()
+        ),
+    )?;
+    std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
+    let staging = sys::open_dir_path(&staging_path).map_err(io_err("opening", &staging_path))?;
+    let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
+    let mut m = Merger {
+        report,
+        staging,
+        staging_path: staging_path.clone(),
+        seq: 0,
+        steps: 0,
+        privileged,
+        linked: HashMap::new(),
+    };
+    step(&mut m.steps);
+    let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
+    let res = m.merge_dir(
+        ufd.as_fd_borrowed(),
+        lfd.as_fd_borrowed(),
+        Path::new(""),
+        opaque,
+    );
+    let cleanup = crate::action::remove_dir_tree(&m.staging_path);
+    res.map_err(|e| prefix_error(e, lower))?;
+    cleanup?;
+    sync_dir(lower)
+}
+
+/// Makes error paths (relative inside the merge) absolute under `lower`.
+fn prefix_error(e: Error, lower: &Path) -> Error {
+    match e {
+        Error::Io { what, path, source } => Error::Io {
+            what,
+            path: lower.join(path),
+            source,
+        },
+        other => other,
+    }
+}
+
+/// Hard-links (or for directories recreates) the whole lower tree into `dst`.
+fn link_tree(
+    src: BorrowedFd<'_>,
+    dst: BorrowedFd<'_>,
+    path: &Path,
+    steps: &mut u64,
+    privileged: bool,
+) -> Result<()> {
+    for e in sys::read_dir(src).map_err(io_err("reading", path))? {
+        let c = cname(&e.name)?;
+        let p = path.join(OsStr::from_bytes(&e.name));
+        let st = sys::fstatat(src, &c).map_err(io_err("reading", &p))?;
+        if is_dir(&st) {
+            sys::mkdirat(dst, &c, 0o700).map_err(io_err("creating", &p))?;
+            let s = sys::openat(src, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", &p))?;
+            let d = sys::openat(dst, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", &p))?;
+            link_tree(
+                s.as_fd_borrowed(),
+                d.as_fd_borrowed(),
+                &p,
+                steps,
+                privileged,
+            )?;
+            copy_xattrs(s.as_fd_borrowed(), d.as_fd_borrowed(), false)
+                .map_err(io_err("setting xattrs on", &p))?;
+            copy_meta(d.as_fd_borrowed(), &st, privileged)
+                .map_err(io_err("setting metadata on", &p))?;
+        } else {
+            let r = unsafe {
+                libc::linkat(src.as_raw_fd(), c.as_ptr(), dst.as_raw_fd(), c.as_ptr(), 0)
+            };
+            if r < 0 {
+                return Err(Error::io("linking", p, io::Error::last_os_error()));
+            }
+        }
+    }
+    step(steps);
+    Ok(())
+}
+
+fn commit_atomic(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    ufd: &OwnedFd,
+    report: &mut Report,
+    privileged: bool,
+) -> Result<()> {
+    let parent = lower
+        .parent()
+        .ok_or_else(|| Error::bad(lower, "cannot commit atomically into a filesystem root"))?;
+    let lname = lower
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let name = format!(".{lname}.ovl-new-{}", rand_suffix());
+    let new = parent.join(&name);
+    write_journal(
+        work,
+        &format!(
+            "mode=atomic\nlower={}\nnew={}\nnew_ino=0\n",
+            lower.display(),
+            new.display()
+        ),
+    )?;
+    std::fs::create_dir(&new).map_err(io_err("creating", &new))?;
+    let mut steps = 0;
+    let mut build = || -> Result<()> {
+        let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
+        let nfd = sys::open_dir_path(&new).map_err(io_err("opening", &new))?;
+        let lst = sys::fstat(lfd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
+        link_tree(
+            lfd.as_fd_borrowed(),
+            nfd.as_fd_borrowed(),
+            Path::new(""),
+            &mut steps,
+            privileged,
+        )?;
+        copy_xattrs(lfd.as_fd_borrowed(), nfd.as_fd_borrowed(), false)
+            .map_err(io_err("setting xattrs on", &new))?;
+        copy_meta(nfd.as_fd_borrowed(), &lst, privileged)
+            .map_err(io_err("setting metadata on", &new))?;
+        // Replacements are staged inside the new tree: same filesystem, removed with it.
+        let (staging_path, _) = new_staging(&new, ".ovl-staging-")?;
+        let staging =
+            sys::open_dir_path(&staging_path).map_err(io_err("opening", &staging_path))?;
+        let mut m = Merger {
+            report: &mut *report,
+            staging,
+            staging_path: staging_path.clone(),
+            seq: 0,
+            steps,
+            privileged,
+            linked: HashMap::new(),
+        };
+        let opaque =
+            layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
+        m.merge_dir(
+            ufd.as_fd_borrowed(),
+            nfd.as_fd_borrowed(),
+            Path::new(""),
+            opaque,
+        )
+        .map_err(|e| prefix_error(e, &new))?;
+        steps = m.steps;
+        crate::action::remove_dir_tree(&staging_path)?;
+        sync_tree(&new)?;
+        Ok(())
+    };
+    if let Err(e) = build() {
+        let _ = crate::action::remove_dir_tree(&new);
+        let _ = remove_journal(work);
+        return Err(e);
+    }
+    let new_ino = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(&new)
+            .map_err(io_err("reading", &new))?
+            .ino()
+    };
+    // Recovery tells "swapped" from "not yet" by which inode sits at the lower's path.
+    write_journal(
+        work,
+        &format!(
+            "mode=atomic\nlower={}\nnew={}\nnew_ino={new_ino}\n",
+            lower.display(),
+            new.display()
+        ),
+    )?;
+    step(&mut steps);
+    let pfd = sys::open_dir_path(parent).map_err(io_err("opening", parent))?;
+    let ln = sys::cstr(lower.file_name().unwrap_or_default()).map_err(io_err("swapping", lower))?;
+    let nn = sys::cstr(OsStr::new(&name)).map_err(io_err("swapping", lower))?;
+    sys::renameat2(
+        pfd.as_fd_borrowed(),
+        &nn,
+        pfd.as_fd_borrowed(),
+        &ln,
+        libc::RENAME_EXCHANGE,
+    )
+    .map_err(io_err("swapping in the new tree at", lower))?;
+    sync_dir(parent)?;
+    step(&mut steps);
+    // `new` now names the old tree.
+    crate::action::remove_dir_tree(&new)
+}
+
+/// fsyncs every directory and regular file written under `root` (new data must be durable
+/// before the swap makes it the lower).
+fn sync_tree(root: &Path) -> Result<()> {
+    fn walk(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+        for e in sys::read_dir(fd).map_err(io_err("syncing", path))? {
+            if e.dtype == libc::DT_DIR {
+                let c = cname(&e.name)?;
+                let p = path.join(OsStr::from_bytes(&e.name));
+                let sub = sys::openat(fd, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                    .map_err(io_err("syncing", &p))?;
+                walk(sub.as_fd_borrowed(), &p)?;
+            }
+        }
+        let d =
+            sys::reopen(fd, libc::O_RDONLY | libc::O_DIRECTORY).map_err(io_err("syncing", path))?;
+        sys::fsync(d.as_fd_borrowed(), false).map_err(io_err("syncing", path))
+    }
+    // Files were fsynced when written (Merger); hard-linked ones were durable already.
+    let fd = sys::open_dir_path(root).map_err(io_err("syncing", root))?;
+    walk(fd.as_fd_borrowed(), root)
+}
