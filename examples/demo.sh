@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# Demo: mount examples/demo-lower under a fresh upper, change things, show where they landed.
+# Demo: run a command inside an overlay of examples/demo-lower with ovl-run, then show where
+# its changes landed; then the same with --on-exit commit on a scratch copy of the lower.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bin=target/release/ovl-mount
+bin=target/release/ovl-run
 [ -x "$bin" ] || cargo build --release --quiet
 tmp=$(mktemp -d)
-trap 'umount "$tmp/merged" 2>/dev/null || fusermount3 -u "$tmp/merged" 2>/dev/null || true; rm -rf "$tmp"' EXIT
-mkdir "$tmp/upper" "$tmp/work" "$tmp/merged"
-"$bin" -o "lowerdir=$PWD/examples/demo-lower,upperdir=$tmp/upper,workdir=$tmp/work" "$tmp/merged"
-echo "== merged view"; ls -lR "$tmp/merged"
-cat "$tmp/merged/etc/greeting"
-echo "changed in the overlay" > "$tmp/merged/etc/greeting"
-rm "$tmp/merged/app/run.sh"
-mkdir "$tmp/merged/new"; echo data > "$tmp/merged/new/file"
-echo "== after changes"; cat "$tmp/merged/etc/greeting"; ls "$tmp/merged/app"
-echo "== upper layer (kernel overlayfs format: c 0,0 = whiteout)"; ls -lR "$tmp/upper"
-echo "== lower untouched"; cat examples/demo-lower/etc/greeting; ls examples/demo-lower/app
+trap 'rm -rf "$tmp"' EXIT
+export XDG_CACHE_HOME="$tmp/cache"
+
+echo "== ovl-run: a command changes the tree; the lower stays as it was"
+"$bin" --lower examples/demo-lower --upper "$tmp/upper" -- sh -c '
+  app/run.sh
+  cat etc/greeting
+  echo "changed in the overlay" > etc/greeting
+  rm app/run.sh
+  mkdir -p new && echo data > new/file
+  echo "inside: $(cat etc/greeting); app/ holds: $(ls app)"'
+echo "== upper layer (kernel overlayfs format: c 0,0 is a whiteout)"
+ls -lR "$tmp/upper"
+echo "== lower untouched: $(cat examples/demo-lower/etc/greeting); app/ holds: $(ls examples/demo-lower/app)"
+
+echo "== ovl-run --on-exit commit on a scratch copy of the lower"
+cp -a examples/demo-lower "$tmp/lower"
+"$bin" --lower "$tmp/lower" --on-exit commit -- sh -c 'echo committed > etc/greeting; rm -r app'
+echo "lower now: $(cat "$tmp/lower/etc/greeting"); entries: $(ls "$tmp/lower")"
