@@ -64,7 +64,8 @@ impl Overlay {
             if let Ok(f) = self.files.file(fh) {
                 let st = sys::fstat(f.fd.as_fd_borrowed())?;
                 let mut attr = crate::overlay::attr_from_stat(ino, &st);
-                if inode.read().unlinked && inode.read().upper.is_none() {
+                let st = inode.read();
+                if st.unlinked && !st.has_upper() {
                     attr.nlink = 0;
                 }
                 return Ok(attr);
@@ -80,8 +81,7 @@ impl Overlay {
         let need_data = req.size != Some(0);
         self.copy_up_with(&inode, need_data)?;
         {
-            let st = inode.read();
-            let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+            let fd = self.upper_fd(&inode)?;
             let fd = fd.as_fd_borrowed();
             if req.uid.is_some() || req.gid.is_some() {
                 sys::fchown_fd(fd, req.uid.unwrap_or(u32::MAX), req.gid.unwrap_or(u32::MAX))?;
@@ -116,8 +116,7 @@ impl Overlay {
     /// FUSE readlink.
     pub fn readlink(&self, ino: u64) -> OpResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        let st = inode.read();
-        sys::readlink_fd(st.real().ok_or_else(|| errno(libc::ESTALE))?)
+        sys::readlink_fd(self.real_fd(&inode)?.as_fd_borrowed())
     }
 
     /// FUSE statfs: the upper's filesystem (where writes go), else the top lower's.

@@ -84,24 +84,28 @@ impl Overlay {
     /// hard-link index, and every other name of it (known now, or looked up later) is linked
     /// to that copy, so a write through one name is seen through all of them.
     pub fn copy_up_with(&self, inode: &Arc<Inode>, with_data: bool) -> OpResult<()> {
-        if inode.read().upper.is_some() {
+        if inode.read().has_upper() {
             return Ok(());
         }
         self.layers.upper()?;
         let _guard = inode.copy_up_lock.lock().unwrap_or_else(|e| e.into_inner());
-        if inode.read().upper.is_some() {
+        if inode.read().has_upper() {
             return Ok(());
         }
-        let (parent, name, lower, layer) = {
+        let (parent, name, layer, unlinked) = {
             let st = inode.read();
-            let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
-            (
-                st.parent.clone(),
-                st.name.clone(),
-                l.fd.try_clone()?,
-                l.layer,
-            )
+            let layer = match inode.is_dir() {
+                true => st.lowers.first().map(|l| l.layer),
+                false => st.lower_layer,
+            };
+            (st.parent.clone(), st.name.clone(), layer, st.unlinked)
         };
+        if unlinked {
+            // No name left to copy it up to (open after unlink): it stays as it is.
+            return Err(errno(libc::EROFS));
+        }
+        let layer = layer.ok_or_else(|| errno(libc::EIO))?;
+        let lower = self.lower_fd(inode)?;
         let parent = parent.ok_or_else(|| errno(libc::EIO))?;
         self.copy_up(&parent)?;
         let st = sys::fstat(lower.as_fd_borrowed())?;
@@ -137,7 +141,11 @@ impl Overlay {
         self.inodes.rekey(inode, (s.st_dev, s.st_ino));
         let extra = {
             let mut st = inode.write();
-            st.upper = Some(newfd.try_clone()?);
+            if inode.is_dir() {
+                st.upper = Some(newfd.try_clone()?);
+            } else {
+                st.in_upper = true;
+            }
             st.extra_names.clone()
         };
         for (p, n) in extra {

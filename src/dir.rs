@@ -271,12 +271,7 @@ impl Overlay {
             return Err(errno(libc::EPERM));
         }
         self.copy_up(&inode)?;
-        let src = inode
-            .read()
-            .upper
-            .as_ref()
-            .ok_or_else(|| errno(libc::EIO))?
-            .try_clone()?;
+        let src = self.upper_fd(&inode)?;
         let (found, attr) = self.link_entry(&parent, newname, &src)?;
         Ok((found, attr))
     }
@@ -394,7 +389,13 @@ impl Overlay {
         self.settle_hardlink(&child.inode)?;
         let need_wh = self.lower_positive(&parent, name)?;
         let cname = sys::cstr(name)?;
-        let has_upper = child.inode.read().upper.is_some();
+        let has_upper = child.inode.read().has_upper();
+        // An open file keeps working after its last name goes: hold on to the entry.
+        let pin = if child.inode.is_dir() {
+            None
+        } else {
+            Some(self.real_fd(&child.inode)?)
+        };
         {
             let pst = parent.read();
             let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
@@ -405,7 +406,11 @@ impl Overlay {
                 self.remove_upper_entry(pupper, &cname, dir)?;
             }
         }
-        child.inode.write().remove_name(&parent, name);
+        let mut st = child.inode.write();
+        st.remove_name(&parent, name);
+        if st.unlinked {
+            st.pinned = pin;
+        }
         Ok(())
     }
 
@@ -422,13 +427,14 @@ impl Overlay {
     /// Before one name of a hard-linked lower file goes away, copy it up (into the index), so
     /// the link count its other names show stays right, as the kernel does with index=on.
     fn settle_hardlink(&self, inode: &Arc<Inode>) -> OpResult<()> {
-        let lower_nlink = {
+        let lower_only = {
             let st = inode.read();
-            match (&st.upper, st.lowers.first()) {
-                (None, Some(l)) if !inode.is_dir() => sys::fstat(l.fd.as_fd_borrowed())?.st_nlink,
-                _ => return Ok(()),
-            }
+            !inode.is_dir() && !st.has_upper() && st.lower_layer.is_some()
         };
+        if !lower_only {
+            return Ok(());
+        }
+        let lower_nlink = sys::fstat(self.lower_fd(inode)?.as_fd_borrowed())?.st_nlink;
         if lower_nlink > 1 && self.layers.index().is_some() {
             self.copy_up(inode)?;
         }
@@ -498,6 +504,11 @@ impl Overlay {
         }
         let cname = sys::cstr(name)?;
         let cnew = sys::cstr(newname)?;
+        // A replaced file may still be open: keep a handle on it (see `remove`).
+        let tgt_pin = match &tgt {
+            Some(t) if !exchange && !t.inode.is_dir() => Some(self.real_fd(&t.inode)?),
+            _ => None,
+        };
         let src_wh = !exchange && self.lower_positive(&parent, name)?;
         // A directory landing where a lower directory of that name exists must not merge it.
         if src.inode.is_dir() && self.lower_positive(&newparent, newname)? {
@@ -560,6 +571,8 @@ impl Overlay {
             s.remove_name(&newparent, newname);
             if exchange {
                 s.add_name(&parent, name, t.inode.is_dir());
+            } else if s.unlinked {
+                s.pinned = tgt_pin;
             }
         }
         Ok(())

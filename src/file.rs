@@ -206,9 +206,7 @@ impl Overlay {
         if wants_write(flags) {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
-        let st = inode.read();
-        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
-        sys::reopen(real, flags)
+        sys::reopen(self.real_fd(inode)?.as_fd_borrowed(), flags)
     }
 
     /// FUSE open.

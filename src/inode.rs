@@ -48,14 +48,26 @@ pub struct LowerEntry {
 }
 
 /// Mutable state of an inode, guarded by the inode's lock.
+///
+/// Directories hold `O_PATH` handles on their real directories (every operation on their
+/// children is relative to them). Non-directories hold none: they are reached as `name` in
+/// the parent's real directory of their layer when needed, so the descriptors open stay
+/// proportional to the directories the kernel holds, not the files (a 200 000-file tree must
+/// not need 200 000 descriptors).
 #[derive(Debug, Default)]
 pub struct InodeState {
-    /// The entry in the upper layer, once it exists there (created or copied up).
+    /// Directories: the upper directory, once it exists (created or copied up).
     pub upper: Option<OwnedFd>,
-    /// Entries in lower layers, topmost first. For a non-directory at most one (the one whose
-    /// data is shown); for a merged directory every lower directory merged into it, stopping at
-    /// the first opaque one.
+    /// Non-directories: the entry exists in the upper layer.
+    pub in_upper: bool,
+    /// Directories: every lower directory merged into this one, topmost first, stopping at the
+    /// first opaque one.
     pub lowers: Vec<LowerEntry>,
+    /// Non-directories: the lower layer whose entry is shown (if not in the upper).
+    pub lower_layer: Option<usize>,
+    /// Non-directories whose last name went while the kernel still holds them (open files):
+    /// a handle on the real entry, which has no name any more.
+    pub pinned: Option<OwnedFd>,
     /// The parent and name through which the inode was last reached; copy-up recreates the
     /// entry there. For directories this is the only name. The parent is held strongly so a
     /// copy-up can always walk up to the root.
@@ -72,13 +84,22 @@ pub struct InodeState {
 }
 
 impl InodeState {
-    /// The handle whose metadata and data are shown: the upper entry if any, else the topmost
-    /// lower entry.
-    pub fn real(&self) -> Option<BorrowedFd<'_>> {
+    /// Directories: the handle whose metadata is shown (upper, else topmost lower).
+    pub fn dir_real(&self) -> Option<BorrowedFd<'_>> {
         self.upper
             .as_ref()
             .or_else(|| self.lowers.first().map(|l| &l.fd))
             .map(|fd| fd.as_fd_borrowed())
+    }
+
+    /// The entry exists in the upper layer.
+    pub fn has_upper(&self) -> bool {
+        self.in_upper || self.upper.is_some()
+    }
+
+    /// The entry exists in a lower layer.
+    pub fn has_lower(&self) -> bool {
+        self.lower_layer.is_some() || !self.lowers.is_empty()
     }
 
     /// Records that the inode is reachable as `name` in `parent` (lookup, link, rename target).

@@ -53,7 +53,40 @@ fn is_enoent(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR))
 }
 
+/// What one layer directory holds under a name.
+enum Probe {
+    Absent,
+    Whiteout,
+    /// The entry's stat, and for a directory an `O_PATH` handle on it.
+    Present(libc::stat, Option<std::os::fd::OwnedFd>),
+}
+
 impl Overlay {
+    /// Looks at `name` in one layer directory: one fstatat, plus an open for directories
+    /// (kept as the inode's handle) and for empty files (which may be xattr whiteouts).
+    fn probe(&self, dir: std::os::fd::BorrowedFd<'_>, cname: &std::ffi::CStr) -> OpResult<Probe> {
+        let st = match sys::fstatat(dir, cname) {
+            Ok(st) => st,
+            Err(e) if is_enoent(&e) => return Ok(Probe::Absent),
+            Err(e) => return Err(e),
+        };
+        if sys::is_whiteout_dev(&st) {
+            return Ok(Probe::Whiteout);
+        }
+        let fmt = st.st_mode & libc::S_IFMT;
+        if fmt == libc::S_IFDIR {
+            let fd = sys::openat(dir, cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            return Ok(Probe::Present(st, Some(fd)));
+        }
+        if fmt == libc::S_IFREG && st.st_size == 0 {
+            let fd = sys::open_path(dir, cname)?;
+            if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
+                return Ok(Probe::Whiteout);
+            }
+        }
+        Ok(Probe::Present(st, None))
+    }
+
     /// Resolves `name` in `parent` without touching the inode store. `Ok(None)`: no such name.
     /// Also returns the stat of the entry whose attributes are shown.
     pub fn find(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<(Found, libc::stat)>> {
@@ -77,61 +110,60 @@ impl Overlay {
         let mut search_lower = !pst.opaque;
 
         if let Some(udir) = &pst.upper {
-            match sys::open_path(udir.as_fd_borrowed(), &cname) {
-                Ok(fd) => {
-                    let st = sys::fstat(fd.as_fd_borrowed())?;
-                    if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
-                        return Ok(None);
-                    }
-                    if kind_of(st.st_mode) == Kind::Directory {
-                        state.opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
-                        search_lower &= !state.opaque;
-                    } else {
-                        search_lower = false;
-                    }
+            match self.probe(udir.as_fd_borrowed(), &cname)? {
+                Probe::Whiteout => return Ok(None),
+                Probe::Present(st, Some(fd)) => {
+                    state.opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
+                    search_lower &= !state.opaque;
                     state.upper = Some(fd);
                     shown = Some((st, 0));
                 }
-                Err(e) if is_enoent(&e) => {
+                Probe::Present(st, None) => {
+                    search_lower = false;
+                    state.in_upper = true;
+                    shown = Some((st, 0));
+                }
+                Probe::Absent => {
                     if layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)? {
                         return Ok(None);
                     }
                 }
-                Err(e) => return Err(e),
             }
         }
 
         if search_lower {
             let n = pst.lowers.len();
             for (i, l) in pst.lowers.iter().enumerate() {
-                match sys::open_path(l.fd.as_fd_borrowed(), &cname) {
-                    Ok(fd) => {
-                        let st = sys::fstat(fd.as_fd_borrowed())?;
-                        if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
-                            break;
+                match self.probe(l.fd.as_fd_borrowed(), &cname)? {
+                    Probe::Whiteout => break,
+                    Probe::Present(st, dirfd) => {
+                        if shown.is_none() {
+                            shown = Some((st, l.layer + 1));
                         }
-                        let is_dir = kind_of(st.st_mode) == Kind::Directory;
-                        match &shown {
-                            None => {
-                                shown = Some((st, l.layer + 1));
+                        match dirfd {
+                            Some(fd) => {
+                                let opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
+                                state.lowers.push(LowerEntry { layer: l.layer, fd });
+                                if opaque {
+                                    break;
+                                }
                             }
-                            // A non-directory below a directory is hidden by it.
-                            Some(_) if !is_dir => break,
-                            Some(_) => {}
-                        }
-                        let opaque = is_dir && self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
-                        state.lowers.push(LowerEntry { layer: l.layer, fd });
-                        if !is_dir || opaque {
-                            break;
+                            // A non-directory: shown if nothing is above it, else hidden by
+                            // the directory above; either way it ends the search.
+                            None => {
+                                if state.lowers.is_empty() && state.upper.is_none() {
+                                    state.lower_layer = Some(l.layer);
+                                }
+                                break;
+                            }
                         }
                     }
-                    Err(e) if is_enoent(&e) => {
+                    Probe::Absent => {
                         // An aufs-style whiteout here hides the layers further down.
                         if i + 1 < n && layers::has_aufs_whiteout(l.fd.as_fd_borrowed(), name)? {
                             break;
                         }
                     }
-                    Err(e) => return Err(e),
                 }
             }
         }
@@ -142,17 +174,14 @@ impl Overlay {
         };
         // Another name of this hard-linked lower file was copied up: link this name to the
         // same copy (the kernel's index=on behaviour), so all names stay one file.
-        if state.upper.is_none() && kind_of(st.st_mode) != Kind::Directory && st.st_nlink > 1 {
-            let lower_layer = state.lowers.first().map(|l| l.layer);
-            if let Some(ifd) = lower_layer
-                .map(|l| self.layers.index_lookup(l, st.st_ino))
-                .transpose()?
-                .flatten()
-            {
-                self.link_up(&ifd, parent, name)?;
-                st = sys::fstat(ifd.as_fd_borrowed())?;
-                layer = 0;
-                state.upper = Some(ifd);
+        if let (Some(lower_layer), false) = (state.lower_layer, state.in_upper) {
+            if st.st_nlink > 1 {
+                if let Some(ifd) = self.layers.index_lookup(lower_layer, st.st_ino)? {
+                    self.link_up(&ifd, parent, name)?;
+                    st = sys::fstat(ifd.as_fd_borrowed())?;
+                    layer = 0;
+                    state.in_upper = true;
+                }
             }
         }
         Ok(Some((
@@ -184,7 +213,7 @@ impl Overlay {
         if merged {
             attr.nlink = 1;
         }
-        self.fix_indexed_nlink(&inode, &inode.read(), &mut attr);
+        self.fix_indexed_nlink(&inode, &mut attr);
         Ok((inode, attr))
     }
 

@@ -7,6 +7,7 @@
 
 use std::ffi::OsStr;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -15,9 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType};
 
 use crate::file::FileTable;
-use crate::inode::{Inode, InodeMode, InodeStore};
+use crate::inode::{Inode, InodeMode, InodeState, InodeStore};
 use crate::layers::LayerStack;
-use crate::sys;
+use crate::sys::{self, BorrowFd};
 
 /// Result type of the operation modules: errno-carrying I/O errors.
 pub type OpResult<T> = io::Result<T>;
@@ -126,41 +127,123 @@ impl Overlay {
 
     /// A copied-up hard-linked lower file has an extra link (its index entry) and may have
     /// names not linked up yet: show the number of names it has in the merged tree.
-    pub fn fix_indexed_nlink(
-        &self,
-        inode: &Inode,
-        st: &crate::inode::InodeState,
-        attr: &mut FileAttr,
-    ) {
-        if inode.is_dir() || attr.nlink < 2 {
+    pub(crate) fn fix_indexed_nlink(&self, inode: &Inode, attr: &mut FileAttr) {
+        if inode.is_dir() || attr.nlink < 2 || !inode.read().has_upper() {
             return;
         }
-        if let Some(upper) = &st.upper {
+        if let Ok(fd) = self.upper_fd(inode) {
             use crate::sys::BorrowFd;
-            if let Some(n) = self.indexed_nlink(upper.as_fd_borrowed(), attr.nlink as u64) {
+            if let Some(n) = self.indexed_nlink(fd.as_fd_borrowed(), attr.nlink as u64) {
                 attr.nlink = n as u32;
             }
         }
     }
 
+    /// Opens (`O_PATH`) a non-directory's entry as `name` in its parent's real directory:
+    /// the upper one, or the lower one of layer `layer`.
+    fn entry_fd(&self, st: &InodeState, layer: Option<usize>) -> OpResult<OwnedFd> {
+        let parent = st.parent.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
+        let cname = sys::cstr(&st.name)?;
+        let pst = parent.read();
+        let dir = match layer {
+            None => pst.upper.as_ref(),
+            Some(l) => pst.lowers.iter().find(|e| e.layer == l).map(|e| &e.fd),
+        };
+        let dir = dir.ok_or_else(|| errno(libc::ESTALE))?;
+        sys::open_path(dir.as_fd_borrowed(), &cname)
+    }
+
+    /// An `O_PATH` handle on the real entry whose metadata and data are shown.
+    pub fn real_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+        let st = inode.read();
+        if inode.is_dir() {
+            return Ok(st
+                .dir_real()
+                .ok_or_else(|| errno(libc::ESTALE))?
+                .try_clone_to_owned()?);
+        }
+        if let Some(p) = &st.pinned {
+            return Ok(p.try_clone()?);
+        }
+        if st.in_upper {
+            self.entry_fd(&st, None)
+        } else {
+            self.entry_fd(&st, st.lower_layer)
+        }
+    }
+
+    /// An `O_PATH` handle on the upper entry (EIO when there is none: copy up first).
+    pub fn upper_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+        let st = inode.read();
+        if inode.is_dir() {
+            return Ok(st
+                .upper
+                .as_ref()
+                .ok_or_else(|| errno(libc::EIO))?
+                .try_clone()?);
+        }
+        if !st.in_upper {
+            return Err(errno(libc::EIO));
+        }
+        match &st.pinned {
+            Some(p) => Ok(p.try_clone()?),
+            None => self.entry_fd(&st, None),
+        }
+    }
+
+    /// An `O_PATH` handle on the topmost lower entry (the copy-up source).
+    pub fn lower_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+        let st = inode.read();
+        if inode.is_dir() {
+            let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
+            return Ok(l.fd.try_clone()?);
+        }
+        match (&st.pinned, st.lower_layer) {
+            (Some(p), _) if !st.in_upper => Ok(p.try_clone()?),
+            (_, Some(l)) => self.entry_fd(&st, Some(l)),
+            _ => Err(errno(libc::EIO)),
+        }
+    }
+
     /// Current attributes of an inode, from its real entry.
     pub fn stat_inode(&self, inode: &Inode) -> OpResult<FileAttr> {
+        let s = {
+            let st = inode.read();
+            match (inode.is_dir(), &st.pinned) {
+                (true, _) => sys::fstat(st.dir_real().ok_or_else(|| errno(libc::ESTALE))?)?,
+                (false, Some(p)) => sys::fstat(p.as_fd_borrowed())?,
+                (false, None) => {
+                    // One fstatat in the parent's directory: no descriptor to open.
+                    let parent = st.parent.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
+                    let cname = sys::cstr(&st.name)?;
+                    let pst = parent.read();
+                    let dir = if st.in_upper {
+                        pst.upper.as_ref()
+                    } else {
+                        pst.lowers
+                            .iter()
+                            .find(|e| Some(e.layer) == st.lower_layer)
+                            .map(|e| &e.fd)
+                    };
+                    sys::fstatat(
+                        dir.ok_or_else(|| errno(libc::ESTALE))?.as_fd_borrowed(),
+                        &cname,
+                    )?
+                }
+            }
+        };
         let st = inode.read();
-        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
-        let s = sys::fstat(real)?;
         let mut attr = attr_from_stat(inode.ino, &s);
         // A merged directory's link count is unknown without counting every layer's
         // subdirectories; like the kernel, report 1 ("unknown" to find and friends).
-        if inode.is_dir() && st.upper.is_some() && !st.lowers.is_empty() {
+        if inode.is_dir() && st.lowers.len() + usize::from(st.upper.is_some()) > 1 {
             attr.nlink = 1;
         }
-        if inode.is_dir() && st.upper.is_none() && st.lowers.len() > 1 {
-            attr.nlink = 1;
-        }
-        if st.unlinked && st.upper.is_none() {
+        if st.unlinked && !st.has_upper() {
             attr.nlink = 0;
         }
-        self.fix_indexed_nlink(inode, &st, &mut attr);
+        drop(st);
+        self.fix_indexed_nlink(inode, &mut attr);
         Ok(attr)
     }
 }

@@ -505,15 +505,31 @@ pub fn is_whiteout_dev(st: &libc::stat) -> bool {
     st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0
 }
 
-/// Raises RLIMIT_NOFILE to its hard limit: every inode the kernel holds keeps an `O_PATH`
-/// descriptor open, so a large tree needs many.
+/// Raises RLIMIT_NOFILE as far as allowed: every inode the kernel holds keeps an `O_PATH`
+/// descriptor open, so a large tree needs many. Root lifts the hard limit to `fs.nr_open`;
+/// others get their hard limit.
 pub fn raise_nofile_limit() {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) != 0 {
+            return;
+        }
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok());
+        if let Some(max) = nr_open.filter(|&m| m > rl.rlim_max) {
+            let want = libc::rlimit {
+                rlim_cur: max,
+                rlim_max: max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &want) == 0 {
+                return;
+            }
+        }
+        if rl.rlim_cur < rl.rlim_max {
             rl.rlim_cur = rl.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &rl);
         }

@@ -32,8 +32,7 @@ impl Overlay {
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> OpResult<XattrReply> {
         let cname = check_name(name)?;
         let inode = self.inode(ino)?;
-        let st = inode.read();
-        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        let real = self.real_fd(&inode)?;
         let (len, data) = sys::getxattr_raw(real.as_raw_fd(), &cname, size as usize)?;
         Ok(if size == 0 {
             XattrReply::Size(len as u32)
@@ -45,8 +44,7 @@ impl Overlay {
     /// FUSE listxattr, without the overlay's own names.
     pub fn listxattr(&self, ino: u64, size: u32) -> OpResult<XattrReply> {
         let inode = self.inode(ino)?;
-        let st = inode.read();
-        let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+        let real = self.real_fd(&inode)?;
         let all = sys::flistxattr(real.as_raw_fd())?;
         let mut out = Vec::with_capacity(all.len());
         for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -69,8 +67,7 @@ impl Overlay {
         let cname = check_name(name)?;
         let inode = self.inode(ino)?;
         self.copy_up(&inode)?;
-        let st = inode.read();
-        let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        let fd = self.upper_fd(&inode)?;
         sys::fsetxattr(fd.as_raw_fd(), &cname, value, flags)
     }
 
@@ -80,15 +77,13 @@ impl Overlay {
         let inode = self.inode(ino)?;
         {
             // Removing an attribute that is not there must not copy the file up.
-            let st = inode.read();
-            let real = st.real().ok_or_else(|| errno(libc::ESTALE))?;
+            let real = self.real_fd(&inode)?;
             if sys::fgetxattr(real.as_raw_fd(), &cname)?.is_none() {
                 return Err(errno(libc::ENODATA));
             }
         }
         self.copy_up(&inode)?;
-        let st = inode.read();
-        let fd = st.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
+        let fd = self.upper_fd(&inode)?;
         sys::fremovexattr(fd.as_raw_fd(), &cname)
     }
 }
