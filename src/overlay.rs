@@ -157,13 +157,13 @@ impl Overlay {
     pub fn real_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
         let st = inode.read();
         if inode.is_dir() {
-            return Ok(st
+            return st
                 .dir_real()
                 .ok_or_else(|| errno(libc::ESTALE))?
-                .try_clone_to_owned()?);
+                .try_clone_to_owned();
         }
         if let Some(p) = &st.pinned {
-            return Ok(p.try_clone()?);
+            return p.try_clone();
         }
         if st.in_upper {
             self.entry_fd(&st, None)
@@ -176,11 +176,11 @@ impl Overlay {
     pub fn upper_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
         let st = inode.read();
         if inode.is_dir() {
-            return Ok(st
+            return st
                 .upper
                 .as_ref()
                 .ok_or_else(|| errno(libc::EIO))?
-                .try_clone()?);
+                .try_clone();
         }
         if !st.in_upper {
             return Err(errno(libc::EIO));
@@ -196,7 +196,7 @@ impl Overlay {
         let st = inode.read();
         if inode.is_dir() {
             let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
-            return Ok(l.fd.try_clone()?);
+            return l.fd.try_clone();
         }
         match (&st.pinned, st.lower_layer) {
             (Some(p), _) if !st.in_upper => Ok(p.try_clone()?),
