@@ -390,12 +390,7 @@ impl Overlay {
         let need_wh = self.lower_positive(&parent, name)?;
         let cname = sys::cstr(name)?;
         let has_upper = child.inode.read().has_upper();
-        // An open file keeps working after its last name goes: hold on to the entry.
-        let pin = if child.inode.is_dir() {
-            None
-        } else {
-            Some(self.real_fd(&child.inode)?)
-        };
+        let pin = self.pin_if_open(&child.inode)?;
         {
             let pst = parent.read();
             let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
@@ -422,6 +417,16 @@ impl Overlay {
     /// FUSE rmdir.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> OpResult<()> {
         self.remove(parent, name, true)
+    }
+
+    /// An open file keeps working after its last name goes: before removing a name of a
+    /// non-directory that has open handles, take a handle on its real entry.
+    fn pin_if_open(&self, inode: &Arc<Inode>) -> OpResult<Option<OwnedFd>> {
+        use std::sync::atomic::Ordering;
+        if inode.is_dir() || inode.open_files.load(Ordering::Relaxed) == 0 {
+            return Ok(None);
+        }
+        Ok(Some(self.real_fd(inode)?))
     }
 
     /// Before one name of a hard-linked lower file goes away, copy it up (into the index), so
@@ -506,7 +511,7 @@ impl Overlay {
         let cnew = sys::cstr(newname)?;
         // A replaced file may still be open: keep a handle on it (see `remove`).
         let tgt_pin = match &tgt {
-            Some(t) if !exchange && !t.inode.is_dir() => Some(self.real_fd(&t.inode)?),
+            Some(t) if !exchange => self.pin_if_open(&t.inode)?,
             _ => None,
         };
         let src_wh = !exchange && self.lower_positive(&parent, name)?;

@@ -23,6 +23,27 @@ pub struct OpenFile {
     pub ino: u64,
     /// Kernel passthrough registration, released when the handle closes.
     pub backing: Option<Arc<fuser::BackingId>>,
+    /// The inode, whose open count this handle holds.
+    inode: Arc<Inode>,
+}
+
+impl OpenFile {
+    /// A handle on `inode`'s real file `fd`; counted in the inode's open files.
+    pub fn new(inode: Arc<Inode>, fd: OwnedFd, backing: Option<Arc<fuser::BackingId>>) -> Self {
+        inode.open_files.fetch_add(1, Ordering::Relaxed);
+        OpenFile {
+            fd,
+            ino: inode.ino,
+            backing,
+            inode,
+        }
+    }
+}
+
+impl Drop for OpenFile {
+    fn drop(&mut self) {
+        self.inode.open_files.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// An open directory: the inode and the listing snapshot (`None` until first read).

@@ -19,6 +19,7 @@ use fuser::{
 use crate::attr::SetAttr;
 use crate::dir::Creator;
 use crate::file::{OpenDir, OpenFile, OpenMode};
+use crate::inode::Inode;
 use crate::overlay::Overlay;
 use crate::xattr::XattrReply;
 
@@ -54,7 +55,7 @@ impl OverlayFs {
     /// Registers the handle; returns it with its open flags and passthrough id.
     fn insert(
         &self,
-        ino: u64,
+        inode: Arc<Inode>,
         fd: OwnedFd,
         mode: OpenMode,
     ) -> (FileHandle, FopenFlags, Option<Arc<fuser::BackingId>>) {
@@ -62,11 +63,7 @@ impl OverlayFs {
             OpenMode::Passthrough(id) => Some(id),
             OpenMode::Cached => None,
         };
-        let f = OpenFile {
-            fd,
-            ino,
-            backing: backing.clone(),
-        };
+        let f = OpenFile::new(inode, fd, backing.clone());
         let fh = FileHandle(self.0.files.insert_file(f));
         // The mount owns its layers, so cached pages stay valid across opens.
         let flags = if backing.is_some() {
@@ -77,9 +74,10 @@ impl OverlayFs {
         (fh, flags, backing)
     }
 
-    fn reply_open(&self, ino: u64, fd: OwnedFd, reply: ReplyOpen) {
+    fn reply_open(&self, inode: Arc<Inode>, fd: OwnedFd, reply: ReplyOpen) {
+        let ino = inode.ino;
         match self.open_mode(ino, &fd, |fd| reply.open_backing(fd)) {
-            Ok(mode) => match self.insert(ino, fd, mode) {
+            Ok(mode) => match self.insert(inode, fd, mode) {
                 (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
                 (fh, flags, None) => reply.opened(fh, flags),
             },
@@ -116,6 +114,14 @@ impl Filesystem for OverlayFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.0.lookup(parent.0, name) {
             Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
+            // repeated probes (PATH and import searches) stay in the kernel. Every create goes
+            // through us, and the kernel replaces the negative dentry itself.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let mut attr = crate::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
+                attr.kind = fuser::FileType::RegularFile;
+                reply.entry(&self.0.ttl, &attr, GEN)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -279,11 +285,11 @@ impl Filesystem for OverlayFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (_, fd) = match self.0.open(ino.0, flags.0) {
+        let (inode, fd) = match self.0.open(ino.0, flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
-        self.reply_open(ino.0, fd, reply);
+        self.reply_open(inode, fd, reply);
     }
 
     fn read(
@@ -325,14 +331,13 @@ impl Filesystem for OverlayFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.0.files.file(fh.0) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        // Nothing to do on close (no locks kept, writes are already in the real file):
+        // ENOSYS tells the kernel never to send FLUSH again, one round trip less per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
@@ -529,7 +534,7 @@ impl Filesystem for OverlayFs {
                 let ino = inode.ino;
                 match self.open_mode(ino, &fd, |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
-                        let (fh, flags, id) = self.insert(ino, fd, mode);
+                        let (fh, flags, id) = self.insert(inode, fd, mode);
                         match id {
                             Some(id) => reply.created_passthrough(&ttl, &attr, GEN, fh, flags, &id),
                             None => reply.created(&ttl, &attr, GEN, fh, flags),

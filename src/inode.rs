@@ -159,6 +159,8 @@ pub struct Inode {
     pub state: RwLock<InodeState>,
     /// Serialises copy-up of this inode so two writers never race to create it.
     pub copy_up_lock: Mutex<()>,
+    /// Open file handles on this inode (removing its last name must then keep it reachable).
+    pub open_files: AtomicU64,
     /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up.
     id: Mutex<(u64, u64)>,
 }
@@ -218,6 +220,7 @@ impl InodeStore {
             lookups: AtomicU64::new(1),
             state: RwLock::new(root.state),
             copy_up_lock: Mutex::new(()),
+            open_files: AtomicU64::new(0),
             id: Mutex::new(root.id),
         });
         let mut t = Tables::default();
@@ -279,6 +282,7 @@ impl InodeStore {
             lookups: AtomicU64::new(1),
             state: RwLock::new(found.state),
             copy_up_lock: Mutex::new(()),
+            open_files: AtomicU64::new(0),
             id: Mutex::new(found.id),
         });
         t.by_ino.insert(ino, inode.clone());
