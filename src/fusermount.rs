@@ -39,7 +39,38 @@ pub fn find_helper() -> Option<PathBuf> {
 #[derive(Debug)]
 pub struct HelperMount {
     helper: Option<(Child, UnixStream)>,
+    /// Our own guard for unprivileged auto_unmount (see [`spawn_watchdog`]): a process that
+    /// unmounts when the pipe we hold closes, i.e. when we die.
+    watchdog: Option<(Child, OwnedFd)>,
     bin: PathBuf,
+}
+
+/// fusermount3 before libfuse 3.16 cannot auto-unmount a mount made without `allow_other` for
+/// an unprivileged user (it checks access as root and is refused), so a SIGKILLed server left
+/// a dead mount. This guard runs as the user, in its own session (terminal signals do not
+/// reach it), blocks reading a pipe whose only writer is us, and unmounts once it reads EOF.
+fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)> {
+    let mut fds = [0i32; 2];
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("read _; exec \"$0\" -u -z -- \"$1\"")
+        .arg(bin)
+        .arg(mountpoint)
+        .stdin(Stdio::from(r))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let child = cmd.spawn()?;
+    Ok((child, w))
 }
 
 /// Mounts with `fusermount3 -o OPTIONS -- MOUNTPOINT`; returns the `/dev/fuse` descriptor.
@@ -100,7 +131,19 @@ pub fn mount(
         child.wait()?;
         None
     };
-    Ok((fd, HelperMount { helper, bin }))
+    let watchdog = if auto_unmount && unsafe { libc::geteuid() } != 0 {
+        Some(spawn_watchdog(&bin, mountpoint)?)
+    } else {
+        None
+    };
+    Ok((
+        fd,
+        HelperMount {
+            helper,
+            watchdog,
+            bin,
+        },
+    ))
 }
 
 fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
@@ -128,15 +171,22 @@ fn receive_fd(sock: &UnixStream) -> io::Result<OwnedFd> {
 }
 
 impl HelperMount {
-    /// Pid of the auto_unmount helper, which stays alive as long as we do.
-    pub fn pid(&self) -> Option<i32> {
-        self.helper.as_ref().map(|(c, _)| c.id() as i32)
+    /// Pids of the helper processes that live as long as the mount (auto_unmount helper and
+    /// watchdog), which a subreaper must not wait for.
+    pub fn pids(&self) -> Vec<i32> {
+        let h = self.helper.as_ref().map(|(c, _)| c.id() as i32);
+        let w = self.watchdog.as_ref().map(|(c, _)| c.id() as i32);
+        h.into_iter().chain(w).collect()
     }
 
-    /// Lets an auto_unmount helper go after someone else unmounted.
+    /// Lets the helpers go after the mount is gone.
     pub fn release(&mut self) {
         if let Some((mut child, sock)) = self.helper.take() {
             drop(sock);
+            let _ = child.wait();
+        }
+        if let Some((mut child, pipe)) = self.watchdog.take() {
+            drop(pipe);
             let _ = child.wait();
         }
     }
@@ -148,10 +198,7 @@ impl HelperMount {
             .arg(mountpoint)
             .stdin(Stdio::null())
             .output()?;
-        if let Some((mut child, sock)) = self.helper.take() {
-            drop(sock);
-            let _ = child.wait();
-        }
+        self.release();
         if out.status.success() {
             Ok(())
         } else {

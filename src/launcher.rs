@@ -8,8 +8,7 @@ use std::io;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
 
 use signal_hook::consts::signal::*;
 use signal_hook::iterator::SignalsInfo;
@@ -166,10 +165,56 @@ pub const FORWARDED: &[i32] = &[
     SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT,
 ];
 
-/// Starts forwarding [`FORWARDED`] signals to `child` (a pid of 0 means none yet). Signals
-/// the terminal generated (Ctrl-C, Ctrl-\, resize) already reached the command, which shares
-/// our foreground process group, so they are not sent twice.
-pub fn forward_signals(child: Arc<AtomicI32>) -> io::Result<signal_hook::iterator::Handle> {
+/// Where forwarded signals go: the command once it runs; before that they wait (a signal
+/// sent right after start is not lost); after it exited, the processes it left behind.
+#[derive(Debug, Default)]
+pub struct Target {
+    state: Mutex<TargetState>,
+}
+
+#[derive(Debug, Default)]
+struct TargetState {
+    pid: i32,
+    pending: Vec<i32>,
+    exited: bool,
+    helpers: Vec<i32>,
+}
+
+impl Target {
+    fn deliver(&self, sig: i32) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.exited {
+            for p in children() {
+                if !st.helpers.contains(&p) {
+                    unsafe { libc::kill(p, sig) };
+                }
+            }
+        } else if st.pid > 0 {
+            unsafe { libc::kill(st.pid, sig) };
+        } else {
+            st.pending.push(sig);
+        }
+    }
+
+    fn started(&self, pid: i32) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.pid = pid;
+        for sig in std::mem::take(&mut st.pending) {
+            unsafe { libc::kill(pid, sig) };
+        }
+    }
+
+    fn exited(&self, helpers: &[i32]) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.exited = true;
+        st.helpers = helpers.to_vec();
+    }
+}
+
+/// Starts forwarding [`FORWARDED`] signals to `target`. Signals the terminal generated
+/// (Ctrl-C, Ctrl-\, resize) already reached the command, which shares our foreground
+/// process group, so they are not sent twice.
+pub fn forward_signals(target: Arc<Target>) -> io::Result<signal_hook::iterator::Handle> {
     let mut signals = SignalsInfo::<WithOrigin>::new(FORWARDED)?;
     let handle = signals.handle();
     std::thread::Builder::new()
@@ -178,9 +223,8 @@ pub fn forward_signals(child: Arc<AtomicI32>) -> io::Result<signal_hook::iterato
             for info in signals.forever() {
                 let from_tty = matches!(info.cause, Cause::Kernel)
                     && matches!(info.signal, SIGINT | SIGQUIT | SIGWINCH);
-                let pid = child.load(Ordering::SeqCst);
-                if pid > 0 && !from_tty {
-                    unsafe { libc::kill(pid, info.signal) };
+                if !from_tty {
+                    target.deliver(info.signal);
                 }
             }
         })?;
@@ -190,7 +234,7 @@ pub fn forward_signals(child: Arc<AtomicI32>) -> io::Result<signal_hook::iterato
 /// Runs the command and waits for it **and every process it left behind** (we are their
 /// subreaper), so a daemonizing child never finds the overlay gone. Returns the exit status
 /// to report: the command's own, 128+N if it died of signal N, 126/127 if it could not start.
-pub fn run(launch: &Launch, child_pid: &AtomicI32, keep_waiting_for: &[i32]) -> io::Result<i32> {
+pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Result<i32> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
     let (prog, args) = launch
         .argv
@@ -228,7 +272,7 @@ pub fn run(launch: &Launch, child_pid: &AtomicI32, keep_waiting_for: &[i32]) -> 
         }
     };
     let main = child.id() as i32;
-    child_pid.store(main, Ordering::SeqCst);
+    target.started(main);
     let mut status = None;
     loop {
         let mut st = 0;
@@ -243,7 +287,7 @@ pub fn run(launch: &Launch, child_pid: &AtomicI32, keep_waiting_for: &[i32]) -> 
         }
         if pid == main {
             status = Some(st);
-            child_pid.store(0, Ordering::SeqCst);
+            target.exited(keep_waiting_for);
         }
         if status.is_some() && only_these_children_left(keep_waiting_for) {
             break;

@@ -94,8 +94,12 @@ impl MountHandle {
     /// Like [`MountHandle::join`], keeping the handle.
     pub fn wait_unmounted(&mut self) -> Result<()> {
         if let Some(s) = self.session.take() {
-            s.join()
-                .map_err(|e| Error::io("serving", self.mountpoint.clone(), e))?;
+            match s.join() {
+                Err(e) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
+                    return Err(Error::io("serving", self.mountpoint.clone(), e));
+                }
+                _ => {}
+            }
         }
         if let Some(h) = self.helper.as_mut() {
             h.release();
@@ -104,9 +108,10 @@ impl MountHandle {
         Ok(())
     }
 
-    /// Pid of a helper process that lives as long as the mount (fusermount3 auto_unmount).
-    pub fn helper_pid(&self) -> Option<i32> {
-        self.helper.as_ref().and_then(|h| h.pid())
+    /// Pids of helper processes that live as long as the mount (fusermount3 auto_unmount,
+    /// the unmount watchdog).
+    pub fn helper_pids(&self) -> Vec<i32> {
+        self.helper.as_ref().map(|h| h.pids()).unwrap_or_default()
     }
 
     fn do_umount(&mut self) -> Result<()> {
@@ -116,6 +121,12 @@ impl MountHandle {
         let res = match self.helper.as_mut() {
             Some(h) => h.unmount(&self.mountpoint).and_then(|()| s.join()),
             None => s.umount_and_join(),
+        };
+        // The kernel aborting the connection as the mount goes away is the session's end,
+        // not a failure (fuser only treats ENODEV so).
+        let res = match res {
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+            r => r,
         };
         self.helper = None;
         res.map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))
@@ -446,6 +457,16 @@ impl OverlayFS {
                 m,
                 "mount point is not a directory: give a directory",
             ));
+        }
+        if self.require_empty && cm.is_dir() {
+            let mut entries = std::fs::read_dir(&cm)
+                .map_err(|e| Error::bad(m, format!("mount point is not readable ({e})")))?;
+            if entries.next().is_some() {
+                return Err(Error::bad(
+                    m,
+                    "mount point is not empty: give an empty or new directory",
+                ));
+            }
         }
         for (what, p) in &layers {
             if overlaps(&cm, p) {

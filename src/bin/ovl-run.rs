@@ -5,7 +5,6 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicI32;
 
 use clap::Parser;
 use ovl::launcher::{self, EXIT_FAILURE, Launch};
@@ -93,9 +92,11 @@ fn real_main() -> i32 {
             return fail(format!("{line} (see ovl-run --help)"));
         }
     };
+    // fuser's own messages are noise to users (e.g. replies racing an unmount); -vv shows them.
     let level = match (args.quiet, args.verbose) {
-        (_, 0) => "warn,fuser=error",
-        (_, 1) => "info,fuser=warn",
+        (true, 0) => "error,fuser=off",
+        (false, 0) => "warn,fuser=off",
+        (_, 1) => "info,fuser=off",
         _ => "debug",
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
@@ -150,15 +151,19 @@ fn real_main() -> i32 {
         remove_stale_mountpoints(&base);
     }
 
-    let code = if args.command.is_empty() {
+    let res = if args.command.is_empty() {
         serve(&mut ofs)
     } else {
         run_command(&mut ofs, &args, &upper)
     };
-    if code == EXIT_FAILURE {
-        let _ = ofs.umount();
-        return code;
-    }
+    // ovl-run's own failure: nothing to finalize (the command's status, even 125, is not one).
+    let code = match res {
+        Ok(code) => code,
+        Err(msg) => {
+            let _ = ofs.umount();
+            return fail(msg);
+        }
+    };
     let mountpoint = ofs.mountpoint().map(Path::to_path_buf);
     let result = ofs.overlay_action(action);
     if args.keep_mountpoint {
@@ -224,14 +229,12 @@ fn remove_stale_mountpoints(base: &Path) {
 
 /// No command: mount where everyone of ours can use it, print the mount point, serve until
 /// SIGINT/SIGTERM/SIGHUP or an external unmount.
-fn serve(ofs: &mut OverlayFS) -> i32 {
+fn serve(ofs: &mut OverlayFS) -> Result<i32, String> {
     // fusermount3 with auto_unmount: visible to the caller's other processes, and gone even if
     // we are SIGKILLed.
     ofs.set_mount_method(MountMethod::Helper)
         .set_auto_unmount(true);
-    if let Err(e) = ofs.mount() {
-        return fail(e);
-    }
+    ofs.mount().map_err(|e| e.to_string())?;
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
     println!("{}", mnt.display());
     let _ = std::io::stdout().flush();
@@ -251,24 +254,24 @@ fn serve(ofs: &mut OverlayFS) -> i32 {
                 }
             });
         }
-        Err(e) => return fail(format!("installing signal handlers: {e}")),
+        Err(e) => return Err(format!("installing signal handlers: {e}")),
     }
     match ofs.handle_mut().map(|h| h.wait_unmounted()) {
-        Some(Err(e)) => fail(e),
-        _ => 0,
+        Some(Err(e)) => Err(e.to_string()),
+        _ => Ok(0),
     }
 }
 
 /// With a command: a private namespace (so the mount dies with us), mount, run, wait for the
 /// command and everything it left running.
-fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> i32 {
+fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> Result<i32, String> {
     match launcher::enter_private_namespace() {
         Ok(ns) => {
             log::info!("running in {ns:?} namespace");
             ofs.set_mount_method(MountMethod::Direct);
         }
         Err(e) if args.root => {
-            return fail(format!(
+            return Err(format!(
                 "--root needs a private namespace ({e}): enable unprivileged user namespaces \
                  (sysctl kernel.unprivileged_userns_clone=1) or run as root"
             ));
@@ -279,25 +282,27 @@ fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> i32 {
                 .set_auto_unmount(true);
         }
     }
-    if let Err(e) = ofs.mount() {
-        return fail(e);
-    }
+    ofs.mount().map_err(|e| e.to_string())?;
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let inside = launcher::map_cwd(&cwd, &args.lowers[0], &mnt);
-    let lowers = std::env::join_paths(args.lowers.iter()).unwrap_or_default();
+    // Absolute paths: the command starts somewhere else.
+    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let lowers = std::env::join_paths(args.lowers.iter().map(|l| abs(l))).unwrap_or_default();
+    // Inside --root the merged tree is `/`.
+    let shown_mnt = if args.root {
+        PathBuf::from("/")
+    } else {
+        mnt.clone()
+    };
     let env = vec![
-        ("OVL_MOUNTPOINT".into(), mnt.clone().into_os_string()),
+        ("OVL_MOUNTPOINT".into(), shown_mnt.into_os_string()),
         ("OVL_LOWER".into(), lowers),
-        ("OVL_UPPER".into(), upper.as_os_str().to_os_string()),
+        ("OVL_UPPER".into(), abs(upper).into_os_string()),
     ];
     let launch = if args.root {
-        if let Err(e) = launcher::prepare_rootfs(&mnt) {
-            return fail(format!(
-                "preparing {} as a root filesystem: {e}",
-                mnt.display()
-            ));
-        }
+        launcher::prepare_rootfs(&mnt)
+            .map_err(|e| format!("preparing {} as a root filesystem: {e}", mnt.display()))?;
         let rel = inside.strip_prefix(&mnt).unwrap_or(Path::new(""));
         Launch {
             argv: args.command.clone(),
@@ -313,23 +318,14 @@ fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> i32 {
             chroot: None,
         }
     };
-    let child = Arc::new(AtomicI32::new(0));
-    let fwd = match launcher::forward_signals(child.clone()) {
-        Ok(h) => h,
-        Err(e) => return fail(format!("installing signal handlers: {e}")),
-    };
-    let helpers: Vec<i32> = ofs
-        .handle()
-        .and_then(|h| h.helper_pid())
-        .into_iter()
-        .collect();
-    let code = match launcher::run(&launch, &child, &helpers) {
-        Ok(c) => c,
-        Err(e) => fail(format!("running {:?}: {e}", args.command[0])),
-    };
+    let target = Arc::new(launcher::Target::default());
+    let fwd = launcher::forward_signals(target.clone())
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
+    let res = launcher::run(&launch, &target, &helpers);
     fwd.close();
     if args.root {
         launcher::unprepare_rootfs(&mnt);
     }
-    code
+    res.map_err(|e| format!("running {:?}: {e}", args.command[0]))
 }

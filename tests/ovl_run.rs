@@ -1,0 +1,1377 @@
+//! The `ovl-run` launcher, end to end: the real binary on real mounts. Exit statuses, signal
+//! forwarding, the subreaper, no dead mounts after SIGKILL, cwd mapping and environment,
+//! defaults, finalization, serve mode, non-root runs, `--root` sessions and bad input.
+//!
+//! Every test works in its own temp dir with its own `XDG_CACHE_HOME`, so the default mount
+//! points of parallel tests never collide and stale-directory cleanup can be checked.
+
+mod common;
+use common::*;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_ovl-run");
+const USER: &str = "ovl-test";
+/// Longest any single ovl-run invocation may take before the test fails (and kills it).
+const DEADLINE: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------
+
+/// A test's private world: `root/lower` (with `f` and `sub/g`), and `root/cache` as
+/// `XDG_CACHE_HOME` (not created: ovl-run creates it when it mounts).
+struct World {
+    _t: tempfile::TempDir,
+    root: PathBuf,
+    lower: PathBuf,
+    cache: PathBuf,
+}
+
+impl World {
+    fn new() -> Self {
+        let t = tempfile::Builder::new()
+            .prefix("ovl-run")
+            .tempdir()
+            .unwrap();
+        let root = t.path().canonicalize().unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let lower = root.join("lower");
+        fs::create_dir_all(lower.join("sub")).unwrap();
+        fs::write(lower.join("f"), "lower\n").unwrap();
+        fs::write(lower.join("sub/g"), "g\n").unwrap();
+        World {
+            root: root.clone(),
+            lower,
+            cache: root.join("cache"),
+            _t: t,
+        }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    /// The default upper of `lower` and its work directory.
+    fn upper(&self) -> PathBuf {
+        self.p("lower_upper")
+    }
+
+    fn work(&self) -> PathBuf {
+        self.p(".lower_upper.ovl-work")
+    }
+
+    /// `ovl-run` as root, in `root`, with this world's cache dir.
+    fn ovl(&self) -> Command {
+        let mut c = Command::new(BIN);
+        c.current_dir(&self.root)
+            .env("XDG_CACHE_HOME", &self.cache)
+            .env_remove("RUST_LOG");
+        c
+    }
+
+    /// `ovl-run --lower LOWER ARGS...`.
+    fn ovl_lower(&self, args: &[&str]) -> Command {
+        let mut c = self.ovl();
+        c.arg("--lower").arg(&self.lower).args(args);
+        c
+    }
+
+    /// The `mount_*` directories in the cache dir.
+    fn mount_dirs(&self) -> Vec<String> {
+        let mut v: Vec<String> = match fs::read_dir(&self.cache) {
+            Ok(rd) => rd
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("mount_"))
+                .collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+}
+
+/// What a finished ovl-run did.
+#[derive(Debug)]
+struct Out {
+    /// Exit status, or 128+N when killed by signal N.
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// A running process (in its own process group) with its output collected on the side.
+struct Running {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Receiver<String>,
+    done: bool,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Self {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        let mut child = cmd.spawn().expect("spawn ovl-run");
+        let (ltx, lines) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines() {
+                let Ok(l) = l else { break };
+                if ltx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let (etx, stderr) = mpsc::channel();
+        let mut err = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            let _ = etx.send(s);
+        });
+        Running {
+            child,
+            lines,
+            stderr,
+            done: false,
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    fn signal(&self, sig: i32) {
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0, "kill");
+    }
+
+    /// The next stdout line; fails the test (killing the process) after `timeout`.
+    fn next_line(&mut self, timeout: Duration) -> String {
+        match self.lines.recv_timeout(timeout) {
+            Ok(l) => l,
+            Err(e) => {
+                self.kill();
+                let err = self.stderr.recv_timeout(Duration::from_secs(2));
+                panic!("no stdout line from ovl-run ({e:?}); stderr: {err:?}");
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if !self.done {
+            unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
+            let _ = self.child.wait();
+            self.done = true;
+        }
+    }
+
+    /// Waits for the exit (failing the test after `timeout`) and collects the output.
+    fn wait(mut self, timeout: Duration) -> Out {
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > timeout {
+                self.kill();
+                let err = self.stderr.recv_timeout(Duration::from_secs(2));
+                panic!("ovl-run did not exit within {timeout:?}; stderr: {err:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.done = true;
+        let mut stdout = String::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(2)) {
+                Ok(l) => {
+                    stdout.push_str(&l);
+                    stdout.push('\n');
+                }
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!("stdout still open after exit"),
+            }
+        }
+        let stderr = self
+            .stderr
+            .recv_timeout(Duration::from_secs(2))
+            .expect("stderr still open after exit");
+        let code = status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0));
+        Out {
+            code,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Runs to completion with the default deadline.
+fn run(cmd: Command) -> Out {
+    Running::start(cmd).wait(DEADLINE)
+}
+
+/// Polls `f` until it gives a value; fails the test after `timeout`.
+fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Direct children of `pid` (all its threads), from /proc.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            if let Ok(s) = fs::read_to_string(t.path().join("children")) {
+                out.extend(s.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            }
+        }
+    }
+    out
+}
+
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        for c in children_of(p) {
+            out.push(c);
+            todo.push(c);
+        }
+    }
+    out
+}
+
+fn comm(pid: i32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// A descendant of `pid` running `name`.
+fn find_descendant(pid: i32, name: &str) -> Option<i32> {
+    descendants(pid).into_iter().find(|&p| comm(p) == name)
+}
+
+/// Gone or a zombie.
+fn is_gone(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z') || rest.starts_with('X')),
+    }
+}
+
+/// FUSE mounts (in our mount namespace) whose mount point is `dir` or below it.
+fn fuse_mounts_under(dir: &Path) -> Vec<String> {
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .filter(|l| {
+            let mp = l.split(' ').nth(4).unwrap_or("");
+            let fstype = l.split(" - ").nth(1).unwrap_or("");
+            Path::new(mp).starts_with(dir) && fstype.starts_with("fuse")
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every entry below `dir` with its type, mode, owner and size: to check nothing changed.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, u32, u64)> {
+    fn walk(d: &Path, base: &Path, out: &mut BTreeMap<PathBuf, (u32, u32, u64)>) {
+        for e in fs::read_dir(d).unwrap().flatten() {
+            let m = e.path().symlink_metadata().unwrap();
+            let rel = e.path().strip_prefix(base).unwrap().to_path_buf();
+            out.insert(
+                rel,
+                (m.mode(), m.uid(), if m.is_dir() { 0 } else { m.len() }),
+            );
+            if m.is_dir() {
+                walk(&e.path(), base, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn read(p: impl AsRef<Path>) -> String {
+    let p = p.as_ref();
+    fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// The non-root user
+// ---------------------------------------------------------------------------------------------
+
+fn user_ids() -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, USER]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+/// Creates the test user if missing (tests/nonroot.rs may be doing the same concurrently).
+fn ensure_user() -> (u32, u32) {
+    if let Some(ids) = user_ids() {
+        return ids;
+    }
+    let _ = Command::new("useradd")
+        .args(["-M", "-s", "/bin/sh", USER])
+        .status()
+        .expect("useradd");
+    wait_for("the test user", Duration::from_secs(10), user_ids)
+}
+
+/// Root is needed to create the user, chown and runuser; says so and skips otherwise.
+fn root_or_skip() -> bool {
+    if !is_root() {
+        eprintln!("needs root (test user, chown, runuser); run the suite as root");
+    }
+    is_root()
+}
+
+fn chown_tree(p: &Path, uid: u32, gid: u32) {
+    std::os::unix::fs::lchown(p, Some(uid), Some(gid)).unwrap();
+    if p.symlink_metadata().unwrap().is_dir() {
+        for e in fs::read_dir(p).unwrap().flatten() {
+            chown_tree(&e.path(), uid, gid);
+        }
+    }
+}
+
+/// Prepares a world for the user: the binary copied in, everything owned by the user, the
+/// cache dir created. Returns the copied binary and the ids.
+fn user_world(w: &World) -> (PathBuf, u32, u32) {
+    let (uid, gid) = ensure_user();
+    let bin = w.p("ovl-run");
+    fs::copy(BIN, &bin).unwrap();
+    fs::create_dir_all(&w.cache).unwrap();
+    chown_tree(&w.root, uid, gid);
+    (bin, uid, gid)
+}
+
+/// `runuser -u ovl-test -- env XDG_CACHE_HOME=CACHE BIN ARGS...`, in `root`.
+fn as_user(w: &World, bin: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new("runuser");
+    c.current_dir(&w.root)
+        .env_remove("RUST_LOG")
+        .args(["-u", USER, "--", "env"])
+        .arg(format!("XDG_CACHE_HOME={}", w.cache.display()))
+        .arg(bin)
+        .args(args);
+    c
+}
+
+/// A small busybox root filesystem at `root/rootfs`.
+const OS_RELEASE: &str = "NAME=\"ovl test\"\nID=ovltest\nVERSION_ID=1\n";
+
+fn make_rootfs(w: &World) -> PathBuf {
+    let r = w.p("rootfs");
+    for d in ["bin", "etc", "proc", "dev", "sys", "tmp"] {
+        fs::create_dir_all(r.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    for l in ["sh", "cat", "ls"] {
+        std::os::unix::fs::symlink("busybox", r.join("bin").join(l)).unwrap();
+    }
+    fs::write(r.join("etc/os-release"), OS_RELEASE).unwrap();
+    r
+}
+
+// ---------------------------------------------------------------------------------------------
+// Exit status
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn exit_status_is_the_commands() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "true"]));
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{o:?}");
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "exit 3"]));
+    assert_eq!((o.code, o.stderr.as_str()), (3, ""), "{o:?}");
+}
+
+#[test]
+fn death_by_signal_is_128_plus_n() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "kill -INT $$"]));
+    assert_eq!(o.code, 130, "{o:?}");
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "kill -KILL $$"]));
+    assert_eq!(o.code, 137, "{o:?}");
+}
+
+#[test]
+fn command_not_found_is_127() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "ovl-no-such-command-xyz"]));
+    assert_eq!(o.code, 127, "{o:?}");
+    assert!(o.stderr.contains("ovl-no-such-command-xyz"), "{o:?}");
+    // Nothing was left mounted or lying around.
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn command_not_executable_is_126() {
+    let w = World::new();
+    let f = w.p("not-executable");
+    fs::write(&f, "#!/bin/sh\necho should not run\n").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).unwrap();
+    let o = run(w.ovl_lower(&["-q", "--", f.to_str().unwrap()]));
+    assert_eq!((o.code, o.stdout.as_str()), (126, ""), "{o:?}");
+    assert!(o.stderr.contains(f.to_str().unwrap()), "{o:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Signals and the subreaper
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn sigterm_is_forwarded_to_the_command() {
+    let w = World::new();
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--",
+        "sh",
+        "-c",
+        "trap \"echo got >$OVL_MOUNTPOINT/term; exit 7\" TERM; echo ready; \
+         while :; do sleep 0.05; done",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    r.signal(libc::SIGTERM);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 7, "{o:?}");
+    assert_eq!(read(w.upper().join("term")), "got\n");
+}
+
+#[test]
+fn other_signals_are_forwarded_too() {
+    let w = World::new();
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo usr1' USR1; trap 'echo usr2' USR2; trap 'echo int; exit 9' INT; \
+         echo ready; while :; do sleep 0.05; done",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    r.signal(libc::SIGUSR1);
+    assert_eq!(r.next_line(DEADLINE), "usr1");
+    r.signal(libc::SIGUSR2);
+    assert_eq!(r.next_line(DEADLINE), "usr2");
+    // A SIGINT sent with kill(2) (not typed at a terminal) is passed on as well.
+    r.signal(libc::SIGINT);
+    assert_eq!(r.next_line(DEADLINE), "int");
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 9, "{o:?}");
+}
+
+#[test]
+fn sigterm_right_after_the_command_starts_is_not_lost() {
+    // The command has started (it printed "ready") when the signal is sent, so it must get
+    // it, however soon. Repeated to catch a race between starting and forwarding.
+    let w = World::new();
+    for round in 0..30 {
+        let mut r = Running::start(w.ovl_lower(&[
+            "-q",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 7' TERM; echo ready; while :; do sleep 0.05; done",
+        ]));
+        assert_eq!(r.next_line(DEADLINE), "ready");
+        r.signal(libc::SIGTERM);
+        let start = Instant::now();
+        while r.child.try_wait().unwrap().is_none() {
+            if start.elapsed() > Duration::from_secs(3) {
+                r.kill();
+                panic!("round {round}: SIGTERM sent after the command started was lost");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let o = r.wait(DEADLINE);
+        assert_eq!(o.code, 7, "round {round}: {o:?}");
+    }
+}
+
+#[test]
+fn waits_for_processes_the_command_left_behind() {
+    let w = World::new();
+    let start = Instant::now();
+    let o = run(w.ovl_lower(&[
+        "-q",
+        "--",
+        "sh",
+        "-c",
+        "(sleep 0.5; echo late > $OVL_MOUNTPOINT/bg) & exit 0",
+    ]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(start.elapsed() >= Duration::from_millis(500));
+    assert_eq!(read(w.upper().join("bg")), "late\n");
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+
+    // A daemon in its own session, reparented to ovl-run (the subreaper).
+    let o = run(w.ovl_lower(&[
+        "-q",
+        "--",
+        "sh",
+        "-c",
+        "setsid sh -c 'sleep 0.3; echo daemon > $OVL_MOUNTPOINT/d' & exit 4",
+    ]));
+    assert_eq!(o.code, 4, "{o:?}");
+    assert_eq!(read(w.upper().join("d")), "daemon\n");
+}
+
+#[test]
+fn command_exiting_125_is_still_finalized() {
+    // 125 is also ovl-run's own failure status, but a command may exit 125 itself: its
+    // changes must still be finalized (and reported) like after any other status.
+    let w = World::new();
+    let o = run(w.ovl_lower(&[
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "echo x > x; exit 125",
+    ]));
+    assert_eq!(o.code, 125, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded 1 changes from {}\n",
+            w.upper().display()
+        )
+    );
+    assert!(!w.upper().exists(), "upper left after discard");
+    assert!(!w.work().exists(), "work dir left after discard");
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn sigkill_leaves_no_dead_mount_and_the_next_run_cleans_up() {
+    let w = World::new();
+    let r = Running::start(w.ovl_lower(&["-q", "--", "sleep", "30"]));
+    let pid = r.pid();
+    let sleep = wait_for("the command to start", DEADLINE, || {
+        find_descendant(pid, "sleep")
+    });
+    let dirs = w.mount_dirs();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert!(
+        dirs[0].starts_with(&format!("mount_lower_{pid}_")),
+        "{dirs:?}"
+    );
+    r.signal(libc::SIGKILL);
+    unsafe { libc::kill(sleep, libc::SIGKILL) };
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 137);
+    wait_for("the command to die", DEADLINE, || {
+        is_gone(sleep).then_some(())
+    });
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    // The directory is left over (nobody could remove it)...
+    assert_eq!(w.mount_dirs(), dirs);
+    // ... and the next run removes it.
+    let o = run(w.ovl_lower(&["-q", "--", "true"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+}
+
+#[test]
+fn a_dead_mount_left_by_someone_else_is_detached_and_removed() {
+    // A `mount_*` directory of a process that is gone, with a dead FUSE mount on it
+    // (ENOTCONN): a FUSE server SIGKILLed without auto_unmount (ovl-mount -f, as root).
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let dead = {
+        let mut c = Command::new("true").spawn().unwrap();
+        let pid = c.id();
+        c.wait().unwrap();
+        pid
+    };
+    let stale = w.cache.join(format!("mount_lower_{dead}_1"));
+    fs::create_dir_all(&stale).unwrap();
+    for d in ["u2", "w2"] {
+        fs::create_dir(w.p(d)).unwrap();
+    }
+    let mut c = Command::new(env!("CARGO_BIN_EXE_ovl-mount"));
+    c.arg("-f")
+        .arg("-o")
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            w.lower.display(),
+            w.p("u2").display(),
+            w.p("w2").display()
+        ))
+        .arg(&stale);
+    let server = Running::start(c);
+    wait_for("ovl-mount to mount", DEADLINE, || {
+        (!fuse_mounts_under(&stale).is_empty()).then_some(())
+    });
+    server.signal(libc::SIGKILL);
+    assert_eq!(server.wait(DEADLINE).code, 137);
+    let e = fs::metadata(&stale).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOTCONN), "not a dead mount");
+
+    let o = run(w.ovl_lower(&["-q", "--", "true"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Working directory and environment
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn cwd_maps_into_the_mount_and_env_is_set() {
+    let w = World::new();
+    let script = "pwd; echo \"$OVL_MOUNTPOINT\"; echo \"$OVL_LOWER\"; echo \"$OVL_UPPER\"; cat g";
+    let mut c = w.ovl_lower(&["-q", "--", "sh", "-c", script]);
+    c.current_dir(w.lower.join("sub"));
+    let r = Running::start(c);
+    let pid = r.pid();
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 0, "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{o:?}");
+    let mnt = Path::new(lines[1]);
+    assert_eq!(mnt.parent(), Some(w.cache.as_path()), "{o:?}");
+    let name = mnt.file_name().unwrap().to_string_lossy();
+    assert!(name.starts_with(&format!("mount_lower_{pid}_")), "{o:?}");
+    assert_eq!(Path::new(lines[0]), mnt.join("sub"));
+    assert_eq!(lines[2], w.lower.to_str().unwrap());
+    assert_eq!(lines[3], w.upper().to_str().unwrap());
+    assert_eq!(lines[4], "g");
+
+    // From outside the lower: the root of the mount.
+    let mut c = w.ovl_lower(&["-q", "--", "sh", "-c", "pwd; echo \"$OVL_MOUNTPOINT\""]);
+    c.current_dir("/");
+    let o = run(c);
+    assert_eq!(o.code, 0, "{o:?}");
+    let lines: Vec<&str> = o.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{o:?}");
+    assert_eq!(lines[0], lines[1]);
+    assert!(Path::new(lines[0]).starts_with(&w.cache), "{o:?}");
+
+    // An explicit upper is passed on as given.
+    let up = w.p("explicit_upper");
+    let o = run(w.ovl_lower(&[
+        "-q",
+        "--upper",
+        up.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "echo \"$OVL_UPPER\"",
+    ]));
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, up.to_str().unwrap()),
+        "{o:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Defaults and finalization
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn defaults_upper_beside_lower_mountpoint_removed_and_report() {
+    let w = World::new();
+    assert!(!w.upper().exists());
+    let o = run(w.ovl_lower(&["--", "sh", "-c", "echo new > new; cat f"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, "lower\n");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+    assert!(w.upper().is_dir());
+    assert!(w.work().is_dir());
+    assert_eq!(read(w.upper().join("new")), "new\n");
+    assert!(!w.lower.join("new").exists());
+    // The mount point is gone, and nothing is mounted.
+    assert!(w.cache.is_dir());
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+    assert_eq!(fuse_mounts_under(&w.root), Vec::<String>::new());
+
+    // -q: no report.
+    let o = run(w.ovl_lower(&["-q", "--", "true"]));
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{o:?}");
+
+    // --keep-mountpoint: the (empty, unmounted) directory stays.
+    let r = Running::start(w.ovl_lower(&["-q", "--keep-mountpoint", "--", "true"]));
+    let pid = r.pid();
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 0, "{o:?}");
+    let dirs = w.mount_dirs();
+    assert_eq!(dirs.len(), 1, "{dirs:?}");
+    assert!(
+        dirs[0].starts_with(&format!("mount_lower_{pid}_")),
+        "{dirs:?}"
+    );
+    let kept = w.cache.join(&dirs[0]);
+    assert!(kept.is_dir());
+    assert_eq!(fs::read_dir(&kept).unwrap().count(), 0);
+    assert_eq!(fuse_mounts_under(&w.root), Vec::<String>::new());
+}
+
+#[test]
+fn preserve_keeps_changes_for_the_next_run_and_discard_drops_them() {
+    let w = World::new();
+    // Run 1: a new file and a deletion, preserved (the default, and explicitly).
+    let o = run(w.ovl_lower(&[
+        "--on-exit",
+        "preserve",
+        "--",
+        "sh",
+        "-c",
+        "echo a > a; rm f",
+    ]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 2 changes in {}\n", w.upper().display())
+    );
+    assert!(w.upper().is_dir() && w.work().is_dir());
+    assert_eq!(read(w.upper().join("a")), "a\n");
+    assert_eq!(read(w.lower.join("f")), "lower\n");
+
+    // Run 2 sees them, and discards everything afterwards.
+    let o = run(w.ovl_lower(&[
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "cat a; test -e f && echo f-exists; echo b > b",
+    ]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded 3 changes from {}\n",
+            w.upper().display()
+        )
+    );
+    assert!(!w.upper().exists(), "upper left after discard");
+    assert!(!w.work().exists(), "work dir left after discard");
+
+    // Run 3: back to the pristine lower.
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "cat f; ls"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "lower\nf\nsub\n"), "{o:?}");
+    assert_eq!(read(w.lower.join("f")), "lower\n");
+}
+
+#[test]
+fn quiet_means_nothing_on_stderr_even_with_files_open_at_exit() {
+    // The command exits holding many open files: the kernel sends their RELEASEs
+    // asynchronously, racing with ovl-run's unmount. -q must still print nothing.
+    let w = World::new();
+    for i in 0..50 {
+        fs::write(w.lower.join(format!("m{i}")), "m").unwrap();
+    }
+    let script = "for i in $(seq 1 900); do exec {fd}<m$((i % 50)); done; exit 0";
+    for round in 0..10 {
+        let o = run(w.ovl_lower(&["-q", "--", "bash", "-c", script]));
+        assert_eq!((o.code, o.stderr.as_str()), (0, ""), "round {round}: {o:?}");
+    }
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn two_lowers_topmost_first() {
+    let w = World::new();
+    let l2 = w.p("lower2");
+    fs::create_dir(&l2).unwrap();
+    fs::write(l2.join("f"), "hidden\n").unwrap();
+    fs::write(l2.join("only2"), "two\n").unwrap();
+    let o = run(w.ovl_lower(&[
+        "-q",
+        "--lower",
+        l2.to_str().unwrap(),
+        "--",
+        "sh",
+        "-c",
+        "cat f only2; echo \"$OVL_LOWER\"",
+    ]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stdout,
+        format!("lower\ntwo\n{}:{}\n", w.lower.display(), l2.display())
+    );
+    // The default upper is beside the first lower.
+    assert!(w.upper().is_dir());
+    assert!(!w.p("lower2_upper").exists());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Serve mode
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn serve_mode_prints_mountpoint_and_ends_on_sigterm() {
+    let w = World::new();
+    let mut r = Running::start(w.ovl_lower(&[]));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    assert_eq!(mnt.parent(), Some(w.cache.as_path()));
+    // Usable by other processes.
+    let cat = Command::new("cat").arg(mnt.join("f")).output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&cat.stdout), "lower\n", "{cat:?}");
+    fs::write(mnt.join("served"), "s\n").unwrap();
+    assert_eq!(fuse_mounts_under(&mnt).len(), 1);
+    r.signal(libc::SIGTERM);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert!(!mnt.exists(), "mount point left behind");
+    assert_eq!(read(w.upper().join("served")), "s\n");
+}
+
+#[test]
+fn serve_mode_ends_on_fusermount_u() {
+    let w = World::new();
+    let mut r = Running::start(w.ovl_lower(&["-q", "--on-exit", "discard"]));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    fs::write(mnt.join("x"), "x").unwrap();
+    let st = Command::new("fusermount3")
+        .arg("-u")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = r.wait(DEADLINE);
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{o:?}");
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert!(!mnt.exists(), "mount point left behind");
+    assert!(!w.upper().exists() && !w.work().exists(), "not discarded");
+}
+
+#[test]
+fn serve_mode_sigkill_leaves_no_dead_mount() {
+    let w = World::new();
+    let mut r = Running::start(w.ovl_lower(&["-q"]));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    assert_eq!(read(mnt.join("f")), "lower\n");
+    r.signal(libc::SIGKILL);
+    assert_eq!(r.wait(DEADLINE).code, 137);
+    // fusermount3 (auto_unmount) takes the mount away.
+    wait_for("the mount to go away", DEADLINE, || {
+        fuse_mounts_under(&w.cache).is_empty().then_some(())
+    });
+    let o = run(w.ovl_lower(&["-q", "--", "true"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+// ---------------------------------------------------------------------------------------------
+// A normal user
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn non_root_user_runs_a_command() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "id -u; cat f; echo mine > mine",
+        ],
+    ));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, format!("{uid}\nlower\n"));
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+    let m = fs::metadata(w.upper().join("mine")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (uid, gid));
+    assert_eq!(read(w.upper().join("mine")), "mine\n");
+    assert_eq!(fs::metadata(w.upper()).unwrap().uid(), uid);
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn non_root_user_serve_sigkill_leaves_no_dead_mount() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let mut r = Running::start(as_user(
+        &w,
+        &bin,
+        &["-q", "--lower", w.lower.to_str().unwrap()],
+    ));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    assert_eq!(fuse_mounts_under(&mnt).len(), 1);
+    let ovl = find_descendant(r.pid(), "ovl-run").expect("ovl-run below runuser");
+    assert_eq!(unsafe { libc::kill(ovl, libc::SIGKILL) }, 0);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 137, "{o:?}");
+    // fusermount3 (auto_unmount) should take the mount away by itself.
+    let start = Instant::now();
+    let mut left = fuse_mounts_under(&w.cache);
+    while !left.is_empty() && start.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+        left = fuse_mounts_under(&w.cache);
+    }
+    // Whatever happened, the next run (as the user) detaches and removes what is left.
+    let o = run(as_user(
+        &w,
+        &bin,
+        &["-q", "--lower", w.lower.to_str().unwrap(), "--", "true"],
+    ));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert_eq!(
+        left,
+        Vec::<String>::new(),
+        "a dead mount stayed behind after ovl-run (serve mode, non-root) was SIGKILLed"
+    );
+}
+
+#[test]
+fn non_root_user_serves() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, uid, _) = user_world(&w);
+    let mut r = Running::start(as_user(&w, &bin, &["--lower", w.lower.to_str().unwrap()]));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    assert_eq!(mnt.parent(), Some(w.cache.as_path()));
+    // Another process of the user uses the mount.
+    let m = mnt.display();
+    let o = Command::new("runuser")
+        .args(["-u", USER, "--", "sh", "-c"])
+        .arg(format!("cat {m}/f && echo s > {m}/s"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "lower\n");
+    // SIGTERM to ovl-run itself (a child of runuser).
+    let ovl = find_descendant(r.pid(), "ovl-run").expect("ovl-run below runuser");
+    assert_eq!(unsafe { libc::kill(ovl, libc::SIGTERM) }, 0);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert!(!mnt.exists(), "mount point left behind");
+    assert_eq!(fs::metadata(w.upper().join("s")).unwrap().uid(), uid);
+
+    // Ended by the user's fusermount3 -u.
+    let mut r = Running::start(as_user(
+        &w,
+        &bin,
+        &["-q", "--lower", w.lower.to_str().unwrap()],
+    ));
+    let mnt = PathBuf::from(r.next_line(DEADLINE));
+    let o = Command::new("runuser")
+        .args(["-u", USER, "--", "fusermount3", "-u"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{o:?}");
+    let o = r.wait(DEADLINE);
+    assert_eq!((o.code, o.stderr.as_str()), (0, ""), "{o:?}");
+    assert_eq!(fuse_mounts_under(&w.cache), Vec::<String>::new());
+    assert!(!mnt.exists(), "mount point left behind");
+}
+
+// ---------------------------------------------------------------------------------------------
+// --root
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn root_session_in_a_busybox_rootfs() {
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    let o = run({
+        let mut c = w.ovl();
+        c.args(["--root", "--lower"]).arg(&rootfs).args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/os-release",
+        ]);
+        c
+    });
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, OS_RELEASE);
+    // Nothing of the session's own mounts leaked into the upper.
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: preserved 0 changes in {}\n",
+            w.p("rootfs_upper").display()
+        )
+    );
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+
+    // The cwd maps into the new root; a missing command is 127, a non-executable one 126.
+    let mut c = w.ovl();
+    c.current_dir(rootfs.join("etc"))
+        .args(["-q", "--root", "--lower"])
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c", "pwd; cat os-release"]);
+    let o = run(c);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, format!("/etc\n{OS_RELEASE}"));
+    for (cmd, code) in [("/no/such/cmd", 127), ("/etc/os-release", 126)] {
+        let mut c = w.ovl();
+        c.args(["-q", "--root", "--lower"])
+            .arg(&rootfs)
+            .args(["--", cmd]);
+        let o = run(c);
+        assert_eq!(o.code, code, "{cmd}: {o:?}");
+    }
+}
+
+#[test]
+fn root_session_as_non_root_user() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    let (bin, uid, _) = user_world(&w);
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat /etc/os-release; echo y > /y",
+        ],
+    ));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, OS_RELEASE);
+    let up = w.p("rootfs_upper");
+    assert_eq!(read(up.join("y")), "y\n");
+    assert_eq!(fs::metadata(up.join("y")).unwrap().uid(), uid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input: 125, one line naming the path, nothing changed on disk
+// ---------------------------------------------------------------------------------------------
+
+/// Runs `ovl-run ARGS...`, expects 125 with a single stderr line containing `names`, and no
+/// change at all below the world's root (the cache dir, and so any mount point, not created).
+fn assert_bad_input(w: &World, args: &[&str], names: &str) {
+    assert_bad_input_with(w, args, names, |_| {});
+}
+
+fn assert_bad_input_with(w: &World, args: &[&str], names: &str, f: impl FnOnce(&mut Command)) {
+    let before = snapshot(&w.root);
+    let mut c = w.ovl();
+    c.args(args);
+    f(&mut c);
+    let o = run(c);
+    assert_eq!(o.code, 125, "{args:?}: {o:?}");
+    assert_eq!(o.stdout, "", "{args:?}: {o:?}");
+    assert!(o.stderr.ends_with('\n'), "{args:?}: {o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{args:?}: not one line: {o:?}");
+    assert!(o.stderr.starts_with("ovl-run: "), "{args:?}: {o:?}");
+    assert!(
+        o.stderr.contains(names),
+        "{args:?}: error does not name {names}: {o:?}"
+    );
+    let after = snapshot(&w.root);
+    assert_eq!(before, after, "{args:?}: changed the disk: {o:?}");
+    assert!(!w.cache.exists(), "{args:?}: created the cache dir");
+    assert_eq!(fuse_mounts_under(&w.root), Vec::<String>::new());
+}
+
+#[test]
+fn bad_lower_missing() {
+    let w = World::new();
+    let l = w.p("missing");
+    assert_bad_input(
+        &w,
+        &["--lower", l.to_str().unwrap(), "--", "true"],
+        l.to_str().unwrap(),
+    );
+    assert!(!w.p("missing_upper").exists());
+}
+
+#[test]
+fn bad_lower_is_a_file() {
+    let w = World::new();
+    let l = w.lower.join("f");
+    assert_bad_input(
+        &w,
+        &["--lower", l.to_str().unwrap(), "--", "true"],
+        l.to_str().unwrap(),
+    );
+    assert!(!w.lower.join("f_upper").exists());
+}
+
+#[test]
+fn bad_upper_equals_lower() {
+    let w = World::new();
+    let l = w.lower.to_str().unwrap();
+    assert_bad_input(&w, &["--lower", l, "--upper", l, "--", "true"], l);
+    // The same directory through a symlink.
+    let link = w.p("link");
+    std::os::unix::fs::symlink(&w.lower, &link).unwrap();
+    let link = link.to_str().unwrap();
+    assert_bad_input(&w, &["--lower", l, "--upper", link, "--", "true"], link);
+}
+
+#[test]
+fn bad_upper_inside_lower() {
+    let w = World::new();
+    let u = w.lower.join("u");
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--upper",
+            u.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        u.to_str().unwrap(),
+    );
+}
+
+#[test]
+fn bad_lower_inside_upper() {
+    let w = World::new();
+    let sub = w.lower.join("sub");
+    let u = w.lower.to_str().unwrap();
+    assert_bad_input(
+        &w,
+        &["--lower", sub.to_str().unwrap(), "--upper", u, "--", "true"],
+        u,
+    );
+}
+
+#[test]
+fn bad_mountpoint_inside_a_layer() {
+    let w = World::new();
+    let m = w.lower.join("m");
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--mountpoint",
+            m.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        m.to_str().unwrap(),
+    );
+    // Inside the (default) upper.
+    fs::create_dir(w.upper()).unwrap();
+    let m = w.upper().join("m");
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--mountpoint",
+            m.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        m.to_str().unwrap(),
+    );
+}
+
+#[test]
+fn bad_mountpoint_not_empty() {
+    let w = World::new();
+    let m = w.p("mnt");
+    fs::create_dir(&m).unwrap();
+    fs::write(m.join("x"), "x").unwrap();
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--mountpoint",
+            m.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        m.to_str().unwrap(),
+    );
+    assert!(!w.upper().exists());
+}
+
+#[test]
+fn bad_on_exit_action() {
+    let w = World::new();
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--on-exit",
+            "bogus",
+            "--",
+            "true",
+        ],
+        "bogus",
+    );
+    assert!(!w.upper().exists());
+}
+
+#[test]
+fn bad_dashdash_without_command() {
+    let w = World::new();
+    assert_bad_input(&w, &["--lower", w.lower.to_str().unwrap(), "--"], "`--`");
+    assert!(!w.upper().exists());
+}
+
+#[test]
+fn bad_default_mountpoint_inside_a_layer() {
+    // XDG_CACHE_HOME inside the lower: the default mount point would be inside it.
+    let w = World::new();
+    let cache = w.lower.join("cache");
+    assert_bad_input_with(
+        &w,
+        &["--lower", w.lower.to_str().unwrap(), "--", "true"],
+        cache.to_str().unwrap(),
+        |c| {
+            c.env("XDG_CACHE_HOME", &cache);
+        },
+    );
+    assert!(!cache.exists());
+    assert!(!w.upper().exists());
+}
+
+#[test]
+fn bad_upper_is_a_file() {
+    let w = World::new();
+    let u = w.p("ufile");
+    fs::write(&u, "").unwrap();
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--upper",
+            u.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        u.to_str().unwrap(),
+    );
+}
+
+#[test]
+fn bad_mountpoint_is_a_file() {
+    let w = World::new();
+    let m = w.p("mfile");
+    fs::write(&m, "").unwrap();
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--mountpoint",
+            m.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        m.to_str().unwrap(),
+    );
+    assert!(!w.upper().exists());
+}
+
+#[test]
+fn bad_inode_mode() {
+    let w = World::new();
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--inode-mode",
+            "bogus",
+            "--",
+            "true",
+        ],
+        "bogus",
+    );
+}
+
+#[test]
+fn bad_second_lower_missing() {
+    let w = World::new();
+    let l2 = w.p("missing2");
+    assert_bad_input(
+        &w,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--lower",
+            l2.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+        l2.to_str().unwrap(),
+    );
+    assert!(!w.upper().exists());
+}
