@@ -33,10 +33,11 @@ const JOURNAL: &str = "ovl-commit.journal";
 
 /// Test hook: `OVL_COMMIT_CRASH_AFTER=N` aborts the process right after the N-th durable step,
 /// so tests can check recovery from a crash at every point.
-fn step(counter: &mut u64) {
-    *counter += 1;
-    if let Ok(n) = std::env::var("OVL_COMMIT_CRASH_AFTER") {
-        if n.parse::<u64>().ok() == Some(*counter) {
+fn step() {
+    static STEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = STEPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    if let Ok(limit) = std::env::var("OVL_COMMIT_CRASH_AFTER") {
+        if limit.parse::<u64>().ok() == Some(n) {
             std::process::abort();
         }
     }
@@ -55,14 +56,74 @@ fn rand_suffix() -> String {
     h.to_hex()[..16].to_string()
 }
 
+/// The commit journal: which commit runs, where its temporaries are, how far it got.
+/// Stored as `key=<hex of the value's bytes>` lines, so any path (newlines included) comes
+/// back exactly as written.
+#[derive(Debug, Default, Clone)]
+struct Journal {
+    /// "inplace" or "atomic".
+    mode: String,
+    lower: PathBuf,
+    /// In-place: the staging directory. Atomic: the new tree being built.
+    temp: PathBuf,
+    /// Atomic: inode of the new tree's root (0 until it is complete).
+    new_ino: u64,
+    /// The lower is complete and durable: only the upper's removal is left.
+    merged: bool,
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+impl Journal {
+    fn encode(&self) -> String {
+        format!(
+            "mode={}\nlower={}\ntemp={}\nnew_ino={}\nmerged={}\n",
+            hex(self.mode.as_bytes()),
+            hex(self.lower.as_os_str().as_bytes()),
+            hex(self.temp.as_os_str().as_bytes()),
+            hex(self.new_ino.to_string().as_bytes()),
+            hex(if self.merged { b"1" } else { b"0" }),
+        )
+    }
+
+    fn decode(text: &str) -> Option<Journal> {
+        let mut f: HashMap<&str, Vec<u8>> = HashMap::new();
+        for l in text.lines() {
+            let (k, v) = l.split_once('=')?;
+            f.insert(k, unhex(v)?);
+        }
+        let path = |k: &str| f.get(k).map(|v| PathBuf::from(OsStr::from_bytes(v)));
+        let text = |k: &str| f.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
+        Some(Journal {
+            mode: text("mode")?,
+            lower: path("lower")?,
+            temp: path("temp")?,
+            new_ino: text("new_ino")?.parse().ok()?,
+            merged: text("merged")? == "1",
+        })
+    }
+}
+
 /// Writes the journal durably (temp + fsync + rename + fsync dir).
-fn write_journal(work: &Path, text: &str) -> Result<()> {
+fn write_journal(work: &Path, j: &Journal) -> Result<()> {
     let tmp = work.join(format!("{JOURNAL}.tmp"));
     let fin = work.join(JOURNAL);
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(io_err("writing journal", &tmp))?;
-        f.write_all(text.as_bytes())
+        f.write_all(j.encode().as_bytes())
             .and_then(|_| f.sync_all())
             .map_err(io_err("writing journal", &tmp))?;
     }
@@ -84,15 +145,13 @@ fn remove_journal(work: &Path) -> Result<()> {
     }
 }
 
-fn journal_fields(text: &str) -> HashMap<&str, &str> {
-    text.lines().filter_map(|l| l.split_once('=')).collect()
-}
-
 /// Finishes or rolls back a commit that was interrupted (a crash, a kill). Returns whether
-/// there was one. In-place commits roll back their staging directory (files already renamed
-/// into place are complete; the upper is still there, so committing again finishes the job).
-/// Atomic commits roll forward if the swap happened (the lower is the new tree: the old tree
-/// and the upper go), else back (the half-built tree goes; the lower was never touched).
+/// there was one.
+/// - Once the lower is complete (in-place: every file merged and synced; atomic: the new tree
+///   swapped in), recovery rolls forward: the temporaries and the upper go.
+/// - Before that it rolls back: the staging directory or half-built tree goes and the upper
+///   stays whole. For in-place commits the files already renamed into place are complete, so
+///   committing again finishes the job; an atomic commit never touched the lower.
 pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
     let jpath = work.join(JOURNAL);
     let text = match std::fs::read_to_string(&jpath) {
@@ -100,42 +159,21 @@ pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
         Err(e) => return Err(Error::io("reading journal", jpath, e)),
     };
-    let f = journal_fields(&text);
-    let get = |k: &str| -> Result<PathBuf> {
-        f.get(k).map(PathBuf::from).ok_or_else(|| {
-            Error::bad(
-                &jpath,
-                format!("commit journal lacks '{k}': inspect it by hand"),
-            )
-        })
-    };
-    match f.get("mode").copied() {
-        Some("inplace") => {
-            let staging = get("staging")?;
-            if staging.exists() {
-                crate::action::remove_dir_tree(&staging)?;
-            }
-        }
-        Some("atomic") => {
-            let lower = get("lower")?;
-            let new = get("new")?;
-            let new_ino: u64 = f.get("new_ino").and_then(|v| v.parse().ok()).unwrap_or(0);
-            let lower_ino = std::fs::symlink_metadata(&lower).map(|m| {
+    let j = Journal::decode(&text).ok_or_else(|| {
+        Error::bad(
+            &jpath,
+            "unreadable commit journal: inspect it and remove it by hand",
+        )
+    })?;
+    let done = match j.mode.as_str() {
+        "inplace" => j.merged,
+        "atomic" => {
+            let lower_ino = std::fs::symlink_metadata(&j.lower).map(|m| {
                 use std::os::unix::fs::MetadataExt;
                 m.ino()
             });
-            let swapped = new_ino != 0 && lower_ino.as_ref().is_ok_and(|i| *i == new_ino);
-            if swapped {
-                // `new` now holds the old tree; the upper is merged already.
-                if new.exists() {
-                    crate::action::remove_dir_tree(&new)?;
-                }
-                if upper.exists() {
-                    crate::action::remove_dir_tree(upper)?;
-                }
-            } else if new.exists() {
-                crate::action::remove_dir_tree(&new)?;
-            }
+            // The new tree sits at the lower's path: the swap happened.
+            j.new_ino != 0 && lower_ino.as_ref().is_ok_and(|i| *i == j.new_ino)
         }
         _ => {
             return Err(Error::bad(
@@ -143,6 +181,13 @@ pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
                 "unknown commit journal: inspect it and remove it by hand",
             ));
         }
+    };
+    // In-place: the staging dir; atomic before the swap: the new tree; after: the old tree.
+    if j.temp.exists() {
+        crate::action::remove_dir_tree(&j.temp)?;
+    }
+    if done && upper.exists() {
+        crate::action::remove_dir_tree(upper)?;
     }
     remove_journal(work)?;
     Ok(true)
@@ -157,7 +202,6 @@ struct Merger<'a> {
     staging: OwnedFd,
     staging_path: PathBuf,
     seq: u64,
-    steps: u64,
     privileged: bool,
     /// Upper inode → (lower dir handle, name) of the first name committed, for hard links.
     linked: HashMap<InodeKey, (OwnedFd, CString)>,
@@ -261,7 +305,7 @@ impl Merger<'_> {
         {
             sys::remove_tree(ldir, &c).map_err(io_err("deleting", path))?;
             self.report.deleted += 1;
-            step(&mut self.steps);
+            step();
         }
         Ok(())
     }
@@ -307,11 +351,11 @@ impl Merger<'_> {
                     sys::remove_tree(self.staging.as_fd_borrowed(), &tmp)
                         .map_err(io_err("deleting old", path))?;
                     self.report.deleted += 1;
-                    step(&mut self.steps);
+                    step();
                 }
                 None => {
                     sys::mkdirat(ldir, &c, 0o700).map_err(io_err("creating", path))?;
-                    step(&mut self.steps);
+                    step();
                 }
             }
             let lsub = sys::openat(ldir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
@@ -319,7 +363,7 @@ impl Merger<'_> {
             let usub = sys::openat(udir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err("opening", path))?;
             self.merge_dir(usub.as_fd_borrowed(), lsub.as_fd_borrowed(), path, opaque)?;
-            copy_xattrs(ufd.as_fd_borrowed(), lsub.as_fd_borrowed(), false)
+            sync_xattrs(ufd.as_fd_borrowed(), lsub.as_fd_borrowed())
                 .map_err(io_err("setting xattrs on", path))?;
             copy_meta(lsub.as_fd_borrowed(), &ust, self.privileged)
                 .map_err(io_err("setting metadata on", path))?;
@@ -332,6 +376,42 @@ impl Merger<'_> {
                 .identical(&ufd, &ust, ldir, &c, l)
                 .map_err(io_err("comparing", path))?
             {
+                // Same content and attributes: keep the inode, but times changed through the
+                // mount (touch) still land.
+                if (l.st_mtime, l.st_mtime_nsec, l.st_atime, l.st_atime_nsec)
+                    != (
+                        ust.st_mtime,
+                        ust.st_mtime_nsec,
+                        ust.st_atime,
+                        ust.st_atime_nsec,
+                    )
+                {
+                    let times = [
+                        libc::timespec {
+                            tv_sec: ust.st_atime,
+                            tv_nsec: ust.st_atime_nsec,
+                        },
+                        libc::timespec {
+                            tv_sec: ust.st_mtime,
+                            tv_nsec: ust.st_mtime_nsec,
+                        },
+                    ];
+                    let r = unsafe {
+                        libc::utimensat(
+                            ldir.as_raw_fd(),
+                            c.as_ptr(),
+                            times.as_ptr(),
+                            libc::AT_SYMLINK_NOFOLLOW,
+                        )
+                    };
+                    if r < 0 {
+                        return Err(Error::io(
+                            "setting times on",
+                            path,
+                            io::Error::last_os_error(),
+                        ));
+                    }
+                }
                 self.report.deduplicated += 1;
                 return Ok(());
             }
@@ -402,7 +482,7 @@ impl Merger<'_> {
             _ => sys::renameat2(st_dir, &tmp, ldir, &c, 0).map_err(io_err("replacing", path))?,
         }
         self.report.written += 1;
-        step(&mut self.steps);
+        step();
         if ust.st_nlink > 1 && !self.linked.contains_key(&key) {
             let d = sys::openat(ldir, c".", libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err("opening", path))?;
@@ -469,10 +549,15 @@ pub fn commit(lower: &Path, upper: &Path, work: &Path, atomic: bool) -> Result<R
     if atomic {
         commit_atomic(lower, upper, work, &ufd, &mut report, privileged)?;
     } else {
-        commit_in_place(lower, work, &ufd, &mut report, privileged)?;
+        let mut j = commit_in_place(lower, work, &ufd, &mut report, privileged)?;
+        // The lower is complete and durable: from here recovery rolls forward.
+        j.merged = true;
+        write_journal(work, &j)?;
+        step();
     }
-    // The lower is durable: only now does the upper go.
+    // Only now does the upper go; a crash while removing it is finished by `recover`.
     crate::action::remove_dir_tree(upper)?;
+    step();
     remove_journal(work)?;
     crate::action::remove_dir_tree(work)?;
     Ok(report)
@@ -498,18 +583,17 @@ fn commit_in_place(
     ufd: &OwnedFd,
     report: &mut Report,
     privileged: bool,
-) -> Result<()> {
+) -> Result<Journal> {
     // The staging path is journaled before it exists, so recovery knows it without guessing.
     let name = format!(".ovl-commit-{}", rand_suffix());
     let staging_path = lower.join(&name);
-    write_journal(
-        work,
-        &format!(
-            "mode=inplace\nlower={}\nstaging={}\n",
-            lower.display(),
-            staging_path.display()
-        ),
-    )?;
+    let journal = Journal {
+        mode: "inplace".into(),
+        lower: lower.to_path_buf(),
+        temp: staging_path.clone(),
+        ..Default::default()
+    };
+    write_journal(work, &journal)?;
     std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
     let staging = sys::open_dir_path(&staging_path).map_err(io_err("opening", &staging_path))?;
     let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
@@ -518,11 +602,10 @@ fn commit_in_place(
         staging,
         staging_path: staging_path.clone(),
         seq: 0,
-        steps: 0,
         privileged,
         linked: HashMap::new(),
     };
-    step(&mut m.steps);
+    step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
     let res = m.merge_dir(
         ufd.as_fd_borrowed(),
@@ -533,7 +616,35 @@ fn commit_in_place(
     let cleanup = crate::action::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
-    sync_dir(lower)
+    apply_root_meta(ufd, &lfd, lower, privileged)?;
+    sync_dir(lower)?;
+    Ok(journal)
+}
+
+/// Makes the lower root's metadata the upper root's (what the mount showed: the upper root is
+/// created with the lower root's metadata, see `mount`).
+fn apply_root_meta(ufd: &OwnedFd, lfd: &OwnedFd, lower: &Path, privileged: bool) -> Result<()> {
+    let ust = sys::fstat(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
+    sync_xattrs(ufd.as_fd_borrowed(), lfd.as_fd_borrowed())
+        .map_err(io_err("setting xattrs on", lower))?;
+    copy_meta(lfd.as_fd_borrowed(), &ust, privileged).map_err(io_err("setting metadata on", lower))
+}
+
+/// Makes `dst`'s user-visible xattrs exactly `src`'s: copies every one and removes those
+/// `src` no longer has.
+fn sync_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
+    copy_xattrs(src, dst, false)?;
+    let keep: HashSet<Vec<u8>> = xattrs_of(src)?.into_iter().map(|(n, _)| n).collect();
+    for (name, _) in xattrs_of(dst)? {
+        if !keep.contains(&name) {
+            let c = CString::new(name).map_err(io::Error::other)?;
+            match sys::fremovexattr(dst.as_raw_fd(), &c) {
+                Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Makes error paths (relative inside the merge) absolute under `lower`.
@@ -553,7 +664,6 @@ fn link_tree(
     src: BorrowedFd<'_>,
     dst: BorrowedFd<'_>,
     path: &Path,
-    steps: &mut u64,
     privileged: bool,
 ) -> Result<()> {
     for e in sys::read_dir(src).map_err(io_err("reading", path))? {
@@ -566,13 +676,7 @@ fn link_tree(
                 .map_err(io_err("opening", &p))?;
             let d = sys::openat(dst, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err("opening", &p))?;
-            link_tree(
-                s.as_fd_borrowed(),
-                d.as_fd_borrowed(),
-                &p,
-                steps,
-                privileged,
-            )?;
+            link_tree(s.as_fd_borrowed(), d.as_fd_borrowed(), &p, privileged)?;
             copy_xattrs(s.as_fd_borrowed(), d.as_fd_borrowed(), false)
                 .map_err(io_err("setting xattrs on", &p))?;
             copy_meta(d.as_fd_borrowed(), &st, privileged)
@@ -586,7 +690,7 @@ fn link_tree(
             }
         }
     }
-    step(steps);
+    step();
     Ok(())
 }
 
@@ -607,31 +711,24 @@ fn commit_atomic(
         .unwrap_or_default();
     let name = format!(".{lname}.ovl-new-{}", rand_suffix());
     let new = parent.join(&name);
-    write_journal(
-        work,
-        &format!(
-            "mode=atomic\nlower={}\nnew={}\nnew_ino=0\n",
-            lower.display(),
-            new.display()
-        ),
-    )?;
+    let mut journal = Journal {
+        mode: "atomic".into(),
+        lower: lower.to_path_buf(),
+        temp: new.clone(),
+        ..Default::default()
+    };
+    write_journal(work, &journal)?;
     std::fs::create_dir(&new).map_err(io_err("creating", &new))?;
-    let mut steps = 0;
     let mut build = || -> Result<()> {
         let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
         let nfd = sys::open_dir_path(&new).map_err(io_err("opening", &new))?;
-        let lst = sys::fstat(lfd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
         link_tree(
             lfd.as_fd_borrowed(),
             nfd.as_fd_borrowed(),
             Path::new(""),
-            &mut steps,
             privileged,
-        )?;
-        copy_xattrs(lfd.as_fd_borrowed(), nfd.as_fd_borrowed(), false)
-            .map_err(io_err("setting xattrs on", &new))?;
-        copy_meta(nfd.as_fd_borrowed(), &lst, privileged)
-            .map_err(io_err("setting metadata on", &new))?;
+        )
+        .map_err(|e| prefix_error(e, lower))?;
         // Replacements are staged inside the new tree: same filesystem, removed with it.
         let (staging_path, _) = new_staging(&new, ".ovl-staging-")?;
         let staging =
@@ -641,7 +738,6 @@ fn commit_atomic(
             staging,
             staging_path: staging_path.clone(),
             seq: 0,
-            steps,
             privileged,
             linked: HashMap::new(),
         };
@@ -653,9 +749,9 @@ fn commit_atomic(
             Path::new(""),
             opaque,
         )
-        .map_err(|e| prefix_error(e, &new))?;
-        steps = m.steps;
+        .map_err(|e| prefix_error(e, lower))?;
         crate::action::remove_dir_tree(&staging_path)?;
+        apply_root_meta(ufd, &nfd, lower, privileged)?;
         sync_tree(&new)?;
         Ok(())
     };
@@ -671,15 +767,9 @@ fn commit_atomic(
             .ino()
     };
     // Recovery tells "swapped" from "not yet" by which inode sits at the lower's path.
-    write_journal(
-        work,
-        &format!(
-            "mode=atomic\nlower={}\nnew={}\nnew_ino={new_ino}\n",
-            lower.display(),
-            new.display()
-        ),
-    )?;
-    step(&mut steps);
+    journal.new_ino = new_ino;
+    write_journal(work, &journal)?;
+    step();
     let pfd = sys::open_dir_path(parent).map_err(io_err("opening", parent))?;
     let ln = sys::cstr(lower.file_name().unwrap_or_default()).map_err(io_err("swapping", lower))?;
     let nn = sys::cstr(OsStr::new(&name)).map_err(io_err("swapping", lower))?;
@@ -692,7 +782,7 @@ fn commit_atomic(
     )
     .map_err(io_err("swapping in the new tree at", lower))?;
     sync_dir(parent)?;
-    step(&mut steps);
+    step();
     // `new` now names the old tree.
     crate::action::remove_dir_tree(&new)
 }

@@ -204,6 +204,8 @@ impl Overlay {
         }
         let pstate = parent.read();
         let pupper = pstate.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
+        // A copy-up is not a change of the directory: keep its times, as the kernel does.
+        let before = sys::fstat(pupper.as_fd_borrowed())?;
         match sys::renameat2(
             work,
             &tmp,
@@ -211,7 +213,20 @@ impl Overlay {
             &cname,
             libc::RENAME_NOREPLACE,
         ) {
-            Ok(()) => Ok(Some(newfd)),
+            Ok(()) => {
+                let times = [
+                    libc::timespec {
+                        tv_sec: before.st_atime,
+                        tv_nsec: before.st_atime_nsec,
+                    },
+                    libc::timespec {
+                        tv_sec: before.st_mtime,
+                        tv_nsec: before.st_mtime_nsec,
+                    },
+                ];
+                sys::futimens_fd(pupper.as_fd_borrowed(), &times, false)?;
+                Ok(Some(newfd))
+            }
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) && inode.kind == Kind::Directory => {
                 // Another inode object for the same directory (the kernel forgot and re-looked
                 // it up while a child still pointed here) copied it up first: adopt that one.

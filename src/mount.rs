@@ -115,13 +115,37 @@ impl MountHandle {
     }
 
     fn do_umount(&mut self) -> Result<()> {
-        let Some(s) = self.session.take() else {
+        if self.session.is_none() {
             return Ok(());
+        }
+        // Unmount first and keep the session if that fails (busy: a process still uses the
+        // mount), so the caller can retry and nothing is finalized under a live mount.
+        let unmounted = match self.helper.as_mut() {
+            Some(h) => h.unmount(&self.mountpoint),
+            None => {
+                let c = crate::sys::cstr(self.mountpoint.as_os_str())
+                    .map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))?;
+                if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+                    Ok(())
+                } else {
+                    Err(io::Error::last_os_error())
+                }
+            }
         };
-        let res = match self.helper.as_mut() {
-            Some(h) => h.unmount(&self.mountpoint).and_then(|()| s.join()),
-            None => s.umount_and_join(),
-        };
+        if let Err(e) = unmounted {
+            let busy = e.raw_os_error() == Some(libc::EBUSY);
+            return Err(Error::io(
+                if busy {
+                    "unmounting (still in use: close what uses it and retry)"
+                } else {
+                    "unmounting"
+                },
+                self.mountpoint.clone(),
+                e,
+            ));
+        }
+        let s = self.session.take().expect("checked above");
+        let res = s.join();
         // The kernel aborting the connection as the mount goes away is the session's end,
         // not a failure (fuser only treats ENODEV so).
         let res = match res {
@@ -495,7 +519,22 @@ impl OverlayFS {
             crate::commit::recover(w, u)?;
         }
         if let Some(u) = &self.upper {
+            let fresh = std::fs::read_dir(u).map_or(true, |mut d| d.next().is_none());
             std::fs::create_dir_all(u).map_err(|e| Error::io("creating upper directory", u, e))?;
+            if fresh {
+                // The merged root shows the upper root: a new (empty) upper gets the lower
+                // root's owner, mode, times and xattrs, as a copy-up would, so the mount looks
+                // like the lower and a commit carries only real changes of the root.
+                let copy = || -> io::Result<()> {
+                    use crate::sys::BorrowFd;
+                    let lfd = crate::sys::open_dir_path(&lowers[0])?;
+                    let ufd = crate::sys::open_dir_path(u)?;
+                    let st = crate::sys::fstat(lfd.as_fd_borrowed())?;
+                    crate::copy_up::copy_xattrs(lfd.as_fd_borrowed(), ufd.as_fd_borrowed(), false)?;
+                    crate::copy_up::copy_meta(ufd.as_fd_borrowed(), &st, initial_userns_root())
+                };
+                copy().map_err(|e| Error::io("initialising upper directory", u, e))?;
+            }
         }
         if let Some(w) = &work {
             std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
@@ -578,10 +617,12 @@ impl OverlayFS {
     }
 
     /// Unmounts, if mounted (and removes a mount point made by `mountpoint_as_home`).
+    /// A busy mount stays mounted (and handled here) and an error says so.
     pub fn umount(&mut self) -> Result<()> {
-        if let Some(h) = self.handle.take() {
-            h.umount()?;
+        if let Some(h) = self.handle.as_mut() {
+            h.do_umount()?;
         }
+        self.handle = None;
         if self.own_mountpoint {
             if let Some(m) = &self.mountpoint {
                 // Only an empty directory goes: rmdir never removes content.
