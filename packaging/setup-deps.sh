@@ -3,7 +3,7 @@
 set -euo pipefail
 if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
-for pkg in fuse3 fuse-overlayfs attr busybox-static; do
+for pkg in fuse3 fuse-overlayfs attr busybox-static strace; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

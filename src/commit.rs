@@ -251,6 +251,62 @@ fn xattrs_of(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 }
 
 impl Merger<'_> {
+    /// A lower file with several names that was copied up (the engine's hard-link index in
+    /// the work dir) may have names never reached through the mount: they exist only in the
+    /// lower, still naming the old inode. After the merge each is re-pointed at the committed
+    /// copy, so all names stay one file. `root` is the tree being committed into.
+    fn relink_indexed(&mut self, work: &Path, root: BorrowedFd<'_>) -> Result<()> {
+        let index = work.join("ovl-index");
+        let Ok(entries) = std::fs::read_dir(&index) else {
+            return Ok(());
+        };
+        // Lower inode -> the committed upper file it became.
+        let mut want: HashMap<u64, InodeKey> = HashMap::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(ino) = name
+                .strip_prefix("L0-")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            let key = (meta.dev(), meta.ino());
+            if self.linked.contains_key(&key) {
+                want.insert(ino, key);
+            }
+        }
+        if want.is_empty() {
+            return Ok(());
+        }
+        let staging = sys::fstat(self.staging.as_fd_borrowed())
+            .map_err(io_err("reading", &self.staging_path))?;
+        let mut found = Vec::new();
+        find_inodes(
+            root,
+            Path::new(""),
+            &want,
+            (staging.st_dev, staging.st_ino),
+            &mut found,
+        )?;
+        for (dir, name, path, ino) in found {
+            let (dfd, dname) = &self.linked[&want[&ino]];
+            let src =
+                sys::open_path(dfd.as_fd_borrowed(), dname).map_err(io_err("linking", &path))?;
+            let tmp = self.tmp();
+            let st_dir = self.staging.as_fd_borrowed();
+            sys::link_fd(src.as_fd_borrowed(), st_dir, &tmp).map_err(io_err("linking", &path))?;
+            sys::renameat2(st_dir, &tmp, dir.as_fd_borrowed(), &name, 0)
+                .map_err(io_err("replacing", &path))?;
+            self.report.written += 1;
+            step();
+        }
+        Ok(())
+    }
+
     fn tmp(&mut self) -> CString {
         self.seq += 1;
         CString::new(format!("t{:x}", self.seq)).expect("no NUL")
@@ -607,12 +663,14 @@ fn commit_in_place(
     };
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
-    let res = m.merge_dir(
-        ufd.as_fd_borrowed(),
-        lfd.as_fd_borrowed(),
-        Path::new(""),
-        opaque,
-    );
+    let res = m
+        .merge_dir(
+            ufd.as_fd_borrowed(),
+            lfd.as_fd_borrowed(),
+            Path::new(""),
+            opaque,
+        )
+        .and_then(|()| m.relink_indexed(work, lfd.as_fd_borrowed()));
     let cleanup = crate::action::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
@@ -642,6 +700,40 @@ fn sync_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
                 Err(e) if e.raw_os_error() != Some(libc::ENODATA) => return Err(e),
                 _ => {}
             }
+        }
+    }
+    Ok(())
+}
+
+/// Non-directories under `dir` whose inode is a key of `want` (same device as `dir`; the
+/// staging directory `skip` is not entered).
+type FoundName = (OwnedFd, CString, PathBuf, u64);
+fn find_inodes(
+    dir: BorrowedFd<'_>,
+    path: &Path,
+    want: &HashMap<u64, InodeKey>,
+    skip: (u64, u64),
+    out: &mut Vec<FoundName>,
+) -> Result<()> {
+    let dst = sys::fstat(dir).map_err(io_err("reading", path))?;
+    for e in sys::read_dir(dir).map_err(io_err("reading", path))? {
+        let c = cname(&e.name)?;
+        let p = path.join(OsStr::from_bytes(&e.name));
+        let st = sys::fstatat(dir, &c).map_err(io_err("reading", &p))?;
+        if st.st_dev != dst.st_dev {
+            continue;
+        }
+        if is_dir(&st) {
+            if (st.st_dev, st.st_ino) == skip {
+                continue;
+            }
+            let sub = sys::openat(dir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", &p))?;
+            find_inodes(sub.as_fd_borrowed(), &p, want, skip, out)?;
+        } else if want.contains_key(&st.st_ino) {
+            let d = sys::openat(dir, c".", libc::O_PATH | libc::O_DIRECTORY, 0)
+                .map_err(io_err("opening", path))?;
+            out.push((d, c, p, st.st_ino));
         }
     }
     Ok(())
@@ -749,6 +841,7 @@ fn commit_atomic(
             Path::new(""),
             opaque,
         )
+        .and_then(|()| m.relink_indexed(work, nfd.as_fd_borrowed()))
         .map_err(|e| prefix_error(e, lower))?;
         crate::action::remove_dir_tree(&staging_path)?;
         apply_root_meta(ufd, &nfd, lower, privileged)?;
