@@ -62,7 +62,7 @@ impl Overlay {
         let inode = self.inode(ino)?;
         if let Some(fh) = fh {
             if let Ok(f) = self.files.file(fh) {
-                let st = sys::fstat(f.fd.as_fd_borrowed())?;
+                let st = sys::fstat(self.read_fd(&f)?)?;
                 let mut attr = crate::overlay::attr_from_stat(ino, &st);
                 let st = inode.read();
                 if st.unlinked && !st.has_upper() {

@@ -247,7 +247,9 @@ impl Overlay {
     ) -> OpResult<(Arc<Inode>, FileAttr, OwnedFd)> {
         let parent = self.inode(parent)?;
         who.mode = (who.mode & 0o7777) | libc::S_IFREG;
-        let oflags = (flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY))
+        // No O_APPEND on the real file: see `open_real`.
+        let oflags = (flags
+            & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_APPEND))
             | libc::O_CREAT
             | libc::O_EXCL;
         let mode = who.mode & 0o7777;

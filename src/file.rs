@@ -6,7 +6,7 @@
 //! are never written. Directory handles hold the snapshot their listing is served from.
 
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
@@ -25,17 +25,25 @@ pub struct OpenFile {
     pub backing: Option<Arc<fuser::BackingId>>,
     /// The inode, whose open count this handle holds.
     inode: Arc<Inode>,
+    /// Opened on the lower file (read-only, before any copy-up).
+    on_lower: bool,
+    /// The upper file, opened for reading once the inode was copied up after this handle was
+    /// opened: reads then see what was written since, as on one real file.
+    upper: std::sync::OnceLock<OwnedFd>,
 }
 
 impl OpenFile {
     /// A handle on `inode`'s real file `fd`; counted in the inode's open files.
     pub fn new(inode: Arc<Inode>, fd: OwnedFd, backing: Option<Arc<fuser::BackingId>>) -> Self {
         inode.open_files.fetch_add(1, Ordering::Relaxed);
+        let on_lower = !inode.read().has_upper();
         OpenFile {
             fd,
             ino: inode.ino,
             backing,
             inode,
+            on_lower,
+            upper: std::sync::OnceLock::new(),
         }
     }
 }
@@ -223,11 +231,34 @@ pub fn wants_write(flags: i32) -> bool {
 impl Overlay {
     /// Opens the real file behind `inode` for `flags`, copying it up first when the open can
     /// write (O_TRUNC skips copying the data it would throw away).
+    ///
+    /// O_APPEND is left out: the kernel computes append offsets itself and sends them, and
+    /// writes of mmap'ed pages may go through any writable handle, which must honour the
+    /// offset they carry.
     pub fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {
         if wants_write(flags) {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
-        sys::reopen(self.real_fd(inode)?.as_fd_borrowed(), flags)
+        sys::reopen(
+            self.real_fd(inode)?.as_fd_borrowed(),
+            flags & !libc::O_APPEND,
+        )
+    }
+
+    /// The descriptor to read through: the handle's own, or the upper copy when the handle
+    /// was opened on the lower file and the inode has been copied up since.
+    pub fn read_fd<'a>(&self, f: &'a OpenFile) -> OpResult<BorrowedFd<'a>> {
+        if f.on_lower && f.inode.read().has_upper() {
+            if f.upper.get().is_none() {
+                let up = self.upper_fd(&f.inode)?;
+                let fd = sys::reopen(up.as_fd_borrowed(), libc::O_RDONLY)?;
+                let _ = f.upper.set(fd);
+            }
+            if let Some(fd) = f.upper.get() {
+                return Ok(fd.as_fd_borrowed());
+            }
+        }
+        Ok(f.fd.as_fd_borrowed())
     }
 
     /// FUSE open.
@@ -243,10 +274,11 @@ impl Overlay {
     /// FUSE read.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
         let f = self.files.file(fh)?;
+        let fd = self.read_fd(&f)?;
         let mut buf: Vec<u8> = Vec::with_capacity(size as usize);
         let n = cvt(unsafe {
             libc::pread(
-                f.fd.as_raw_fd(),
+                fd.as_raw_fd(),
                 buf.as_mut_ptr().cast(),
                 size as usize,
                 offset as i64,
@@ -308,7 +340,7 @@ impl Overlay {
     /// FUSE lseek (SEEK_DATA / SEEK_HOLE answered by the real file).
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OpResult<i64> {
         let f = self.files.file(fh)?;
-        let r = unsafe { libc::lseek(f.fd.as_raw_fd(), offset, whence) };
+        let r = unsafe { libc::lseek(self.read_fd(&f)?.as_raw_fd(), offset, whence) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -331,7 +363,7 @@ impl Overlay {
         let mut oo = off_out as i64;
         let n = unsafe {
             libc::copy_file_range(
-                fin.fd.as_raw_fd(),
+                self.read_fd(&fin)?.as_raw_fd(),
                 &mut oi,
                 fout.fd.as_raw_fd(),
                 &mut oo,
