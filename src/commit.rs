@@ -251,58 +251,32 @@ fn xattrs_of(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 }
 
 impl Merger<'_> {
-    /// A lower file with several names that was copied up (the engine's hard-link index in
-    /// the work dir) may have names never reached through the mount: they exist only in the
-    /// lower, still naming the old inode. After the merge each is re-pointed at the committed
-    /// copy, so all names stay one file. `root` is the tree being committed into.
-    fn relink_indexed(&mut self, work: &Path, root: BorrowedFd<'_>) -> Result<()> {
-        let index = work.join("ovl-index");
-        let Ok(entries) = std::fs::read_dir(&index) else {
-            return Ok(());
-        };
-        // Lower inode -> the committed upper file it became.
-        let mut want: HashMap<u64, InodeKey> = HashMap::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(ino) = name
-                .strip_prefix("L0-")
-                .and_then(|h| u64::from_str_radix(h, 16).ok())
-            else {
-                continue;
+    /// Re-points names found by [`indexed_names`] at the committed copy of their file (see
+    /// there); names the merge replaced or deleted no longer hold the old inode and are left.
+    fn relink_indexed(&mut self, names: IndexedNames) -> Result<()> {
+        for (ino, (key, _pin, found)) in names {
+            let Some((dfd, dname)) = self.linked.get(&key) else {
+                continue; // the copy was not committed (no name of it left in the upper)
             };
-            use std::os::unix::fs::MetadataExt;
-            let Ok(meta) = std::fs::symlink_metadata(e.path()) else {
-                continue;
-            };
-            let key = (meta.dev(), meta.ino());
-            if self.linked.contains_key(&key) {
-                want.insert(ino, key);
+            let src = sys::open_path(dfd.as_fd_borrowed(), dname)
+                .map_err(io_err("linking", Path::new("")))?;
+            for (dir, name, path) in found {
+                // Still the old inode (pinned, so its number cannot have been reused)?
+                match sys::fstatat_opt(dir.as_fd_borrowed(), &name)
+                    .map_err(io_err("reading", &path))?
+                {
+                    Some(st) if st.st_ino == ino && !is_dir(&st) => {}
+                    _ => continue,
+                }
+                let tmp = self.tmp();
+                let st_dir = self.staging.as_fd_borrowed();
+                sys::link_fd(src.as_fd_borrowed(), st_dir, &tmp)
+                    .map_err(io_err("linking", &path))?;
+                sys::renameat2(st_dir, &tmp, dir.as_fd_borrowed(), &name, 0)
+                    .map_err(io_err("replacing", &path))?;
+                self.report.written += 1;
+                step();
             }
-        }
-        if want.is_empty() {
-            return Ok(());
-        }
-        let staging = sys::fstat(self.staging.as_fd_borrowed())
-            .map_err(io_err("reading", &self.staging_path))?;
-        let mut found = Vec::new();
-        find_inodes(
-            root,
-            Path::new(""),
-            &want,
-            (staging.st_dev, staging.st_ino),
-            &mut found,
-        )?;
-        for (dir, name, path, ino) in found {
-            let (dfd, dname) = &self.linked[&want[&ino]];
-            let src =
-                sys::open_path(dfd.as_fd_borrowed(), dname).map_err(io_err("linking", &path))?;
-            let tmp = self.tmp();
-            let st_dir = self.staging.as_fd_borrowed();
-            sys::link_fd(src.as_fd_borrowed(), st_dir, &tmp).map_err(io_err("linking", &path))?;
-            sys::renameat2(st_dir, &tmp, dir.as_fd_borrowed(), &name, 0)
-                .map_err(io_err("replacing", &path))?;
-            self.report.written += 1;
-            step();
         }
         Ok(())
     }
@@ -663,14 +637,15 @@ fn commit_in_place(
     };
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
-    let res = m
-        .merge_dir(
+    let res = indexed_names(work, lfd.as_fd_borrowed()).and_then(|names| {
+        m.merge_dir(
             ufd.as_fd_borrowed(),
             lfd.as_fd_borrowed(),
             Path::new(""),
             opaque,
-        )
-        .and_then(|()| m.relink_indexed(work, lfd.as_fd_borrowed()));
+        )?;
+        m.relink_indexed(names)
+    });
     let cleanup = crate::action::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
@@ -705,14 +680,57 @@ fn sync_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Non-directories under `dir` whose inode is a key of `want` (same device as `dir`; the
-/// staging directory `skip` is not entered).
+/// Lower inode -> (the upper copy's key, a handle pinning the lower inode, its names).
+type IndexedNames = HashMap<u64, (InodeKey, OwnedFd, Vec<(OwnedFd, CString, PathBuf)>)>;
+
+/// A lower file with several names that was copied up (the engine's hard-link index in the
+/// work dir) may have names never reached through the mount: they exist only in the lower,
+/// still naming the old inode. Found before the merge (each inode pinned by a handle, so its
+/// number cannot be reused by a file the merge writes), and re-pointed at the committed copy
+/// after it, so all names stay one file. `root` is the tree being committed into.
+fn indexed_names(work: &Path, root: BorrowedFd<'_>) -> Result<IndexedNames> {
+    let mut want: HashMap<u64, InodeKey> = HashMap::new();
+    if let Ok(entries) = std::fs::read_dir(work.join("ovl-index")) {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(ino) = name
+                .strip_prefix("L0-")
+                .and_then(|h| u64::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(meta) = std::fs::symlink_metadata(e.path()) {
+                want.insert(ino, (meta.dev(), meta.ino()));
+            }
+        }
+    }
+    let mut out = IndexedNames::new();
+    if want.is_empty() {
+        return Ok(out);
+    }
+    let mut found = Vec::new();
+    find_inodes(root, Path::new(""), &want, &mut found)?;
+    for (dir, name, path, ino) in found {
+        let entry = match out.entry(ino) {
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let pin = sys::open_path(dir.as_fd_borrowed(), &name)
+                    .map_err(io_err("opening", &path))?;
+                v.insert((want[&ino], pin, Vec::new()))
+            }
+        };
+        entry.2.push((dir, name, path));
+    }
+    Ok(out)
+}
+
+/// Non-directories under `dir` (same device) whose inode is a key of `want`.
 type FoundName = (OwnedFd, CString, PathBuf, u64);
 fn find_inodes(
     dir: BorrowedFd<'_>,
     path: &Path,
     want: &HashMap<u64, InodeKey>,
-    skip: (u64, u64),
     out: &mut Vec<FoundName>,
 ) -> Result<()> {
     let dst = sys::fstat(dir).map_err(io_err("reading", path))?;
@@ -724,12 +742,9 @@ fn find_inodes(
             continue;
         }
         if is_dir(&st) {
-            if (st.st_dev, st.st_ino) == skip {
-                continue;
-            }
             let sub = sys::openat(dir, &c, libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err("opening", &p))?;
-            find_inodes(sub.as_fd_borrowed(), &p, want, skip, out)?;
+            find_inodes(sub.as_fd_borrowed(), &p, want, out)?;
         } else if want.contains_key(&st.st_ino) {
             let d = sys::openat(dir, c".", libc::O_PATH | libc::O_DIRECTORY, 0)
                 .map_err(io_err("opening", path))?;
@@ -835,14 +850,17 @@ fn commit_atomic(
         };
         let opaque =
             layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
-        m.merge_dir(
-            ufd.as_fd_borrowed(),
-            nfd.as_fd_borrowed(),
-            Path::new(""),
-            opaque,
-        )
-        .and_then(|()| m.relink_indexed(work, nfd.as_fd_borrowed()))
-        .map_err(|e| prefix_error(e, lower))?;
+        indexed_names(work, nfd.as_fd_borrowed())
+            .and_then(|names| {
+                m.merge_dir(
+                    ufd.as_fd_borrowed(),
+                    nfd.as_fd_borrowed(),
+                    Path::new(""),
+                    opaque,
+                )?;
+                m.relink_indexed(names)
+            })
+            .map_err(|e| prefix_error(e, lower))?;
         crate::action::remove_dir_tree(&staging_path)?;
         apply_root_meta(ufd, &nfd, lower, privileged)?;
         sync_tree(&new)?;
