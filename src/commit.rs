@@ -205,6 +205,55 @@ struct Merger<'a> {
     privileged: bool,
     /// Upper inode → (lower dir handle, name) of the first name committed, for hard links.
     linked: HashMap<InodeKey, (OwnedFd, CString)>,
+    progress: Progress,
+}
+
+/// Progress on stderr for long commits (over a second), only when stderr is a terminal.
+struct Progress {
+    start: std::time::Instant,
+    last: std::time::Instant,
+    entries: u64,
+    shown: bool,
+    tty: bool,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Progress {
+            start: now,
+            last: now,
+            entries: 0,
+            shown: false,
+            tty: unsafe { libc::isatty(2) } == 1,
+        }
+    }
+
+    fn tick(&mut self, report: &Report) {
+        self.entries += 1;
+        if !self.tty || self.start.elapsed().as_secs() < 1 {
+            return;
+        }
+        if self.last.elapsed().as_millis() >= 200 || !self.shown {
+            self.last = std::time::Instant::now();
+            self.shown = true;
+            eprint!(
+                "\rovl: committing: {} entries, {} written, {} deleted, {} MiB\x1b[K",
+                self.entries,
+                report.written,
+                report.deleted,
+                report.bytes >> 20
+            );
+        }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if self.shown {
+            eprint!("\r\x1b[K");
+        }
+    }
 }
 
 fn cname(name: &[u8]) -> Result<CString> {
@@ -298,6 +347,7 @@ impl Merger<'_> {
         let entries = sys::read_dir(udir).map_err(io_err("reading", path))?;
         let mut upper_names: HashSet<Vec<u8>> = HashSet::new();
         for e in &entries {
+            self.progress.tick(self.report);
             let name = e.name.as_slice();
             if name == OPAQUE_MARKER.to_bytes() {
                 continue;
@@ -634,6 +684,7 @@ fn commit_in_place(
         seq: 0,
         privileged,
         linked: HashMap::new(),
+        progress: Progress::new(),
     };
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
@@ -847,6 +898,7 @@ fn commit_atomic(
             seq: 0,
             privileged,
             linked: HashMap::new(),
+            progress: Progress::new(),
         };
         let opaque =
             layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
