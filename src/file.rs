@@ -82,6 +82,9 @@ enum IoMode {
     Cached(usize),
 }
 
+/// Files below this size opened read-only are served through the page cache.
+const SMALL_FILE: i64 = 1 << 20;
+
 /// How one open is to be served.
 pub enum OpenMode {
     Passthrough(Arc<fuser::BackingId>),
@@ -98,10 +101,14 @@ impl FileTable {
     /// already served by us. ETXTBSY when the inode is passed through to a different real
     /// file: handles opened before a copy-up still read the lower file, and the kernel allows
     /// only one backing file per inode until they close.
+    ///
+    /// A small file opened read-only is served from the page cache (no registration, and
+    /// later stats stay cached): passthrough pays off for large or written files only.
     pub fn open_mode(
         &self,
         ino: u64,
         fd: &OwnedFd,
+        read_only: bool,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<fuser::BackingId>,
     ) -> OpResult<OpenMode> {
         let st = sys::fstat(fd.as_fd_borrowed())?;
@@ -122,6 +129,10 @@ impl FileTable {
                 }
             }
             None => {}
+        }
+        if read_only && st.st_size < SMALL_FILE {
+            map.insert(ino, IoMode::Cached(1));
+            return Ok(OpenMode::Cached);
         }
         match register(fd) {
             Ok(id) => {

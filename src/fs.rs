@@ -43,10 +43,11 @@ impl OverlayFs {
         &self,
         ino: u64,
         fd: &OwnedFd,
+        read_only: bool,
         register: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> io::Result<OpenMode> {
         if self.passthrough() {
-            self.0.files.open_mode(ino, fd, register)
+            self.0.files.open_mode(ino, fd, read_only, register)
         } else {
             Ok(OpenMode::Cached)
         }
@@ -74,9 +75,9 @@ impl OverlayFs {
         (fh, flags, backing)
     }
 
-    fn reply_open(&self, inode: Arc<Inode>, fd: OwnedFd, reply: ReplyOpen) {
+    fn reply_open(&self, inode: Arc<Inode>, fd: OwnedFd, read_only: bool, reply: ReplyOpen) {
         let ino = inode.ino;
-        match self.open_mode(ino, &fd, |fd| reply.open_backing(fd)) {
+        match self.open_mode(ino, &fd, read_only, |fd| reply.open_backing(fd)) {
             Ok(mode) => match self.insert(inode, fd, mode) {
                 (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
                 (fh, flags, None) => reply.opened(fh, flags),
@@ -289,7 +290,8 @@ impl Filesystem for OverlayFs {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
-        self.reply_open(inode, fd, reply);
+        let read_only = !crate::file::wants_write(flags.0);
+        self.reply_open(inode, fd, read_only, reply);
     }
 
     fn read(
@@ -532,7 +534,7 @@ impl Filesystem for OverlayFs {
             Ok((inode, attr, fd)) => {
                 let ttl = self.0.ttl;
                 let ino = inode.ino;
-                match self.open_mode(ino, &fd, |fd| reply.open_backing(fd)) {
+                match self.open_mode(ino, &fd, false, |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
                         let (fh, flags, id) = self.insert(inode, fd, mode);
                         match id {
