@@ -15,6 +15,11 @@
 //! mount or finalization reads it and finishes or rolls back (see [`recover`]). The upper is
 //! removed only after the lower is durable.
 
+mod journal;
+
+pub use journal::recover;
+use journal::{Journal, remove_journal, sync_dir, write_journal};
+
 use std::collections::{HashMap, HashSet};
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io::{self, Read};
@@ -27,9 +32,6 @@ use crate::copy_up::{copy_meta, copy_xattrs};
 use crate::error::{Error, Result};
 use crate::layers::{self, OPAQUE_MARKER, WH_PREFIX};
 use crate::sys::{self, BorrowFd};
-
-/// Journal file name inside the work directory.
-const JOURNAL: &str = "ovl-commit.journal";
 
 /// Test hook: `OVL_COMMIT_CRASH_AFTER=N` aborts the process right after the N-th durable step,
 /// so tests can check recovery from a crash at every point.
@@ -54,143 +56,6 @@ fn rand_suffix() -> String {
         .as_nanos();
     let h = blake3::hash(format!("{t}-{}", std::process::id()).as_bytes());
     h.to_hex()[..16].to_string()
-}
-
-/// The commit journal: which commit runs, where its temporaries are, how far it got.
-/// Stored as `key=<hex of the value's bytes>` lines, so any path (newlines included) comes
-/// back exactly as written.
-#[derive(Debug, Default, Clone)]
-struct Journal {
-    /// "inplace" or "atomic".
-    mode: String,
-    lower: PathBuf,
-    /// In-place: the staging directory. Atomic: the new tree being built.
-    temp: PathBuf,
-    /// Atomic: inode of the new tree's root (0 until it is complete).
-    new_ino: u64,
-    /// The lower is complete and durable: only the upper's removal is left.
-    merged: bool,
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-impl Journal {
-    fn encode(&self) -> String {
-        format!(
-            "mode={}\nlower={}\ntemp={}\nnew_ino={}\nmerged={}\n",
-            hex(self.mode.as_bytes()),
-            hex(self.lower.as_os_str().as_bytes()),
-            hex(self.temp.as_os_str().as_bytes()),
-            hex(self.new_ino.to_string().as_bytes()),
-            hex(if self.merged { b"1" } else { b"0" }),
-        )
-    }
-
-    fn decode(text: &str) -> Option<Journal> {
-        let mut f: HashMap<&str, Vec<u8>> = HashMap::new();
-        for l in text.lines() {
-            let (k, v) = l.split_once('=')?;
-            f.insert(k, unhex(v)?);
-        }
-        let path = |k: &str| f.get(k).map(|v| PathBuf::from(OsStr::from_bytes(v)));
-        let text = |k: &str| f.get(k).and_then(|v| String::from_utf8(v.clone()).ok());
-        Some(Journal {
-            mode: text("mode")?,
-            lower: path("lower")?,
-            temp: path("temp")?,
-            new_ino: text("new_ino")?.parse().ok()?,
-            merged: text("merged")? == "1",
-        })
-    }
-}
-
-/// Writes the journal durably (temp + fsync + rename + fsync dir).
-fn write_journal(work: &Path, j: &Journal) -> Result<()> {
-    let tmp = work.join(format!("{JOURNAL}.tmp"));
-    let fin = work.join(JOURNAL);
-    {
-        use std::io::Write;
-        let mut f = std::fs::File::create(&tmp).map_err(io_err("writing journal", &tmp))?;
-        f.write_all(j.encode().as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(io_err("writing journal", &tmp))?;
-    }
-    std::fs::rename(&tmp, &fin).map_err(io_err("writing journal", &fin))?;
-    sync_dir(work)
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    let f = std::fs::File::open(dir).map_err(io_err("syncing", dir))?;
-    f.sync_all().map_err(io_err("syncing", dir))
-}
-
-fn remove_journal(work: &Path) -> Result<()> {
-    let j = work.join(JOURNAL);
-    match std::fs::remove_file(&j) {
-        Ok(()) => sync_dir(work),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(Error::io("removing journal", j, e)),
-    }
-}
-
-/// Finishes or rolls back a commit that was interrupted (a crash, a kill). Returns whether
-/// there was one.
-/// - Once the lower is complete (in-place: every file merged and synced; atomic: the new tree
-///   swapped in), recovery rolls forward: the temporaries and the upper go.
-/// - Before that it rolls back: the staging directory or half-built tree goes and the upper
-///   stays whole. For in-place commits the files already renamed into place are complete, so
-///   committing again finishes the job; an atomic commit never touched the lower.
-pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
-    let jpath = work.join(JOURNAL);
-    let text = match std::fs::read_to_string(&jpath) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(Error::io("reading journal", jpath, e)),
-    };
-    let j = Journal::decode(&text).ok_or_else(|| {
-        Error::bad(
-            &jpath,
-            "unreadable commit journal: inspect it and remove it by hand",
-        )
-    })?;
-    let done = match j.mode.as_str() {
-        "inplace" => j.merged,
-        "atomic" => {
-            let lower_ino = std::fs::symlink_metadata(&j.lower).map(|m| {
-                use std::os::unix::fs::MetadataExt;
-                m.ino()
-            });
-            // The new tree sits at the lower's path: the swap happened.
-            j.new_ino != 0 && lower_ino.as_ref().is_ok_and(|i| *i == j.new_ino)
-        }
-        _ => {
-            return Err(Error::bad(
-                &jpath,
-                "unknown commit journal: inspect it and remove it by hand",
-            ));
-        }
-    };
-    // In-place: the staging dir; atomic before the swap: the new tree; after: the old tree.
-    if j.temp.exists() {
-        crate::action::remove_dir_tree(&j.temp)?;
-    }
-    if done && upper.exists() {
-        crate::action::remove_dir_tree(upper)?;
-    }
-    remove_journal(work)?;
-    Ok(true)
 }
 
 /// Identity of an upper file with several names, to recreate its hard links in the lower.
@@ -299,7 +164,19 @@ fn xattrs_of(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
-impl Merger<'_> {
+impl<'a> Merger<'a> {
+    fn new(report: &'a mut Report, staging_path: &Path, privileged: bool) -> Result<Self> {
+        Ok(Merger {
+            report,
+            staging: sys::open_dir_path(staging_path).map_err(io_err("opening", staging_path))?,
+            staging_path: staging_path.to_path_buf(),
+            seq: 0,
+            privileged,
+            linked: HashMap::new(),
+            progress: Progress::new(),
+        })
+    }
+
     /// Re-points names found by [`indexed_names`] at the committed copy of their file (see
     /// there); names the merge replaced or deleted no longer hold the old inode and are left.
     fn relink_indexed(&mut self, names: IndexedNames) -> Result<()> {
@@ -667,25 +544,9 @@ fn commit_in_place(
     // The staging path is journaled before it exists, so recovery knows it without guessing.
     let name = format!(".ovl-commit-{}", rand_suffix());
     let staging_path = lower.join(&name);
-    let journal = Journal {
-        mode: "inplace".into(),
-        lower: lower.to_path_buf(),
-        temp: staging_path.clone(),
-        ..Default::default()
-    };
-    write_journal(work, &journal)?;
-    std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
-    let staging = sys::open_dir_path(&staging_path).map_err(io_err("opening", &staging_path))?;
+    let journal = Journal::begin(work, "inplace", lower, &staging_path)?;
     let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
-    let mut m = Merger {
-        report,
-        staging,
-        staging_path: staging_path.clone(),
-        seq: 0,
-        privileged,
-        linked: HashMap::new(),
-        progress: Progress::new(),
-    };
+    let mut m = Merger::new(report, &staging_path, privileged)?;
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
     let res = indexed_names(work, lfd.as_fd_borrowed()).and_then(|names| {
@@ -869,14 +730,7 @@ fn commit_atomic(
         .unwrap_or_default();
     let name = format!(".{lname}.ovl-new-{}", rand_suffix());
     let new = parent.join(&name);
-    let mut journal = Journal {
-        mode: "atomic".into(),
-        lower: lower.to_path_buf(),
-        temp: new.clone(),
-        ..Default::default()
-    };
-    write_journal(work, &journal)?;
-    std::fs::create_dir(&new).map_err(io_err("creating", &new))?;
+    let mut journal = Journal::begin(work, "atomic", lower, &new)?;
     let mut build = || -> Result<()> {
         let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
         let nfd = sys::open_dir_path(&new).map_err(io_err("opening", &new))?;
@@ -889,17 +743,7 @@ fn commit_atomic(
         .map_err(|e| prefix_error(e, lower))?;
         // Replacements are staged inside the new tree: same filesystem, removed with it.
         let (staging_path, _) = new_staging(&new, ".ovl-staging-")?;
-        let staging =
-            sys::open_dir_path(&staging_path).map_err(io_err("opening", &staging_path))?;
-        let mut m = Merger {
-            report: &mut *report,
-            staging,
-            staging_path: staging_path.clone(),
-            seq: 0,
-            privileged,
-            linked: HashMap::new(),
-            progress: Progress::new(),
-        };
+        let mut m = Merger::new(&mut *report, &staging_path, privileged)?;
         let opaque =
             layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
         indexed_names(work, nfd.as_fd_borrowed())
