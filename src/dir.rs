@@ -77,7 +77,7 @@ impl Overlay {
         match sys::open_path(upper.as_fd_borrowed(), &cname) {
             Ok(fd) => {
                 let st = sys::fstat(fd.as_fd_borrowed())?;
-                if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
+                if layers::is_whiteout_in(&st, fd.as_fd_borrowed(), pst.upper_xwh)? {
                     Ok(Slot::Whiteout)
                 } else {
                     Err(errno(libc::EEXIST))

@@ -45,6 +45,8 @@ pub type Kind = fuser::FileType;
 pub struct LowerEntry {
     pub layer: usize,
     pub fd: OwnedFd,
+    /// The directory is marked to hold xattr whiteouts (see [`crate::layers::DirMarks`]).
+    pub xwhiteouts: bool,
 }
 
 /// Mutable state of an inode, guarded by the inode's lock.
@@ -58,6 +60,8 @@ pub struct LowerEntry {
 pub struct InodeState {
     /// Directories: the upper directory, once it exists (created or copied up).
     pub upper: Option<OwnedFd>,
+    /// Directories: the upper directory is marked to hold xattr whiteouts.
+    pub upper_xwh: bool,
     /// Non-directories: the entry exists in the upper layer.
     pub in_upper: bool,
     /// Directories: every lower directory merged into this one, topmost first, stopping at the

@@ -239,14 +239,44 @@ pub fn remove_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()>
 /// Is the directory behind `fd` opaque (hides the layers below)? Reads both xattr
 /// namespaces and the aufs-style marker file, as every overlay writer uses one of them.
 pub fn is_opaque_dir(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(dir_marks(fd)?.opaque)
+}
+
+/// What a layer directory's `overlay.opaque` xattr (or marker file) says about it.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DirMarks {
+    /// `y` or the `.wh..wh..opq` marker: the layers below are hidden here.
+    pub opaque: bool,
+    /// `x`: entries here may be xattr whiteouts (the kernel only honours those in directories
+    /// so marked, which spares checking every empty file elsewhere).
+    pub xwhiteouts: bool,
+}
+
+/// Reads the marks of a layer directory.
+pub fn dir_marks(fd: BorrowedFd<'_>) -> io::Result<DirMarks> {
+    let mut m = DirMarks::default();
     for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        if let Some(v) = sys::fgetxattr(fd.as_raw_fd(), name)? {
-            if v == b"y" {
-                return Ok(true);
-            }
+        match sys::fgetxattr(fd.as_raw_fd(), name)?.as_deref() {
+            Some(b"y") => m.opaque = true,
+            Some(b"x") => m.xwhiteouts = true,
+            _ => {}
         }
     }
-    Ok(sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some())
+    if !m.opaque {
+        m.opaque = sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some();
+    }
+    Ok(m)
+}
+
+/// Like [`is_whiteout`], with xattr whiteouts honoured only where `xwhiteouts` says so.
+pub fn is_whiteout_in(st: &libc::stat, fd: BorrowedFd<'_>, xwhiteouts: bool) -> io::Result<bool> {
+    if sys::is_whiteout_dev(st) {
+        return Ok(true);
+    }
+    if !xwhiteouts {
+        return Ok(false);
+    }
+    is_whiteout(st, fd)
 }
 
 /// Is the entry with stat `st` (handle `fd`) a whiteout? Char 0/0, or an empty regular file

@@ -24,7 +24,9 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
         let fd = sys::open_path(u.root.as_fd_borrowed(), c".")?;
         let st = sys::fstat(fd.as_fd_borrowed())?;
         id = Some((st.st_dev, st.st_ino));
-        state.opaque = layers.is_opaque_dir(fd.as_fd_borrowed())?;
+        let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+        state.opaque = marks.opaque;
+        state.upper_xwh = marks.xwhiteouts;
         state.upper = Some(fd);
     }
     if !state.opaque {
@@ -34,9 +36,13 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
                 let st = sys::fstat(fd.as_fd_borrowed())?;
                 id = Some((st.st_dev, st.st_ino));
             }
-            let opaque = layers.is_opaque_dir(fd.as_fd_borrowed())?;
-            state.lowers.push(LowerEntry { layer: i, fd });
-            if opaque {
+            let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+            state.lowers.push(LowerEntry {
+                layer: i,
+                fd,
+                xwhiteouts: marks.xwhiteouts,
+            });
+            if marks.opaque {
                 break;
             }
         }
@@ -64,7 +70,12 @@ enum Probe {
 impl Overlay {
     /// Looks at `name` in one layer directory: one fstatat, plus an open for directories
     /// (kept as the inode's handle) and for empty files (which may be xattr whiteouts).
-    fn probe(&self, dir: std::os::fd::BorrowedFd<'_>, cname: &std::ffi::CStr) -> OpResult<Probe> {
+    fn probe(
+        &self,
+        dir: std::os::fd::BorrowedFd<'_>,
+        cname: &std::ffi::CStr,
+        xwhiteouts: bool,
+    ) -> OpResult<Probe> {
         let st = match sys::fstatat(dir, cname) {
             Ok(st) => st,
             Err(e) if is_enoent(&e) => return Ok(Probe::Absent),
@@ -78,7 +89,7 @@ impl Overlay {
             let fd = sys::openat(dir, cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             return Ok(Probe::Present(st, Some(fd)));
         }
-        if fmt == libc::S_IFREG && st.st_size == 0 {
+        if xwhiteouts && fmt == libc::S_IFREG && st.st_size == 0 {
             let fd = sys::open_path(dir, cname)?;
             if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
                 return Ok(Probe::Whiteout);
@@ -110,10 +121,12 @@ impl Overlay {
         let mut search_lower = !pst.opaque;
 
         if let Some(udir) = &pst.upper {
-            match self.probe(udir.as_fd_borrowed(), &cname)? {
+            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh)? {
                 Probe::Whiteout => return Ok(None),
                 Probe::Present(st, Some(fd)) => {
-                    state.opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
+                    let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+                    state.opaque = marks.opaque;
+                    state.upper_xwh = marks.xwhiteouts;
                     search_lower &= !state.opaque;
                     state.upper = Some(fd);
                     shown = Some((st, 0));
@@ -134,7 +147,7 @@ impl Overlay {
         if search_lower {
             let n = pst.lowers.len();
             for (i, l) in pst.lowers.iter().enumerate() {
-                match self.probe(l.fd.as_fd_borrowed(), &cname)? {
+                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts)? {
                     Probe::Whiteout => break,
                     Probe::Present(st, dirfd) => {
                         if shown.is_none() {
@@ -142,9 +155,13 @@ impl Overlay {
                         }
                         match dirfd {
                             Some(fd) => {
-                                let opaque = self.layers.is_opaque_dir(fd.as_fd_borrowed())?;
-                                state.lowers.push(LowerEntry { layer: l.layer, fd });
-                                if opaque {
+                                let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+                                state.lowers.push(LowerEntry {
+                                    layer: l.layer,
+                                    fd,
+                                    xwhiteouts: marks.xwhiteouts,
+                                });
+                                if marks.opaque {
                                     break;
                                 }
                             }
@@ -230,7 +247,7 @@ impl Overlay {
                 if sys::is_whiteout_dev(&st) {
                     return Ok(false);
                 }
-                if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
+                if l.xwhiteouts && st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
                     let fd = sys::open_path(l.fd.as_fd_borrowed(), &cname)?;
                     return Ok(!self.layers.is_whiteout(&st, fd.as_fd_borrowed())?);
                 }

@@ -165,6 +165,9 @@ fn reads_every_whiteout_and_opaque_form() {
     fs::create_dir(u.join("xw")).unwrap();
     fs::write(u.join("wh_xattr"), "").unwrap();
     xattr_set(&u.join("wh_xattr"), "trusted.overlay.whiteout", b"").unwrap();
+    // Xattr whiteouts count only in directories marked overlay.opaque=x (as in the kernel);
+    // an unmarked empty file with the xattr is an ordinary file.
+    xattr_set(u, "trusted.overlay.opaque", b"x").unwrap();
     for (d, x) in [
         ("op_trusted", Some("trusted.overlay.opaque")),
         ("op_user", Some("user.overlay.opaque")),
