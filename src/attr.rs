@@ -80,37 +80,86 @@ impl Overlay {
         // Truncating to zero needs none of the old data.
         let need_data = req.size != Some(0);
         self.copy_up_with(&inode, need_data)?;
-        {
-            let fd = self.upper_fd(&inode)?;
-            let fd = fd.as_fd_borrowed();
+        if req.mode.is_some() && inode.kind == crate::inode::Kind::Symlink {
+            return Err(errno(libc::EOPNOTSUPP));
+        }
+        let handle = req.fh.and_then(|fh| self.files.file(fh).ok());
+        // A file in the upper with a name: one *at call per change, nothing to open.
+        let done = self.with_upper_at(&inode, |dir, name| {
+            let d = dir.as_raw_fd();
+            let check = |r: libc::c_int| {
+                if r < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            };
             if req.uid.is_some() || req.gid.is_some() {
-                sys::fchown_fd(fd, req.uid.unwrap_or(u32::MAX), req.gid.unwrap_or(u32::MAX))?;
+                let (u, g) = (req.uid.unwrap_or(u32::MAX), req.gid.unwrap_or(u32::MAX));
+                check(unsafe {
+                    libc::fchownat(d, name.as_ptr(), u, g, libc::AT_SYMLINK_NOFOLLOW)
+                })?;
             }
             if let Some(mode) = req.mode {
-                if inode.kind == crate::inode::Kind::Symlink {
-                    return Err(errno(libc::EOPNOTSUPP));
-                }
-                sys::fchmod_fd(fd, mode & 0o7777)?;
+                // Not a symlink (refused above), so following the name is following nothing.
+                check(unsafe { libc::fchmodat(d, name.as_ptr(), mode & 0o7777, 0) })?;
             }
             if let Some(size) = req.size {
-                let handle = req.fh.and_then(|fh| self.files.file(fh).ok());
-                let r = match handle {
-                    Some(f) => unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) },
+                match &handle {
+                    Some(f) => check(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) })?,
                     None => {
-                        let p = sys::proc_path(fd.as_raw_fd());
-                        unsafe { libc::truncate(p.as_ptr(), size as i64) }
+                        let fd = sys::openat(dir, name, libc::O_WRONLY, 0)?;
+                        check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) })?;
                     }
-                };
-                if r < 0 {
-                    return Err(std::io::Error::last_os_error());
                 }
             }
             if req.atime.is_some() || req.mtime.is_some() {
                 let times = [timespec(req.atime), timespec(req.mtime)];
-                sys::futimens_fd(fd, &times, inode.kind == crate::inode::Kind::Symlink)?;
+                check(unsafe {
+                    libc::utimensat(d, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+                })?;
             }
+            Ok(())
+        });
+        match done {
+            Some(r) => r?,
+            None => self.setattr_fd(&inode, &req, handle.as_deref())?,
         }
         self.stat_inode(&inode)
+    }
+
+    /// setattr through an `O_PATH` handle (directories, pinned files).
+    fn setattr_fd(
+        &self,
+        inode: &crate::inode::Inode,
+        req: &SetAttr,
+        handle: Option<&crate::file::OpenFile>,
+    ) -> OpResult<()> {
+        let fd = self.upper_fd(inode)?;
+        let fd = fd.as_fd_borrowed();
+        if req.uid.is_some() || req.gid.is_some() {
+            sys::fchown_fd(fd, req.uid.unwrap_or(u32::MAX), req.gid.unwrap_or(u32::MAX))?;
+        }
+        if let Some(mode) = req.mode {
+            sys::fchmod_fd(fd, mode & 0o7777)?;
+        }
+        if let Some(size) = req.size {
+            let r = match handle {
+                Some(f) => unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) },
+                None => {
+                    let p = sys::proc_path(fd.as_raw_fd());
+                    unsafe { libc::truncate(p.as_ptr(), size as i64) }
+                }
+            };
+            if r < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        if req.atime.is_some() || req.mtime.is_some() {
+            let times = [timespec(req.atime), timespec(req.mtime)];
+            sys::futimens_fd(fd, &times, inode.kind == crate::inode::Kind::Symlink)?;
+        }
+        Ok(())
     }
 
     /// FUSE readlink.

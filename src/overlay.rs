@@ -153,6 +153,28 @@ impl Overlay {
         sys::open_path(dir.as_fd_borrowed(), &cname)
     }
 
+    /// Runs `f` on the upper entry of a non-directory as (parent's upper directory, name), so
+    /// metadata calls are one `*at` system call with no descriptor to open. `None` when the
+    /// inode is a directory, not in the upper, or pinned (no name left).
+    pub fn with_upper_at<R>(
+        &self,
+        inode: &Inode,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> OpResult<R>,
+    ) -> Option<OpResult<R>> {
+        let st = inode.read();
+        if inode.is_dir() || !st.in_upper || st.pinned.is_some() {
+            return None;
+        }
+        let parent = st.parent.as_ref()?;
+        let cname = match sys::cstr(&st.name) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let pst = parent.read();
+        let dir = pst.upper.as_ref()?;
+        Some(f(dir.as_fd_borrowed(), &cname))
+    }
+
     /// An `O_PATH` handle on the real entry whose metadata and data are shown.
     pub fn real_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
         let st = inode.read();
