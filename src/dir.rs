@@ -441,7 +441,8 @@ impl Overlay {
         if !lower_only {
             return Ok(());
         }
-        let lower_nlink = sys::fstat(self.lower_fd(inode)?.as_fd_borrowed())?.st_nlink;
+        // The shown attributes are the lower file's: one fstatat, nothing to open.
+        let lower_nlink = u64::from(self.stat_inode(inode)?.nlink);
         if lower_nlink > 1 && self.layers.index().is_some() {
             self.copy_up(inode)?;
         }
