@@ -824,3 +824,57 @@ fn bad_input_is_refused_without_changes() {
     assert_eq!(names(root.path()), before, "nothing created");
     assert!(names(&l).is_empty());
 }
+
+#[test]
+fn copy_file_range_seek_data_hole_and_statfs() {
+    use std::os::fd::AsRawFd;
+    let m = Mounted::new(|l| fs::write(l.join("src"), vec![b'x'; 10_000]).unwrap());
+    let src = fs::File::open(m.p("src")).unwrap();
+    let dst = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.p("dst"))
+        .unwrap();
+    let (mut off_in, mut off_out) = (1000i64, 0i64);
+    let n = unsafe {
+        libc::copy_file_range(
+            src.as_raw_fd(),
+            &mut off_in,
+            dst.as_raw_fd(),
+            &mut off_out,
+            5000,
+            0,
+        )
+    };
+    assert_eq!(n, 5000);
+    drop(dst);
+    assert_eq!(fs::read(m.p("dst")).unwrap(), vec![b'x'; 5000]);
+    assert_eq!(fs::read(m.upper.join("dst")).unwrap().len(), 5000);
+
+    // A sparse file: data at 0 and at 1 MiB, a hole between.
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(m.p("sparse"))
+        .unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(b"head", 0).unwrap();
+    f.write_all_at(b"tail", 1 << 20).unwrap();
+    f.sync_all().unwrap();
+    let fd = f.as_raw_fd();
+    let hole = unsafe { libc::lseek(fd, 0, libc::SEEK_HOLE) };
+    assert!(hole > 0 && hole < 1 << 20, "first hole at {hole}");
+    let data = unsafe { libc::lseek(fd, hole, libc::SEEK_DATA) };
+    assert!(data > hole && data <= 1 << 20, "data again at {data}");
+
+    let mut sv = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    let p = c(&m.mnt);
+    assert_eq!(unsafe { libc::statvfs(p.as_ptr(), sv.as_mut_ptr()) }, 0);
+    let sv = unsafe { sv.assume_init() };
+    assert_eq!(sv.f_namemax, 255);
+    assert!(sv.f_blocks > 0);
+}
