@@ -153,6 +153,34 @@ impl Overlay {
         sys::open_path(dir.as_fd_borrowed(), &cname)
     }
 
+    /// Runs `f` on the shown entry of a non-directory as (its parent's real directory of that
+    /// layer, name): `None` for directories and pinned files (use [`Overlay::real_fd`]).
+    pub fn with_real_at<R>(
+        &self,
+        inode: &Inode,
+        f: impl FnOnce(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> OpResult<R>,
+    ) -> Option<OpResult<R>> {
+        let st = inode.read();
+        if inode.is_dir() || st.pinned.is_some() {
+            return None;
+        }
+        let parent = st.parent.as_ref()?;
+        let cname = match sys::cstr(&st.name) {
+            Ok(c) => c,
+            Err(e) => return Some(Err(e)),
+        };
+        let pst = parent.read();
+        let dir = if st.in_upper {
+            pst.upper.as_ref()?
+        } else {
+            &pst.lowers
+                .iter()
+                .find(|e| Some(e.layer) == st.lower_layer)?
+                .fd
+        };
+        Some(f(dir.as_fd_borrowed(), &cname))
+    }
+
     /// Runs `f` on the upper entry of a non-directory as (parent's upper directory, name), so
     /// metadata calls are one `*at` system call with no descriptor to open. `None` when the
     /// inode is a directory, not in the upper, or pinned (no name left).

@@ -273,6 +273,31 @@ pub fn getxattr_raw(fd: RawFd, name: &CStr, size: usize) -> io::Result<(usize, V
     Ok((n as usize, buf))
 }
 
+/// `getxattr_raw` of the entry `name` in directory `dir`, never following it (lgetxattr on
+/// `/proc/self/fd/DIR/NAME`): no descriptor to open for the entry.
+pub fn getxattr_at(
+    dir: RawFd,
+    name: &CStr,
+    attr: &CStr,
+    size: usize,
+) -> io::Result<(usize, Vec<u8>)> {
+    let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
+    p.extend_from_slice(name.to_bytes());
+    let p = CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let mut buf = vec![0u8; size];
+    let ptr = if size == 0 {
+        std::ptr::null_mut()
+    } else {
+        buf.as_mut_ptr().cast()
+    };
+    let n = unsafe { libc::lgetxattr(p.as_ptr(), attr.as_ptr(), ptr, size) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    buf.truncate(n as usize);
+    Ok((n as usize, buf))
+}
+
 /// Lists xattr names (NUL-separated) of the inode behind a handle.
 pub fn flistxattr(fd: RawFd) -> io::Result<Vec<u8>> {
     let p = proc_path(fd);

@@ -32,8 +32,15 @@ impl Overlay {
     pub fn getxattr(&self, ino: u64, name: &OsStr, size: u32) -> OpResult<XattrReply> {
         let cname = check_name(name)?;
         let inode = self.inode(ino)?;
-        let real = self.real_fd(&inode)?;
-        let (len, data) = sys::getxattr_raw(real.as_raw_fd(), &cname, size as usize)?;
+        // Files: one lgetxattr by name (the kernel asks security.capability before every
+        // write, so this path is hot); directories and pinned files through their handle.
+        let at = self.with_real_at(&inode, |dir, name| {
+            sys::getxattr_at(dir.as_raw_fd(), name, &cname, size as usize)
+        });
+        let (len, data) = match at {
+            Some(r) => r?,
+            None => sys::getxattr_raw(self.real_fd(&inode)?.as_raw_fd(), &cname, size as usize)?,
+        };
         Ok(if size == 0 {
             XattrReply::Size(len as u32)
         } else {
