@@ -35,7 +35,9 @@ impl Drop for Held<'_> {
 /// What occupies a name in the parent's upper directory before a create.
 #[derive(PartialEq)]
 enum Slot {
-    Free,
+    /// Nothing there; `aufs_marker`: a `.wh.<name>` marker file exists and must go once the
+    /// entry is in place.
+    Free { aufs_marker: bool },
     /// A whiteout (device or xattr form) that the new entry replaces atomically.
     Whiteout,
 }
@@ -89,7 +91,9 @@ impl Overlay {
                 if !aufs_wh && self.lower_positive(parent, name)? {
                     return Err(errno(libc::EEXIST));
                 }
-                Ok(Slot::Free)
+                Ok(Slot::Free {
+                    aufs_marker: aufs_wh,
+                })
             }
             Err(e) => Err(e),
         }
@@ -133,7 +137,7 @@ impl Overlay {
             let pupper = pupper.as_fd_borrowed();
             let (owner, parent_sgid) = self.owner(pupper, who)?;
             let (dir, tmpname) = match slot {
-                Slot::Free => (pupper, cname.clone()),
+                Slot::Free { .. } => (pupper, cname.clone()),
                 Slot::Whiteout => (self.layers.work()?, self.layers.tmp_name()),
             };
             opened = make(dir, &tmpname)?;
@@ -175,7 +179,9 @@ impl Overlay {
                 return Err(e);
             }
             // An aufs-style marker for this name is obsolete now that the entry exists above it.
-            layers::remove_aufs_whiteout(pupper, name)?;
+            if slot != (Slot::Free { aufs_marker: false }) {
+                layers::remove_aufs_whiteout(pupper, name)?;
+            }
         }
         let (inode, attr) = self.lookup_in(parent, name)?;
         Ok((inode, attr, opened))
@@ -292,7 +298,7 @@ impl Overlay {
             let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
             let pupper = pupper.as_fd_borrowed();
             match slot {
-                Slot::Free => sys::link_fd(src.as_fd_borrowed(), pupper, &cname)?,
+                Slot::Free { .. } => sys::link_fd(src.as_fd_borrowed(), pupper, &cname)?,
                 Slot::Whiteout => {
                     let work = self.layers.work()?;
                     let tmp = self.layers.tmp_name();
@@ -303,7 +309,9 @@ impl Overlay {
                     }
                 }
             }
-            layers::remove_aufs_whiteout(pupper, name)?;
+            if slot != (Slot::Free { aufs_marker: false }) {
+                layers::remove_aufs_whiteout(pupper, name)?;
+            }
         }
         self.lookup_in(parent, name)
     }
