@@ -189,18 +189,11 @@ impl Overlay {
         inode: &Inode,
         f: impl FnOnce(std::os::fd::BorrowedFd<'_>, &std::ffi::CStr) -> OpResult<R>,
     ) -> Option<OpResult<R>> {
-        let st = inode.read();
-        if inode.is_dir() || !st.in_upper || st.pinned.is_some() {
+        // `in_upper` never goes back to false, so the entry found below is the upper one.
+        if !inode.read().in_upper {
             return None;
         }
-        let parent = st.parent.as_ref()?;
-        let cname = match sys::cstr(&st.name) {
-            Ok(c) => c,
-            Err(e) => return Some(Err(e)),
-        };
-        let pst = parent.read();
-        let dir = pst.upper.as_ref()?;
-        Some(f(dir.as_fd_borrowed(), &cname))
+        self.with_real_at(inode, f)
     }
 
     /// An `O_PATH` handle on the real entry whose metadata and data are shown.
