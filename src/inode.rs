@@ -308,11 +308,6 @@ impl InodeStore {
         self.next_virtual.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Adds one lookup reference to a live inode (e.g. a hard link names it once more).
-    pub fn add_lookup(&self, inode: &Inode) {
-        inode.lookups.fetch_add(1, Ordering::Relaxed);
-    }
-
     /// Drops `n` lookup references; at zero the inode leaves the table.
     pub fn forget(&self, ino: u64, n: u64) {
         if ino == ROOT_INO {

@@ -519,7 +519,12 @@ impl OverlayFS {
             crate::commit::recover(w, u)?;
         }
         if let Some(u) = &self.upper {
-            let fresh = std::fs::read_dir(u).map_or(true, |mut d| d.next().is_none());
+            // Missing or empty: a new upper. An existing one we cannot read is not "fresh":
+            // its metadata is never overwritten (opening the layers reports the error).
+            let fresh = match std::fs::read_dir(u) {
+                Ok(mut d) => d.next().is_none(),
+                Err(e) => e.kind() == io::ErrorKind::NotFound,
+            };
             std::fs::create_dir_all(u).map_err(|e| Error::io("creating upper directory", u, e))?;
             if fresh {
                 // The merged root shows the upper root: a new (empty) upper gets the lower

@@ -763,8 +763,12 @@ fn commit_atomic(
         Ok(())
     };
     if let Err(e) = build() {
-        let _ = crate::action::remove_dir_tree(&new);
-        let _ = remove_journal(work);
+        // Roll back now; the journal goes only once the half-built tree is gone, so if the
+        // removal fails the next mount or commit still knows the tree and removes it.
+        match crate::action::remove_dir_tree(&new).and_then(|()| remove_journal(work)) {
+            Ok(()) => {}
+            Err(cleanup) => log::warn!("left for recovery at the next mount: {cleanup}"),
+        }
         return Err(e);
     }
     let new_ino = {
