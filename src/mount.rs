@@ -159,8 +159,20 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
+        // An explicit `umount` refuses a busy mount; a dropped handle has nobody to retry, so
+        // it detaches lazily rather than leave the mount and its session behind.
         if let Err(e) = self.do_umount() {
-            log::error!("{e}");
+            log::warn!("{e}; detaching lazily");
+            if let Err(e) = crate::fusermount::unmount_path(&self.mountpoint) {
+                log::error!("detaching {}: {e}", self.mountpoint.display());
+                return;
+            }
+            if let Some(s) = self.session.take() {
+                let _ = s.join();
+            }
+            if let Some(h) = self.helper.as_mut() {
+                h.release();
+            }
         }
     }
 }
