@@ -321,3 +321,108 @@ pub fn children() -> Vec<i32> {
     }
     out
 }
+
+/// Mounts `ofs` privately (own mount namespace, or fusermount3 when none can be had), runs
+/// the command `make` builds from the mount point, and waits for it and everything it left
+/// running. With `root`, the command gets the merged tree as `/` and a private namespace is
+/// required. The overlay stays mounted on return: the caller unmounts and finalizes. Errors
+/// are one line, for the user.
+pub fn run_in_overlay(
+    ofs: &mut crate::OverlayFS,
+    root: bool,
+    make: impl FnOnce(&Path) -> Launch,
+) -> Result<i32, String> {
+    match enter_private_namespace() {
+        Ok(ns) => {
+            log::info!("running in {ns:?} namespace");
+            ofs.set_mount_method(crate::MountMethod::Direct);
+        }
+        Err(e) if root => {
+            return Err(format!(
+                "--root needs a private namespace ({e}): enable unprivileged user namespaces \
+                 (sysctl kernel.unprivileged_userns_clone=1) or run as root"
+            ));
+        }
+        Err(e) => {
+            log::info!("no private namespace ({e}); mounting through fusermount3");
+            ofs.set_mount_method(crate::MountMethod::Helper)
+                .set_auto_unmount(true);
+        }
+    }
+    ofs.mount().map_err(|e| e.to_string())?;
+    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
+    let launch = make(&mnt);
+    if launch.chroot.is_some() {
+        prepare_rootfs(&mnt)
+            .map_err(|e| format!("preparing {} as a root filesystem: {e}", mnt.display()))?;
+    }
+    let target = Arc::new(Target::default());
+    let fwd =
+        forward_signals(target.clone()).map_err(|e| format!("installing signal handlers: {e}"))?;
+    let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
+    let res = run(&launch, &target, &helpers);
+    fwd.close();
+    if launch.chroot.is_some() {
+        unprepare_rootfs(&mnt);
+    }
+    res.map_err(|e| format!("running {:?}: {e}", launch.argv[0]))
+}
+
+/// Mounts `ofs` where the caller's other processes can use it (fusermount3 with
+/// auto_unmount: gone even if we are SIGKILLed), prints the mount point on stdout, and serves
+/// until SIGINT/SIGTERM/SIGHUP or an external unmount. Returns 0 once unmounted.
+pub fn serve(ofs: &mut crate::OverlayFS) -> Result<i32, String> {
+    use std::io::Write;
+    ofs.set_mount_method(crate::MountMethod::Helper)
+        .set_auto_unmount(true);
+    ofs.mount().map_err(|e| e.to_string())?;
+    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
+    println!("{}", mnt.display());
+    let _ = std::io::stdout().flush();
+    let stop = mnt.clone();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            if let Err(e) = crate::fusermount::unmount_path(&stop) {
+                eprintln!("unmounting {}: {e}", stop.display());
+            }
+        }
+    });
+    match ofs.handle_mut().map(|h| h.wait_unmounted()) {
+        Some(Err(e)) => Err(e.to_string()),
+        _ => Ok(0),
+    }
+}
+
+/// Removes `mount_*` directories an earlier, killed run of ours left in the cache dir: only
+/// when their owner process is gone, and only empty directories (a dead mount is detached
+/// first).
+pub fn remove_stale_mountpoints(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("mount_") {
+            continue;
+        }
+        let mut parts = name.rsplitn(3, '_');
+        let (_ts, pid) = (parts.next(), parts.next());
+        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let path = e.path();
+        if let Err(err) = std::fs::metadata(&path) {
+            if err.raw_os_error() == Some(libc::ENOTCONN) {
+                let _ = crate::fusermount::unmount_path(&path);
+            }
+        }
+        if std::fs::remove_dir(&path).is_ok() {
+            log::info!("removed stale mount point {}", path.display());
+        }
+    }
+}

@@ -17,9 +17,13 @@
 //! The engine is split by operation like the kernel's fs/overlayfs: [`namei`] (lookup),
 //! `dir` (create/unlink/rename), `file` (I/O), `attr`, `xattr`, `readdir`, `copy_up`, and
 //! [`mount`]; `fs` is the thin FUSE dispatch over them.
+//!
+//! Above the engine, using only its API: [`launcher`] (`ovl-run`), [`commit`] and [`bundle`]
+//! (`app.run` files).
 
 pub mod action;
 mod attr;
+pub mod bundle;
 pub mod commit;
 mod copy_up;
 mod dir;

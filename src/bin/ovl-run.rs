@@ -1,14 +1,12 @@
 //! `ovl-run`: run a command inside an overlay, unprivileged, and finalize when it exits.
 
 use std::ffi::OsString;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use ovl::launcher::{self, EXIT_FAILURE, Launch};
-use ovl::{InodeMode, MountMethod, OverlayAction, OverlayFS};
+use ovl::{InodeMode, OverlayAction, OverlayFS};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -148,11 +146,11 @@ fn real_main() -> i32 {
         ));
     }
     if let Some(base) = dirs::cache_dir() {
-        remove_stale_mountpoints(&base);
+        launcher::remove_stale_mountpoints(&base);
     }
 
     let res = if args.command.is_empty() {
-        serve(&mut ofs)
+        launcher::serve(&mut ofs)
     } else {
         run_command(&mut ofs, &args, &upper)
     };
@@ -195,137 +193,41 @@ fn default_upper(lower: &Path) -> PathBuf {
         .join(format!("{name}_upper"))
 }
 
-/// Removes `mount_*` directories an earlier, killed run of ours left in the cache dir: only
-/// when their owner process is gone, and only empty directories (a dead mount is detached
-/// first).
-fn remove_stale_mountpoints(base: &Path) {
-    let Ok(entries) = std::fs::read_dir(base) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("mount_") {
-            continue;
-        }
-        let mut parts = name.rsplitn(3, '_');
-        let (_ts, pid) = (parts.next(), parts.next());
-        let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if Path::new(&format!("/proc/{pid}")).exists() {
-            continue;
-        }
-        let path = e.path();
-        if let Err(err) = std::fs::metadata(&path) {
-            if err.raw_os_error() == Some(libc::ENOTCONN) {
-                let _ = ovl::fusermount::unmount_path(&path);
-            }
-        }
-        if std::fs::remove_dir(&path).is_ok() {
-            log::info!("removed stale mount point {}", path.display());
-        }
-    }
-}
-
-/// No command: mount where everyone of ours can use it, print the mount point, serve until
-/// SIGINT/SIGTERM/SIGHUP or an external unmount.
-fn serve(ofs: &mut OverlayFS) -> Result<i32, String> {
-    // fusermount3 with auto_unmount: visible to the caller's other processes, and gone even if
-    // we are SIGKILLed.
-    ofs.set_mount_method(MountMethod::Helper)
-        .set_auto_unmount(true);
-    ofs.mount().map_err(|e| e.to_string())?;
-    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
-    println!("{}", mnt.display());
-    let _ = std::io::stdout().flush();
-    let stop = mnt.clone();
-    let signals = signal_hook::iterator::Signals::new([
-        signal_hook::consts::SIGINT,
-        signal_hook::consts::SIGTERM,
-        signal_hook::consts::SIGHUP,
-    ]);
-    match signals {
-        Ok(mut s) => {
-            std::thread::spawn(move || {
-                if s.forever().next().is_some() {
-                    if let Err(e) = ovl::fusermount::unmount_path(&stop) {
-                        eprintln!("ovl-run: unmounting {}: {e}", stop.display());
-                    }
-                }
-            });
-        }
-        Err(e) => return Err(format!("installing signal handlers: {e}")),
-    }
-    match ofs.handle_mut().map(|h| h.wait_unmounted()) {
-        Some(Err(e)) => Err(e.to_string()),
-        _ => Ok(0),
-    }
-}
-
 /// With a command: a private namespace (so the mount dies with us), mount, run, wait for the
 /// command and everything it left running.
 fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> Result<i32, String> {
-    match launcher::enter_private_namespace() {
-        Ok(ns) => {
-            log::info!("running in {ns:?} namespace");
-            ofs.set_mount_method(MountMethod::Direct);
-        }
-        Err(e) if args.root => {
-            return Err(format!(
-                "--root needs a private namespace ({e}): enable unprivileged user namespaces \
-                 (sysctl kernel.unprivileged_userns_clone=1) or run as root"
-            ));
-        }
-        Err(e) => {
-            log::info!("no private namespace ({e}); mounting through fusermount3");
-            ofs.set_mount_method(MountMethod::Helper)
-                .set_auto_unmount(true);
-        }
-    }
-    ofs.mount().map_err(|e| e.to_string())?;
-    let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let inside = launcher::map_cwd(&cwd, &args.lowers[0], &mnt);
-    // Absolute paths: the command starts somewhere else.
-    let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
-    let lowers = std::env::join_paths(args.lowers.iter().map(|l| abs(l))).unwrap_or_default();
-    // Inside --root the merged tree is `/`.
-    let shown_mnt = if args.root {
-        PathBuf::from("/")
-    } else {
-        mnt.clone()
-    };
-    let env = vec![
-        ("OVL_MOUNTPOINT".into(), shown_mnt.into_os_string()),
-        ("OVL_LOWER".into(), lowers),
-        ("OVL_UPPER".into(), abs(upper).into_os_string()),
-    ];
-    let launch = if args.root {
-        launcher::prepare_rootfs(&mnt)
-            .map_err(|e| format!("preparing {} as a root filesystem: {e}", mnt.display()))?;
-        let rel = inside.strip_prefix(&mnt).unwrap_or(Path::new(""));
-        Launch {
-            argv: args.command.clone(),
-            cwd: Path::new("/").join(rel),
-            env,
-            chroot: Some(mnt.clone()),
+    launcher::run_in_overlay(ofs, args.root, |mnt| {
+        let inside = launcher::map_cwd(&cwd, &args.lowers[0], mnt);
+        // Absolute paths: the command starts somewhere else.
+        let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let lowers = std::env::join_paths(args.lowers.iter().map(|l| abs(l))).unwrap_or_default();
+        // Inside --root the merged tree is `/`.
+        let shown_mnt = if args.root {
+            PathBuf::from("/")
+        } else {
+            mnt.to_path_buf()
+        };
+        let env = vec![
+            ("OVL_MOUNTPOINT".into(), shown_mnt.into_os_string()),
+            ("OVL_LOWER".into(), lowers),
+            ("OVL_UPPER".into(), abs(upper).into_os_string()),
+        ];
+        if args.root {
+            let rel = inside.strip_prefix(mnt).unwrap_or(Path::new(""));
+            Launch {
+                argv: args.command.clone(),
+                cwd: Path::new("/").join(rel),
+                env,
+                chroot: Some(mnt.to_path_buf()),
+            }
+        } else {
+            Launch {
+                argv: args.command.clone(),
+                cwd: inside,
+                env,
+                chroot: None,
+            }
         }
-    } else {
-        Launch {
-            argv: args.command.clone(),
-            cwd: inside,
-            env,
-            chroot: None,
-        }
-    };
-    let target = Arc::new(launcher::Target::default());
-    let fwd = launcher::forward_signals(target.clone())
-        .map_err(|e| format!("installing signal handlers: {e}"))?;
-    let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
-    let res = launcher::run(&launch, &target, &helpers);
-    fwd.close();
-    if args.root {
-        launcher::unprepare_rootfs(&mnt);
-    }
-    res.map_err(|e| format!("running {:?}: {e}", args.command[0]))
+    })
 }

@@ -1,0 +1,10 @@
+//! `ovl-runtime`: the static launcher at the head of every `app.run` bundle.
+//!
+//! All the work is in [`ovl::bundle::runtime`]; this stub only hands over the process. It is
+//! built with glibc's `+crt-static` (see `packaging/build-runtime.sh`) so a bundle runs on any
+//! Linux, whatever its libraries.
+
+fn main() -> std::process::ExitCode {
+    let code = ovl::bundle::runtime::main();
+    std::process::ExitCode::from(code.clamp(0, 255) as u8)
+}

@@ -1,0 +1,165 @@
+//! `ovl-pack`: build a single-file `app.run` bundle from an app directory.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::Parser;
+use ovl::OverlayAction;
+use ovl::bundle::{PackOptions, pack};
+
+const EXAMPLES: &str = "\
+Examples:
+  ovl-pack MyApp.AppDir -o myapp.run                 runs MyApp.AppDir/AppRun
+  ovl-pack tree -o tool.run --entry bin/tool --name tool --on-exit discard
+
+Running the bundle: ./myapp.run [ARGS]; ./myapp.run --ovl-help lists the runtime's options.";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ovl-pack",
+    version,
+    about = "Build a single-file app bundle (runtime + compressed tree) that runs APPDIR's entry \
+             point in an overlay with a writable layer",
+    after_help = EXAMPLES
+)]
+struct Args {
+    /// The app's directory tree.
+    appdir: PathBuf,
+    /// The bundle to write (replaced atomically if it exists).
+    #[arg(short, long, value_name = "FILE")]
+    output: PathBuf,
+    /// What runs, relative to APPDIR (default: AppRun).
+    #[arg(long, value_name = "REL/PATH")]
+    entry: Option<String>,
+    /// Name of the app: names its writable layer, $XDG_DATA_HOME/ovl/NAME (default: APPDIR's
+    /// name without .AppDir).
+    #[arg(long)]
+    name: Option<String>,
+    /// What happens to a run's changes unless the user says otherwise: preserve, discard or
+    /// commit (rewrite the bundle).
+    #[arg(long = "on-exit", value_name = "ACTION", default_value = "preserve")]
+    on_exit: String,
+    /// zstd compression level, 1 (fast) to 22 (small).
+    #[arg(long, default_value_t = 12)]
+    level: i32,
+    /// The runtime to put first (default: ovl-runtime beside ovl-pack, or $OVL_RUNTIME).
+    #[arg(long, value_name = "FILE")]
+    runtime: Option<PathBuf>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("ovl-pack: {msg}");
+    ExitCode::from(1)
+}
+
+/// `--runtime`, `$OVL_RUNTIME`, `ovl-runtime` beside us, or the static build of this
+/// source tree (`packaging/build-runtime.sh`).
+fn find_runtime(given: Option<PathBuf>) -> Result<PathBuf, String> {
+    if let Some(p) = given.or_else(|| std::env::var_os("OVL_RUNTIME").map(PathBuf::from)) {
+        return Ok(p);
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    let mut candidates = vec![dir.join("ovl-runtime")];
+    if let Some(target) = dir.parent() {
+        candidates.insert(
+            0,
+            target.join("x86_64-unknown-linux-gnu/runtime/ovl-runtime"),
+        );
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        "no ovl-runtime found beside ovl-pack: build it with packaging/build-runtime.sh, or \
+         pass --runtime FILE"
+            .to_string()
+    })
+}
+
+/// A dynamically linked runtime only runs where its libraries are: say so.
+fn is_static(elf: &[u8]) -> bool {
+    // PT_INTERP names the dynamic loader; a static executable has none.
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 {
+        return false;
+    }
+    let u16_at = |i: usize| u16::from_le_bytes([elf[i], elf[i + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().unwrap()) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    (0..phnum).all(|i| {
+        let off = phoff + i * phentsize;
+        elf.get(off..off + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().unwrap()) != 3)
+    })
+}
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            use clap::error::ErrorKind::*;
+            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let text = e.to_string();
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("error:"))
+                .unwrap_or("invalid arguments")
+                .trim_start_matches("error: ");
+            return fail(format!("{line} (see ovl-pack --help)"));
+        }
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let on_exit = match args.on_exit.as_str() {
+        "preserve" => OverlayAction::Preserve,
+        "discard" => OverlayAction::Discard,
+        "commit" => OverlayAction::Commit,
+        other => {
+            return fail(format!(
+                "unknown --on-exit action '{other}': use preserve, discard or commit"
+            ));
+        }
+    };
+    let runtime_path = match find_runtime(args.runtime) {
+        Ok(p) => p,
+        Err(e) => return fail(e),
+    };
+    let runtime = match std::fs::read(&runtime_path) {
+        Ok(b) => b,
+        Err(e) => return fail(format!("{}: {e}", runtime_path.display())),
+    };
+    if &runtime[..runtime.len().min(4)] != b"\x7fELF" {
+        return fail(format!(
+            "{}: not an executable: pass the ovl-runtime binary with --runtime",
+            runtime_path.display()
+        ));
+    }
+    if !is_static(&runtime) {
+        eprintln!(
+            "ovl-pack: warning: {} is dynamically linked: the bundle only runs where its \
+             libraries are (packaging/build-runtime.sh builds the static one)",
+            runtime_path.display()
+        );
+    }
+    let opts = PackOptions {
+        name: args.name,
+        entry: args.entry,
+        on_exit,
+        level: args.level,
+        threads: 0,
+    };
+    match pack(&args.appdir, &runtime, &args.output, &opts) {
+        Ok(s) => {
+            eprintln!(
+                "ovl-pack: {}: {} entries, {} distinct contents ({:.1} MiB), bundle {:.1} MiB, id {}",
+                args.output.display(),
+                s.entries,
+                s.blobs,
+                s.data_bytes as f64 / (1 << 20) as f64,
+                s.bundle_bytes as f64 / (1 << 20) as f64,
+                s.id
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(e),
+    }
+}
