@@ -25,3 +25,13 @@ echo "== ovl-run --on-exit commit on a scratch copy of the lower"
 cp -a examples/demo-lower "$tmp/lower"
 "$bin" --lower "$tmp/lower" --on-exit commit -- sh -c 'echo committed > etc/greeting; rm -r app'
 echo "lower now: $(cat "$tmp/lower/etc/greeting"); entries: $(ls "$tmp/lower")"
+
+echo "== app.run: a single-file bundle of packaging/examples/notes, with its own writable layer"
+export XDG_DATA_HOME="$tmp/data"
+packaging/build-example.sh "$tmp/notes.run" >/dev/null 2>&1
+"$tmp/notes.run" add "first note"
+"$tmp/notes.run" add "second note"
+"$tmp/notes.run" list                        # both notes: the state is kept between runs
+"$tmp/notes.run" --ovl-on-exit=discard clear # this run's change is thrown away...
+"$tmp/notes.run" --ovl-on-exit=commit list   # ...so both are still there; commit folds them into the file
+echo "bundle id after commit: $("$tmp/notes.run" --ovl-info | sed -n 's/^id: *//p')"

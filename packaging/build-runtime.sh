@@ -9,7 +9,7 @@ triple=x86_64-unknown-linux-gnu
 # build scripts and proc macros (which must stay dynamic to be loaded by the compiler).
 RUSTFLAGS="-C target-feature=+crt-static" \
     cargo build --quiet --profile runtime --target "$triple" -p ovl-runtime
-target_dir=${CARGO_TARGET_DIR:-target}
+target_dir=$(realpath "${CARGO_TARGET_DIR:-target}")
 bin="$target_dir/$triple/runtime/ovl-runtime"
 # ldd says "statically linked" (static-pie) or "not a dynamic executable" (static).
 if ! ldd "$bin" 2>&1 | grep -qE "statically linked|not a dynamic executable"; then

@@ -3,7 +3,8 @@
 set -euo pipefail
 if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
-for pkg in fuse3 fuse-overlayfs attr busybox-static strace; do
+# libc6-dev: libc.a, for the static bundle runtime.
+for pkg in fuse3 fuse-overlayfs attr busybox-static strace libc6-dev; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -20,3 +21,5 @@ if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
   $SUDO chmod 0666 /dev/fuse
 fi
 cargo build --release --quiet
+# The static runtime that heads every app.run bundle.
+"$(dirname "$0")/build-runtime.sh" >/dev/null

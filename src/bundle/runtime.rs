@@ -573,7 +573,7 @@ fn commit_bundle(
     let merged = scratch.join("merged");
     cache::copy_tree(&tree.path, &merged).map_err(|e| keep(e.to_string()))?;
     let work = scratch.join("commit-work");
-    crate::commit::commit(&merged, upper, &work, false).map_err(|e| keep(e.to_string()))?;
+    crate::commit::merge_keeping_upper(&merged, upper, &work).map_err(|e| keep(e.to_string()))?;
     let m = bundle.manifest();
     let runtime = bundle.runtime_bytes().map_err(|e| keep(e.to_string()))?;
     let opts = super::PackOptions {
@@ -587,11 +587,14 @@ fn commit_bundle(
     let new_id = packed.summary.id.clone();
     let marker = commit_marker(upper);
     write_synced(&marker, new_id.as_bytes()).map_err(keep)?;
+    crash_point("marker");
     if let Err(e) = packed.place() {
         let _ = fs::remove_file(&marker);
         return Err(keep(e.to_string()));
     }
+    crash_point("placed");
     clear_upper(upper)?;
+    crash_point("cleared");
     fs::remove_file(&marker).map_err(|e| format!("removing {}: {e}", marker.display()))?;
     // The merged tree is exactly what the new bundle extracts to: seed the cache with it.
     seed_cache(&merged, &new_id, bundle.path());
@@ -600,6 +603,14 @@ fn commit_bundle(
         bundle.path().display()
     );
     Ok(())
+}
+
+/// Test hook: `OVL_BUNDLE_CRASH_AT=marker|placed|cleared` aborts right after that step of a
+/// bundle commit, so tests can check that the next run finishes or undoes it.
+fn crash_point(step: &str) {
+    if std::env::var("OVL_BUNDLE_CRASH_AT").is_ok_and(|s| s == step) {
+        std::process::abort();
+    }
 }
 
 fn write_synced(path: &Path, data: &[u8]) -> Result<(), String> {

@@ -488,6 +488,23 @@ impl<'a> Merger<'a> {
 /// On success the upper and work directory are removed; on failure both are kept and the
 /// error names what failed.
 pub fn commit(lower: &Path, upper: &Path, work: &Path, atomic: bool) -> Result<Report> {
+    commit_with(lower, upper, work, atomic, false)
+}
+
+/// Merges `upper` into `lower` in place, like [`commit`], but leaves the upper as it was:
+/// for a lower that is itself a scratch copy (a bundle commit builds the new tree this way
+/// and clears the upper only once the new bundle is in place). `work` is removed on success.
+pub fn merge_keeping_upper(lower: &Path, upper: &Path, work: &Path) -> Result<Report> {
+    commit_with(lower, upper, work, false, true)
+}
+
+fn commit_with(
+    lower: &Path,
+    upper: &Path,
+    work: &Path,
+    atomic: bool,
+    keep_upper: bool,
+) -> Result<Report> {
     std::fs::create_dir_all(work).map_err(io_err("creating", work))?;
     recover(work, upper)?;
     let action = if atomic {
@@ -513,8 +530,10 @@ pub fn commit(lower: &Path, upper: &Path, work: &Path, atomic: bool) -> Result<R
         step();
     }
     // Only now does the upper go; a crash while removing it is finished by `recover`.
-    crate::action::remove_dir_tree(upper)?;
-    step();
+    if !keep_upper {
+        crate::action::remove_dir_tree(upper)?;
+        step();
+    }
     remove_journal(work)?;
     crate::action::remove_dir_tree(work)?;
     Ok(report)

@@ -1,0 +1,792 @@
+//! app.run bundles end to end: ovl-pack builds a bundle with the static runtime, and the tests
+//! run it for real (FUSE mounts, as root and as a normal user), each in its own HOME, cache
+//! and data directories.
+
+mod common;
+use common::is_root;
+
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+const PACK: &str = env!("CARGO_BIN_EXE_ovl-pack");
+const USER: &str = "ovl-test";
+
+/// The static runtime, built (or found up to date) once per test process by the same
+/// script users run, into this build's target directory.
+fn runtime() -> &'static Path {
+    static RT: OnceLock<PathBuf> = OnceLock::new();
+    RT.get_or_init(|| {
+        let target = Path::new(PACK).parent().unwrap().parent().unwrap();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let out = Command::new(repo.join("packaging/build-runtime.sh"))
+            .env("CARGO_TARGET_DIR", target)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("packaging/build-runtime.sh");
+        assert!(out.status.success(), "building the static runtime failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+/// A test's world: its own HOME/XDG dirs and a small app (a shell script plus data files).
+struct World {
+    _t: tempfile::TempDir,
+    root: PathBuf,
+}
+
+const APP_RUN: &str = r#"#!/bin/sh
+# Test app: shows what it sees, keeps a counter in its own tree.
+echo "args=$*"
+echo "appdir=$APPDIR"
+echo "bundle=$OVL_BUNDLE"
+echo "argv0=$ARGV0"
+echo "owd=$OWD"
+echo "pwd=$(pwd)"
+echo "greeting=$(cat "$APPDIR/share/greeting.txt")"
+n=$(cat "$APPDIR/state/count" 2>/dev/null || echo 0)
+n=$((n+1))
+echo $n > "$APPDIR/state/count"
+echo "count=$n"
+case "$1" in
+    exit) exit "$2" ;;
+    rm) rm "$APPDIR/share/$2" ;;
+    sleep) sleep "$2" ;;
+esac
+"#;
+
+impl World {
+    fn new() -> World {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().to_path_buf();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let app = root.join("app");
+        for d in ["share/sub", "state", "bin", "home"] {
+            let p = if d == "home" {
+                root.join(d)
+            } else {
+                app.join(d)
+            };
+            fs::create_dir_all(p).unwrap();
+        }
+        fs::write(app.join("AppRun"), APP_RUN).unwrap();
+        fs::set_permissions(app.join("AppRun"), fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(app.join("share/greeting.txt"), "hello bundle").unwrap();
+        // Same content twice: stored once.
+        fs::write(app.join("share/sub/copy.txt"), "hello bundle").unwrap();
+        fs::write(app.join("share/big.bin"), pseudo_random(300_000)).unwrap();
+        fs::write(app.join("share/empty"), "").unwrap();
+        fs::hard_link(app.join("share/greeting.txt"), app.join("share/hard.txt")).unwrap();
+        std::os::unix::fs::symlink("../share/greeting.txt", app.join("bin/link")).unwrap();
+        fs::set_permissions(
+            app.join("share/sub/copy.txt"),
+            fs::Permissions::from_mode(0o640),
+        )
+        .unwrap();
+        xattr::set(app.join("share/greeting.txt"), "user.note", b"kept").unwrap();
+        set_mtime(&app.join("share/greeting.txt"), 1_000_000_000);
+        World { _t: t, root }
+    }
+
+    fn p(&self, rel: &str) -> PathBuf {
+        self.root.join(rel)
+    }
+
+    fn pack(&self, args: &[&str]) -> Output {
+        Command::new(PACK)
+            .arg(self.p("app"))
+            .args(args)
+            .arg("--runtime")
+            .arg(runtime())
+            .output()
+            .unwrap()
+    }
+
+    /// Builds `app.run` from the app.
+    fn bundle(&self) -> PathBuf {
+        let out = self.pack(&["-o", self.p("app.run").to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.p("app.run")
+    }
+
+    fn cmd(&self, bundle: &Path, args: &[&str]) -> Command {
+        let mut c = Command::new(bundle);
+        c.args(args)
+            .current_dir(&self.root)
+            .env("HOME", self.p("home"))
+            .env("XDG_CACHE_HOME", self.p("home/cache"))
+            .env("XDG_DATA_HOME", self.p("home/data"))
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, bundle: &Path, args: &[&str]) -> Output {
+        self.cmd(bundle, args).output().unwrap()
+    }
+
+    fn upper(&self) -> PathBuf {
+        self.p("home/data/ovl/app/upper")
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.p("home/cache/ovl/bundles")
+    }
+
+    /// Cached trees (ids), and whether any temporary extraction is left.
+    fn cached(&self) -> (Vec<String>, bool) {
+        let mut ids = Vec::new();
+        let mut temps = false;
+        if let Ok(rd) = fs::read_dir(self.cache()) {
+            for e in rd.flatten() {
+                let n = e.file_name().to_string_lossy().into_owned();
+                if n.starts_with('.') {
+                    temps = true;
+                } else if e.path().is_dir() {
+                    ids.push(n);
+                }
+            }
+        }
+        ids.sort();
+        (ids, temps)
+    }
+}
+
+fn pseudo_random(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect()
+}
+
+fn set_mtime(p: &Path, secs: i64) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    let t = libc::timespec {
+        tv_sec: secs,
+        tv_nsec: 0,
+    };
+    assert_eq!(
+        unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), [t, t].as_ptr(), 0) },
+        0
+    );
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// The value of `key=` in the app's output.
+fn field(o: &Output, key: &str) -> String {
+    stdout(o)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {key}= in output: {}{}", stdout(o), stderr(o)))
+}
+
+fn ok(o: &Output) {
+    assert!(
+        o.status.success(),
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status,
+        stdout(o),
+        stderr(o)
+    );
+}
+
+/// Flips one byte of a file in place.
+fn flip(p: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x5a;
+    f.write_all_at(&b, at).unwrap();
+}
+
+fn runtime_len() -> u64 {
+    fs::metadata(runtime()).unwrap().len()
+}
+
+#[test]
+fn runtime_is_static_and_bundles_are_reproducible() {
+    let out = Command::new("ldd").arg(runtime()).output().unwrap();
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        text.contains("statically linked") || text.contains("not a dynamic executable"),
+        "ldd says: {text}"
+    );
+    let w = World::new();
+    let a = w.bundle();
+    let b = w.p("again.run");
+    ok(&w.pack(&["-o", b.to_str().unwrap()]));
+    assert_eq!(fs::read(&a).unwrap(), fs::read(&b).unwrap());
+    let bytes = fs::read(&a).unwrap();
+    assert!(bytes.starts_with(&fs::read(runtime()).unwrap()));
+    assert!(bytes.ends_with(b"OVLTRAIL"));
+    // The 300 kB of random data is stored once, and the two copies of the greeting once.
+    let info = w.run(&a, &["--ovl-info"]);
+    ok(&info);
+    assert!(stdout(&info).contains("name:     app"), "{}", stdout(&info));
+    assert!(
+        stdout(&info).contains("3 distinct contents"),
+        "{}",
+        stdout(&info)
+    );
+}
+
+#[test]
+fn runs_the_entry_with_args_env_and_cwd_and_keeps_state() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let o = w.run(&b, &["one", "two words"]);
+    ok(&o);
+    assert_eq!(field(&o, "args"), "one two words");
+    assert_eq!(field(&o, "greeting"), "hello bundle");
+    assert_eq!(field(&o, "bundle"), b.to_str().unwrap());
+    assert_eq!(field(&o, "argv0"), b.to_str().unwrap());
+    assert_eq!(field(&o, "owd"), w.root.to_str().unwrap());
+    assert_eq!(field(&o, "pwd"), w.root.to_str().unwrap());
+    assert_eq!(field(&o, "count"), "1");
+    let appdir = field(&o, "appdir");
+    assert!(
+        !Path::new(&appdir).join("AppRun").exists(),
+        "mount left behind"
+    );
+    // Preserve (the default): the next run sees the state; it lives in the upper.
+    let o = w.run(&b, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "count"), "2");
+    assert_eq!(
+        fs::read_to_string(w.upper().join("state/count")).unwrap(),
+        "2\n"
+    );
+    // The cache holds one tree, the lower, untouched.
+    let (ids, temps) = w.cached();
+    assert_eq!(ids.len(), 1);
+    assert!(!temps);
+    assert!(!w.cache().join(&ids[0]).join("state/count").exists());
+    // Exit status is the app's.
+    let o = w.run(&b, &["exit", "7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+}
+
+#[test]
+fn extracted_tree_is_the_app_tree() {
+    let w = World::new();
+    let b = w.bundle();
+    let o = w.run(&b, &["--ovl-extract", w.p("x").to_str().unwrap()]);
+    ok(&o);
+    let (src, dst) = (w.p("app"), w.p("x"));
+    for rel in [
+        "AppRun",
+        "share/greeting.txt",
+        "share/sub/copy.txt",
+        "share/big.bin",
+        "share/empty",
+    ] {
+        assert_eq!(
+            fs::read(src.join(rel)).unwrap(),
+            fs::read(dst.join(rel)).unwrap(),
+            "{rel}"
+        );
+        let (a, b) = (
+            fs::metadata(src.join(rel)).unwrap(),
+            fs::metadata(dst.join(rel)).unwrap(),
+        );
+        assert_eq!(a.mode(), b.mode(), "{rel}");
+        assert_eq!(a.mtime(), b.mtime(), "{rel}");
+    }
+    assert_eq!(
+        fs::read_link(dst.join("bin/link")).unwrap(),
+        Path::new("../share/greeting.txt")
+    );
+    let (g, h) = (
+        fs::metadata(dst.join("share/greeting.txt")).unwrap(),
+        fs::metadata(dst.join("share/hard.txt")).unwrap(),
+    );
+    assert_eq!(g.ino(), h.ino(), "hard link kept");
+    assert_eq!(g.mtime(), 1_000_000_000);
+    assert_eq!(
+        xattr::get(dst.join("share/greeting.txt"), "user.note").unwrap(),
+        Some(b"kept".to_vec())
+    );
+    // An existing, non-empty directory is refused and left alone.
+    let o = w.run(&b, &["--ovl-extract", w.p("x").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("already exists"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1);
+}
+
+#[test]
+fn discard_drops_this_runs_changes_and_keeps_earlier_ones() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    ok(&w.run(&b, &[]));
+    assert_eq!(field(&w.run(&b, &[]), "count"), "2");
+    // A discard run sees the kept state, changes it, and the change is gone afterwards.
+    let o = w.run(&b, &["--ovl-on-exit=discard", "rm", "greeting.txt"]);
+    ok(&o);
+    assert_eq!(field(&o, "count"), "3");
+    assert_eq!(
+        fs::read_to_string(w.upper().join("state/count")).unwrap(),
+        "2\n"
+    );
+    assert!(
+        !w.upper().join("share").exists(),
+        "the discard run's whiteout leaked"
+    );
+    let o = w.run(&b, &[]);
+    assert_eq!(field(&o, "count"), "3");
+    assert_eq!(field(&o, "greeting"), "hello bundle");
+    // Nothing of the discard run is left in the run scratch space.
+    let runs = w.p("home/cache/ovl/runs");
+    assert_eq!(fs::read_dir(runs).map(|d| d.count()).unwrap_or(0), 0);
+}
+
+#[test]
+fn commit_rewrites_the_bundle() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let before = fs::read(&b).unwrap();
+    let old_ino = fs::metadata(&b).unwrap().ino();
+    ok(&w.run(&b, &[]));
+    let o = w.run(&b, &["--ovl-on-exit=commit", "rm", "sub/copy.txt"]);
+    ok(&o);
+    assert!(stderr(&o).contains("committed"), "{}", stderr(&o));
+    // Replaced by rename (a new file), not written in place.
+    assert_ne!(fs::metadata(&b).unwrap().ino(), old_ino);
+    let after = fs::read(&b).unwrap();
+    assert_ne!(before, after);
+    assert!(after.starts_with(&fs::read(runtime()).unwrap()));
+    let v = w.run(&b, &["--ovl-verify"]);
+    ok(&v);
+    // The upper's changes are in the bundle now, and the upper is empty.
+    assert!(fs::read_dir(w.upper()).map(|d| d.count()).unwrap_or(0) == 0);
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert_eq!(fs::read_to_string(x.join("state/count")).unwrap(), "2\n");
+    assert!(!x.join("share/sub/copy.txt").exists());
+    assert_eq!(
+        fs::read(x.join("share/big.bin")).unwrap(),
+        pseudo_random(300_000)
+    );
+    // A copy of the new bundle runs anywhere with that state: a fresh cache and data dir.
+    let w2 = World::new();
+    let b2 = w2.p("copy.run");
+    fs::copy(&b, &b2).unwrap();
+    let o = w2.run(&b2, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "count"), "3");
+    // The old tree stays cached until --ovl-gc finds no bundle using it.
+    let (ids, _) = w.cached();
+    assert_eq!(ids.len(), 2);
+    let g = w.run(&b, &["--ovl-gc"]);
+    ok(&g);
+    assert!(stdout(&g).contains("removed 1"), "{}", stdout(&g));
+    let (ids, temps) = w.cached();
+    assert_eq!(ids.len(), 1);
+    assert!(!temps);
+    ok(&w.run(&b, &[]));
+}
+
+#[test]
+fn a_crash_during_commit_loses_nothing_and_applies_once() {
+    if !is_root() {
+        return;
+    }
+    for (step, replaced) in [("marker", false), ("placed", true), ("cleared", true)] {
+        let w = World::new();
+        let b = w.bundle();
+        let old = fs::read(&b).unwrap();
+        ok(&w.run(&b, &[]));
+        let o = w
+            .cmd(&b, &["--ovl-on-exit=commit", "rm", "empty"])
+            .env("OVL_BUNDLE_CRASH_AT", step)
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{step}: the hook did not fire");
+        assert_eq!(fs::read(&b).unwrap() != old, replaced, "{step}");
+        // The next run finishes (bundle replaced) or keeps (not replaced) the changes.
+        let o = w.run(&b, &[]);
+        ok(&o);
+        assert_eq!(field(&o, "count"), "3", "{step}");
+        let whiteout = w.upper().join("share/empty");
+        assert_eq!(
+            whiteout.symlink_metadata().is_ok(),
+            !replaced,
+            "{step}: the deletion must live in exactly one place"
+        );
+        let x = w.p("x");
+        ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+        assert_eq!(x.join("share/empty").exists(), !replaced, "{step}");
+        assert!(
+            !w.upper()
+                .parent()
+                .unwrap()
+                .join(".upper.ovl-committed")
+                .exists()
+        );
+    }
+}
+
+#[test]
+fn commit_with_no_changes_leaves_the_file_alone() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let ino = fs::metadata(&b).unwrap().ino();
+    // Mounted and released without a write: nothing to commit.
+    let mut child = w
+        .cmd(&b, &["--ovl-mount", "--ovl-on-exit=commit"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    assert!(Path::new(line.trim()).join("AppRun").exists());
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    ok(&o);
+    assert!(
+        stderr(&o).contains("no changes to commit"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(fs::metadata(&b).unwrap().ino(), ino);
+}
+
+#[test]
+fn parallel_first_runs_extract_once() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            let upper = w.p(&format!("upper{i}"));
+            w.cmd(&b, &[&format!("--ovl-upper={}", upper.display()), "arg"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let o = c.wait_with_output().unwrap();
+        ok(&o);
+        assert_eq!(field(&o, "count"), "1");
+        assert_eq!(field(&o, "greeting"), "hello bundle");
+    }
+    let (ids, temps) = w.cached();
+    assert_eq!(ids.len(), 1);
+    assert!(!temps, "a temporary extraction was left behind");
+    for i in 0..6 {
+        assert_eq!(
+            fs::read_to_string(w.p(&format!("upper{i}/state/count"))).unwrap(),
+            "1\n"
+        );
+    }
+}
+
+#[test]
+fn a_second_writer_of_the_same_upper_is_refused() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let mut first = w
+        .cmd(&b, &["sleep", "3"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the first run has its mount (it printed the count).
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(first.stdout.take().unwrap());
+    while !line.starts_with("count=") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
+    }
+    let o = w.run(&b, &[]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("another run of app"), "{}", stderr(&o));
+    // A discard run of a non-conflicting upper works meanwhile.
+    let o = w.run(&b, &[&format!("--ovl-upper={}", w.p("other").display())]);
+    ok(&o);
+    assert!(first.wait().unwrap().success());
+}
+
+#[test]
+fn verify_catches_a_flipped_byte() {
+    let w = World::new();
+    let b = w.bundle();
+    ok(&w.run(&b, &["--ovl-verify"]));
+    let len = fs::metadata(&b).unwrap().len();
+    // One byte in the compressed data, one in the manifest region.
+    for at in [runtime_len() + 1000, len - 120] {
+        let c = w.p("c.run");
+        fs::copy(&b, &c).unwrap();
+        flip(&c, at);
+        let o = w.run(&c, &["--ovl-verify"]);
+        assert_ne!(o.status.code(), Some(0), "flip at {at} not caught");
+        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    }
+}
+
+#[test]
+fn corrupt_data_fails_the_first_run_without_a_half_extracted_cache() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    flip(&b, runtime_len() + 1000);
+    let o = w.run(&b, &[]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("corrupt bundle"), "{err}");
+    assert!(!err.contains("panicked"));
+    let (ids, temps) = w.cached();
+    assert!(ids.is_empty() && !temps, "{ids:?} {temps}");
+}
+
+#[test]
+fn truncated_bundle_is_refused() {
+    let w = World::new();
+    let b = w.bundle();
+    let len = fs::metadata(&b).unwrap().len();
+    for keep in [len - 1, len - 200, runtime_len() + 10] {
+        let t = w.p("t.run");
+        let bytes = fs::read(&b).unwrap();
+        fs::write(&t, &bytes[..keep as usize]).unwrap();
+        fs::set_permissions(&t, fs::Permissions::from_mode(0o755)).unwrap();
+        let o = w.run(&t, &[]);
+        assert_eq!(o.status.code(), Some(125), "keep {keep}: {}", stderr(&o));
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("truncated"), "{err}");
+        assert!(w.cached().0.is_empty());
+    }
+    // The bare runtime says what it is.
+    let o = w.run(runtime(), &[]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("bare ovl runtime"), "{}", stderr(&o));
+}
+
+#[test]
+fn runtime_options_are_checked() {
+    let w = World::new();
+    let b = w.bundle();
+    let o = w.run(&b, &["--ovl-bogus"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("--ovl-help"));
+    let o = w.run(&b, &["--ovl-help"]);
+    ok(&o);
+    assert!(stdout(&o).contains("--ovl-on-exit"));
+    let o = w.run(&b, &["--ovl-on-exit=keep"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(w.cached().0.is_empty(), "a refused run must not extract");
+}
+
+#[test]
+fn pack_refuses_bad_input_and_writes_nothing() {
+    let w = World::new();
+    let out = w.p("o.run");
+    let o = w.pack(&["-o", out.to_str().unwrap(), "--entry", "missing"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("entry point"), "{}", stderr(&o));
+    let o = w.pack(&["-o", out.to_str().unwrap(), "--name", "a/b"]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("invalid bundle name"), "{}", stderr(&o));
+    let fifo = std::ffi::CString::new(w.p("app/share/fifo").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let o = w.pack(&["-o", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("FIFO"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1);
+    assert!(!out.exists());
+    assert_eq!(
+        fs::read_dir(&w.root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("ovl-pack"))
+            .count(),
+        0,
+        "temporary file left"
+    );
+}
+
+#[test]
+fn without_fuse_runs_a_private_copy_and_refuses_commit() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    // A mount namespace whose /dev has no fuse device.
+    let script = format!(
+        "mount --make-rprivate / && mount -t tmpfs tmpfs /dev && \
+         mknod -m 666 /dev/null c 1 3 && \
+         {b} one; echo rc=$?; {b} --ovl-on-exit=commit two; echo rc=$?",
+        b = b.display()
+    );
+    let o = Command::new("unshare")
+        .args(["-m", "sh", "-c", &script])
+        .current_dir(&w.root)
+        .env("HOME", w.p("home"))
+        .env("XDG_CACHE_HOME", w.p("home/cache"))
+        .env("XDG_DATA_HOME", w.p("home/data"))
+        .output()
+        .unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    assert!(out.contains("args=one"), "{out}{err}");
+    assert!(out.contains("count=1"), "{out}{err}");
+    assert!(out.contains("rc=0\n"), "{out}{err}");
+    assert!(err.contains("FUSE is not available"), "{err}");
+    assert!(out.contains("rc=125"), "{out}{err}");
+    assert!(err.contains("cannot commit without FUSE"), "{err}");
+    assert!(
+        !out.contains("args=two"),
+        "commit run must not start the app: {out}"
+    );
+    // Discard semantics: nothing kept, cache untouched.
+    assert!(!w.upper().join("state/count").exists());
+    let (ids, _) = w.cached();
+    assert!(!w.cache().join(&ids[0]).join("state/count").exists());
+}
+
+#[test]
+fn mount_option_serves_until_signalled() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let mut child = w
+        .cmd(&b, &["--ovl-mount"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let mnt = PathBuf::from(line.trim());
+    assert_eq!(
+        fs::read_to_string(mnt.join("share/greeting.txt")).unwrap(),
+        "hello bundle"
+    );
+    fs::write(mnt.join("state/count"), "41\n").unwrap();
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(!mnt.join("AppRun").exists());
+    assert_eq!(field(&w.run(&b, &[]), "count"), "42");
+}
+
+#[test]
+fn normal_user_runs_a_bundle() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let user_ok = Command::new("id")
+        .arg(USER)
+        .output()
+        .unwrap()
+        .status
+        .success()
+        || Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", USER])
+            .status()
+            .unwrap()
+            .success();
+    assert!(user_ok, "could not create user {USER}");
+    let chown = Command::new("chown")
+        .args(["-R", USER])
+        .arg(&w.root)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let script = format!(
+        "cd {root} && export HOME={root}/home XDG_CACHE_HOME={root}/home/cache \
+         XDG_DATA_HOME={root}/home/data && {b} a; {b} b; {b} --ovl-on-exit=discard c; {b} d; \
+         {b} --ovl-on-exit=commit e; echo rc=$?; ls -l {b}",
+        root = w.root.display(),
+        b = b.display()
+    );
+    let o = Command::new("runuser")
+        .args(["-u", USER, "--", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (out, err) = (stdout(&o), stderr(&o));
+    let counts: Vec<_> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("count="))
+        .collect();
+    assert_eq!(counts, ["1", "2", "3", "3", "4"], "{out}{err}");
+    assert!(out.contains("rc=0"), "{out}{err}");
+    assert!(err.contains("committed"), "{err}");
+    // The user's bundle now carries count 4.
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert_eq!(fs::read_to_string(x.join("state/count")).unwrap(), "4\n");
+}
+
+#[test]
+fn example_recipe_builds_and_runs() {
+    if !is_root() {
+        return;
+    }
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let w = World::new();
+    let out = w.p("notes.run");
+    let o = Command::new(PACK)
+        .arg(repo.join("packaging/examples/notes"))
+        .arg("-o")
+        .arg(&out)
+        .arg("--runtime")
+        .arg(runtime())
+        .output()
+        .unwrap();
+    ok(&o);
+    ok(&w.run(&out, &["add", "first note"]));
+    let o = w.run(&out, &["list"]);
+    ok(&o);
+    assert!(stdout(&o).contains("1\tfirst note"), "{}", stdout(&o));
+    let o = w.run(&out, &["where"]);
+    assert!(stdout(&o).contains(&format!("OWD={}", w.root.display())));
+}
