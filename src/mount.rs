@@ -325,11 +325,18 @@ impl OverlayFS {
     /// `~/.cache`), unique so parallel runs over one lower never collide; it is created on
     /// mount and removed after unmount.
     pub fn mountpoint_as_home(&mut self) -> &mut Self {
-        let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
-        let name: String = self.lowers[0]
+        let name = self.lowers[0]
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "root".into())
+            .unwrap_or_else(|| "root".into());
+        self.mountpoint_as_home_named(&name)
+    }
+
+    /// [`OverlayFS::mountpoint_as_home`] with `name` in the directory's name instead of the
+    /// first lower's (e.g. an app's name).
+    pub fn mountpoint_as_home_named(&mut self, name: &str) -> &mut Self {
+        let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+        let name: String = name
             .chars()
             .map(|c| {
                 if c.is_alphanumeric() || c == '-' || c == '.' {

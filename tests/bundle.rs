@@ -53,7 +53,7 @@ echo "count=$n"
 case "$1" in
     exit) exit "$2" ;;
     rm) rm "$APPDIR/share/$2" ;;
-    sleep) sleep "$2" ;;
+    sleep) exec sleep "$2" ;;
 esac
 "#;
 
@@ -289,6 +289,41 @@ fn runs_the_entry_with_args_env_and_cwd_and_keeps_state() {
     // Exit status is the app's.
     let o = w.run(&b, &["exit", "7"]);
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+}
+
+#[test]
+fn signals_reach_the_app_and_its_status_is_returned() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let mut child = w
+        .cmd(&b, &["sleep", "30"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    while !line.starts_with("count=") {
+        line.clear();
+        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(128 + libc::SIGTERM));
+    // Unmounted and the state kept.
+    assert_eq!(
+        fs::read_to_string(w.upper().join("state/count")).unwrap(),
+        "1\n"
+    );
+    assert!(
+        fs::read_dir(w.p("home/cache"))
+            .unwrap()
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().starts_with("mount_"))
+    );
 }
 
 #[test]

@@ -39,8 +39,8 @@ struct Args {
     /// commit (rewrite the bundle).
     #[arg(long = "on-exit", value_name = "ACTION", default_value = "preserve")]
     on_exit: String,
-    /// zstd compression level, 1 (fast) to 22 (small).
-    #[arg(long, default_value_t = 12)]
+    /// zstd compression level, 1 (fast) to 22 (small); above 9 is much slower for little gain.
+    #[arg(long, default_value_t = 9)]
     level: i32,
     /// The runtime to put first (default: ovl-runtime beside ovl-pack, or $OVL_RUNTIME).
     #[arg(long, value_name = "FILE")]

@@ -33,7 +33,7 @@ impl Default for PackOptions {
             name: None,
             entry: None,
             on_exit: OverlayAction::Preserve,
-            level: 12,
+            level: 9,
             threads: 0,
         }
     }

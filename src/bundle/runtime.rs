@@ -476,6 +476,7 @@ fn run_app(
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let _lock = lock_upper(&upper, &m.name, action != OverlayAction::Discard)?;
     finish_interrupted_commit(bundle, &upper)?;
+    remove_stale_pack_temps(bundle.path());
     let scratch = run_dir()?;
     let mut ofs = match action {
         OverlayAction::Discard => {
@@ -497,7 +498,7 @@ fn run_app(
     };
     ofs.set_fsname(format!("ovl:{}", m.name))
         .set_require_empty_mountpoint(true)
-        .mountpoint_as_home();
+        .mountpoint_as_home_named(&m.name);
     ofs.validate().map_err(|e| e.to_string())?;
     if let Some(base) = dirs::cache_dir() {
         launcher::remove_stale_mountpoints(&base);
@@ -603,6 +604,27 @@ fn commit_bundle(
         bundle.path().display()
     );
     Ok(())
+}
+
+/// Removes `.<bundle>.ovl-pack-<pid>` files a killed commit left beside the bundle.
+fn remove_stale_pack_temps(bundle: &Path) {
+    let (Some(dir), Some(base)) = (bundle.parent(), bundle.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.ovl-pack-", base.to_string_lossy());
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(&prefix)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = fs::remove_file(e.path());
+        }
+    }
 }
 
 /// Test hook: `OVL_BUNDLE_CRASH_AT=marker|placed|cleared` aborts right after that step of a
