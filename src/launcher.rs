@@ -61,6 +61,7 @@ fn make_mounts_private() -> io::Result<()> {
 /// namespace; otherwise a user namespace mapping our own uid and gid (files keep showing up
 /// as owned by the caller). Must be called while the process is single-threaded.
 pub fn enter_private_namespace() -> io::Result<Namespace> {
+    wait_single_threaded();
     let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
     if uid == 0 {
         check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
@@ -73,6 +74,19 @@ pub fn enter_private_namespace() -> io::Result<Namespace> {
     write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
     make_mounts_private()?;
     Ok(Namespace::User)
+}
+
+/// unshare(CLONE_NEWUSER) fails with EINVAL while the process has other threads, and a
+/// thread that was just joined can linger in the kernel for a moment (e.g. after a parallel
+/// extraction): wait for it, briefly.
+fn wait_single_threaded() {
+    for _ in 0..200 {
+        let threads = std::fs::read_dir("/proc/self/task").map_or(1, |d| d.count());
+        if threads <= 1 {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
 }
 
 fn bind(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {

@@ -74,7 +74,14 @@ fn sync_dir(dir: &Path) {
 /// lock until the returned value is dropped.
 pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
     let root = cache_root()?;
-    fs::create_dir_all(&root).map_err(|e| Error::io("creating", &root, e))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&root)
+            .map_err(|e| Error::io("creating", &root, e))?;
+    }
     let id = bundle.id();
     let tree = root.join(&id);
     let use_path = root.join(format!("{id}.use"));
@@ -94,7 +101,8 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
         let lock = lock_file(&lock_path)?;
         flock(&lock, libc::LOCK_EX, &lock_path)?;
         if !tree.is_dir() {
-            remove_stale_temps(&root);
+            // Under this id's lock no one else extracts it: its temporaries are leftovers.
+            remove_stale_temps(&root, &format!(".tmp-{id}-"));
             let tmp = root.join(format!(".tmp-{id}-{}", std::process::id()));
             if tmp.exists() {
                 crate::action::remove_dir_tree(&tmp)?;
@@ -107,7 +115,14 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
                 if unsafe { libc::syncfs(d.as_raw_fd()) } < 0 {
                     return Err(Error::io("syncing", &tmp, io::Error::last_os_error()));
                 }
-                fs::rename(&tmp, &tree).map_err(|e| Error::io("renaming into place", &tree, e))
+                match fs::rename(&tmp, &tree) {
+                    // Someone put the tree there without the lock: it is a complete tree.
+                    Err(e) if tree.is_dir() => {
+                        log::info!("{} appeared meanwhile ({e})", tree.display());
+                        crate::action::remove_dir_tree(&tmp)
+                    }
+                    r => r.map_err(|e| Error::io("renaming into place", &tree, e)),
+                }
             });
             if let Err(e) = res {
                 let _ = crate::action::remove_dir_tree(&tmp);
@@ -141,20 +156,12 @@ pub(crate) fn record_user(root: &Path, id: &str, bundle: &Path) {
     }
 }
 
-/// Removes `.tmp-*` trees whose extracting process is gone (it was killed).
-fn remove_stale_temps(root: &Path) {
+/// Removes leftover temporaries named `<prefix>*` (a killed extraction or gc). Callers hold
+/// the lock that every writer of such names holds, so none of them is in use.
+fn remove_stale_temps(root: &Path, prefix: &str) {
     let Ok(rd) = fs::read_dir(root) else { return };
     for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(rest) = name.strip_prefix(".tmp-") else {
-            continue;
-        };
-        let alive = rest
-            .rsplit('-')
-            .next()
-            .and_then(|p| p.parse::<u32>().ok())
-            .is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
+        if e.file_name().to_string_lossy().starts_with(prefix) {
             let _ = crate::action::remove_dir_tree(&e.path());
         }
     }
@@ -203,7 +210,6 @@ pub fn gc(keep: &str) -> Result<GcReport> {
         .filter(|n| !n.starts_with('.'))
         .collect();
     ids.sort();
-    remove_stale_temps(&root);
     for id in ids {
         let users = fs::read(root.join(format!("{id}.bundles"))).unwrap_or_default();
         let needed = id == keep
@@ -224,18 +230,23 @@ pub fn gc(keep: &str) -> Result<GcReport> {
             report.busy += 1;
             continue;
         }
+        // Also exclusive against an extraction of this id (it removes `.tmp-<id>-*`).
+        let lock_path = root.join(format!("{id}.lock"));
+        let xlock = lock_file(&lock_path)?;
+        if !flock(&xlock, libc::LOCK_EX | libc::LOCK_NB, &lock_path)? {
+            report.busy += 1;
+            continue;
+        }
         let tree = root.join(&id);
         let bytes = tree_bytes(&tree);
-        // Renamed away first: a crash mid-removal leaves a `.tmp-` tree for the next gc,
-        // never a partial tree under the id's name.
-        let trash = root.join(format!(".tmp-gc-{id}-{}", std::process::id()));
+        // Renamed away first: a crash mid-removal leaves a `.tmp-<id>-` tree that the next
+        // extraction or gc of this id removes, never a partial tree under the id's name.
+        let trash = root.join(format!(".tmp-{id}-gc"));
+        remove_stale_temps(&root, &format!(".tmp-{id}-"));
         fs::rename(&tree, &trash).map_err(|e| Error::io("removing", &tree, e))?;
         crate::action::remove_dir_tree(&trash)?;
-        for suffix in ["bundles", "lock"] {
-            let _ = fs::remove_file(root.join(format!("{id}.{suffix}")));
-        }
-        // The use lock file goes last, while we still hold it.
-        let _ = fs::remove_file(&use_path);
+        // The lock files stay: a run waiting on them must find the same files afterwards.
+        let _ = fs::remove_file(root.join(format!("{id}.bundles")));
         report.removed.push(id);
         report.bytes_freed += bytes;
     }

@@ -55,21 +55,13 @@ fn corrupt(path: &Path, what: impl std::fmt::Display) -> Error {
 impl Bundle {
     /// Opens `path`, reads the trailer (one read from the end) and the manifest.
     pub fn open(path: &Path) -> Result<Bundle> {
-        let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| Error::io("reading", path, e))?
-            .len();
-        if len < TRAILER_LEN {
-            return Err(corrupt(path, "too short to hold a payload (truncated?)"));
-        }
-        let mut tb = [0u8; TRAILER_LEN as usize];
-        file.read_exact_at(&mut tb, len - TRAILER_LEN)
-            .map_err(|e| Error::io("reading", path, e))?;
-        let trailer = Trailer::decode(&tb, len).map_err(|e| corrupt(path, e))?;
+        let (file, trailer) = read_trailer(path)?;
         let mut mz = vec![0u8; trailer.manifest_clen as usize];
         file.read_exact_at(&mut mz, trailer.manifest_offset)
             .map_err(|e| Error::io("reading", path, e))?;
+        if super::format::manifest_check(&mz) != trailer.manifest_check {
+            return Err(corrupt(path, "the manifest does not match its check"));
+        }
         let raw = zstd::bulk::decompress(&mz, trailer.manifest_len as usize)
             .map_err(|e| corrupt(path, format!("manifest does not decompress ({e})")))?;
         if raw.len() as u64 != trailer.manifest_len {
@@ -83,6 +75,11 @@ impl Bundle {
             trailer,
             manifest,
         })
+    }
+
+    /// The open bundle file (what this run started from, even if the path is replaced).
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// The bundle's file.
@@ -114,26 +111,51 @@ impl Bundle {
 
     /// Recomputes the payload's BLAKE3 and compares it with the trailer's.
     pub fn verify(&self) -> Result<bool> {
-        let end = self.trailer.manifest_offset + self.trailer.manifest_clen;
-        let mut r = RangeReader {
-            file: &self.file,
-            pos: self.trailer.payload_offset,
-            end,
-        };
-        let mut h = blake3::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = r
-                .read(&mut buf)
-                .map_err(|e| Error::io("reading", &self.path, e))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-        Ok(*h.finalize().as_bytes() == self.trailer.hash)
+        verify_payload(&self.file, &self.path, &self.trailer)
     }
+}
 
+/// Reads only the trailer of `path` (what `--ovl-verify` needs even when the manifest is
+/// damaged).
+pub fn read_trailer(path: &Path) -> Result<(File, Trailer)> {
+    let file = File::open(path).map_err(|e| Error::io("opening", path, e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::io("reading", path, e))?
+        .len();
+    if len < TRAILER_LEN {
+        return Err(corrupt(path, "too short to hold a payload (truncated?)"));
+    }
+    let mut tb = [0u8; TRAILER_LEN as usize];
+    file.read_exact_at(&mut tb, len - TRAILER_LEN)
+        .map_err(|e| Error::io("reading", path, e))?;
+    let trailer = Trailer::decode(&tb, len).map_err(|e| corrupt(path, e))?;
+    Ok((file, trailer))
+}
+
+/// Recomputes the payload's BLAKE3 and compares it with the trailer's.
+pub fn verify_payload(file: &File, path: &Path, trailer: &Trailer) -> Result<bool> {
+    let end = trailer.manifest_offset + trailer.manifest_clen;
+    let mut r = RangeReader {
+        file,
+        pos: trailer.payload_offset,
+        end,
+    };
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r
+            .read(&mut buf)
+            .map_err(|e| Error::io("reading", path, e))?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(*h.finalize().as_bytes() == trailer.hash)
+}
+
+impl Bundle {
     /// Extracts the tree into `dest`, an existing empty directory, with `threads` workers
     /// (0: one per CPU). Owners are applied only when running as root, and xattrs the
     /// caller may not set (e.g. `trusted.*` for a normal user) are counted and reported as
@@ -247,10 +269,17 @@ impl Bundle {
                         if n == 0 {
                             break;
                         }
+                        len += n as u64;
+                        if len > b.len {
+                            // Stop a decompression bomb at once, not after filling the disk.
+                            return Err(corrupt(
+                                &self.path,
+                                format!("data of {} is longer than recorded", p.display()),
+                            ));
+                        }
                         h.update(&buf[..n]);
                         f.write_all(&buf[..n])
                             .map_err(|err| Error::io("writing", p, err))?;
-                        len += n as u64;
                     }
                     if len != b.len || *h.finalize().as_bytes() != b.hash {
                         return Err(corrupt(
@@ -275,10 +304,18 @@ fn apply_meta(p: &Path, e: &Entry, root: bool, skipped: &AtomicUsize) -> Result<
     if root && unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } < 0 {
         return Err(Error::io("chown", p, io::Error::last_os_error()));
     }
-    for (k, v) in &e.xattrs {
+    for (k, v) in e
+        .xattrs
+        .iter()
+        .filter(|(k, _)| super::pack::packable_xattr(k))
+    {
         if let Err(err) = xattr::set(p, OsStr::from_bytes(k), v) {
+            let host_specific = k.starts_with(b"security.") || !root;
             match err.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOTSUP) if !root => {
+                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOTSUP)
+                | Some(libc::EINVAL)
+                    if host_specific =>
+                {
                     skipped.fetch_add(1, Ordering::Relaxed);
                 }
                 _ => return Err(Error::io("setting xattrs of", p, err)),

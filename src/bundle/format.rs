@@ -7,7 +7,8 @@
 //!
 //! The **trailer** is fixed-size and last, so the runtime finds everything with one read from
 //! the end. The **payload** is every byte from `payload_offset` to the trailer; its BLAKE3 is
-//! stored in the trailer and is the bundle's identity (the name of its cached lower), so a
+//! stored in the trailer and is the bundle's identity (the manifest, read at every launch,
+//! has a check of its own) (the name of its cached lower), so a
 //! launch never rehashes. Each **blob** is one distinct file content, zstd-compressed on its
 //! own (so extraction runs in parallel) and stored once however many files share it. The
 //! **manifest** lists the tree: entry point, name, default finalization, and per entry its
@@ -43,6 +44,10 @@ pub struct Trailer {
     pub manifest_len: u64,
     /// BLAKE3 of the payload (blobs and manifest).
     pub hash: [u8; 32],
+    /// First 8 bytes of the BLAKE3 of the compressed manifest: checked at every open (the
+    /// manifest is small), because launches do not rehash the payload and a damaged manifest
+    /// could otherwise still decode into a wrong tree.
+    pub manifest_check: [u8; 8],
 }
 
 impl Trailer {
@@ -57,7 +62,7 @@ impl Trailer {
         b[32..40].copy_from_slice(&self.manifest_clen.to_le_bytes());
         b[40..48].copy_from_slice(&self.manifest_len.to_le_bytes());
         b[48..80].copy_from_slice(&self.hash);
-        // 80..88: reserved.
+        b[80..88].copy_from_slice(&self.manifest_check);
         b[88..96].copy_from_slice(MAGIC_END);
         b
     }
@@ -92,11 +97,13 @@ impl Trailer {
             manifest_clen: u64_at(32),
             manifest_len: u64_at(40),
             hash: b[48..80].try_into().unwrap(),
+            manifest_check: b[80..88].try_into().unwrap(),
         };
         let end = file_len - TRAILER_LEN;
         if t.payload_offset > t.manifest_offset
             || t.manifest_offset.checked_add(t.manifest_clen) != Some(end)
             || t.manifest_len > MAX_MANIFEST
+            || t.manifest_clen > MAX_MANIFEST
         {
             return Err(
                 "bundle trailer does not match the file's size (truncated or corrupt)".into(),
@@ -409,6 +416,11 @@ impl Manifest {
     }
 }
 
+/// The trailer's check of the compressed manifest.
+pub fn manifest_check(compressed: &[u8]) -> [u8; 8] {
+    blake3::hash(compressed).as_bytes()[..8].try_into().unwrap()
+}
+
 /// A bundle name is one path component of printable characters: it names a directory.
 pub fn check_name(name: &str) -> Result<(), String> {
     if name.is_empty()
@@ -523,6 +535,7 @@ mod tests {
             manifest_clen: 50,
             manifest_len: 70,
             hash: [9; 32],
+            manifest_check: [1; 8],
         };
         let b = t.encode();
         assert_eq!(Trailer::decode(&b, 200 + TRAILER_LEN).unwrap(), t);

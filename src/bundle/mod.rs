@@ -6,6 +6,7 @@
 //! - [`pack`](mod@pack): building a bundle from a directory (`ovl-pack`);
 //! - [`extract`]: opening, verifying and extracting one;
 //! - [`cache`]: the shared cache of extracted trees, and `--ovl-gc`;
+//! - [`state`]: an app's kept upper, and committing it into a new bundle file;
 //! - [`runtime`]: what `./app.run` does (`runtime/` is the binary around it).
 //!
 //! ```no_run
@@ -22,6 +23,7 @@ pub mod extract;
 pub mod format;
 pub mod pack;
 pub mod runtime;
+pub mod state;
 
 pub use extract::Bundle;
 pub use pack::{PackOptions, PackSummary, pack};

@@ -51,9 +51,12 @@ pub struct PackSummary {
     pub bundle_bytes: u64,
 }
 
-/// Private xattrs of an overlay describe layer structure, never content: not packed.
-fn packable_xattr(name: &[u8]) -> bool {
-    !(name.starts_with(b"trusted.overlay.") || name.starts_with(b"user.overlay."))
+/// Private xattrs of an overlay describe layer structure, never content, and SELinux labels
+/// belong to the host's policy: neither is packed (nor extracted from a crafted bundle).
+pub(crate) fn packable_xattr(name: &[u8]) -> bool {
+    !(name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name == b"security.selinux")
 }
 
 /// Reads the tree into manifest entries (parents first, names sorted bytewise) plus, per
@@ -221,6 +224,17 @@ pub struct Packed {
 }
 
 impl Packed {
+    /// Gives the new file a mode, and as root an owner (a commit keeps the old file's).
+    pub fn set_mode_owner(&self, mode: u32, uid: u32, gid: u32) -> Result<()> {
+        let c = crate::sys::cstr(self.tmp.as_os_str())
+            .map_err(|e| Error::io("naming", &self.tmp, e))?;
+        if unsafe { libc::geteuid() } == 0 && unsafe { libc::lchown(c.as_ptr(), uid, gid) } < 0 {
+            return Err(Error::io("chown", &self.tmp, io::Error::last_os_error()));
+        }
+        fs::set_permissions(&self.tmp, fs::Permissions::from_mode(mode))
+            .map_err(|e| Error::io("chmod", &self.tmp, e))
+    }
+
     /// Renames the bundle over its destination in one step and syncs the directory.
     pub fn place(mut self) -> Result<PackSummary> {
         fs::rename(&self.tmp, &self.out)
@@ -254,6 +268,10 @@ pub fn pack_unplaced(
     out: &Path,
     opts: &PackOptions,
 ) -> Result<Packed> {
+    // A symlink to the tree packs the tree.
+    let appdir = &appdir
+        .canonicalize()
+        .map_err(|e| Error::io("reading", appdir, e))?;
     let md = fs::metadata(appdir).map_err(|e| Error::io("reading", appdir, e))?;
     if !md.is_dir() {
         return Err(Error::bad(
@@ -302,11 +320,13 @@ pub fn pack_unplaced(
         base.to_string_lossy(),
         std::process::id()
     ));
+    // Never through a symlink someone planted under our temporary name.
+    let _ = fs::remove_file(&tmp);
     let file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o755)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| Error::io("creating", &tmp, e))?;
     let result = write_bundle(file, &tmp, runtime, &mut entries, &files, name, entry, opts)
@@ -416,6 +436,7 @@ fn write_bundle(
         manifest_clen: mz.len() as u64,
         manifest_len: mlen,
         hash: *w.hasher.finalize().as_bytes(),
+        manifest_check: super::format::manifest_check(&mz),
     };
     let mut out = w.inner;
     out.write_all(&trailer.encode()).map_err(werr)?;

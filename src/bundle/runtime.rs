@@ -6,11 +6,13 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
-use super::cache::{self, CachedTree};
+use super::cache;
 use super::extract::Bundle;
 use super::format::{Kind, Manifest};
+use super::state;
 use crate::launcher::{self, EXIT_FAILURE, Launch};
 use crate::{OverlayAction, OverlayFS};
 
@@ -153,6 +155,13 @@ pub fn main() -> i32 {
         Ok(p) => p,
         Err(e) => return fail(format!("finding our own file (/proc/self/exe): {e}")),
     };
+    if opts.verify {
+        // Needs only the trailer: a damaged manifest is reported as a mismatch too.
+        return match verify(&exe) {
+            Ok(code) => code,
+            Err(e) => fail(e),
+        };
+    }
     let bundle = match Bundle::open(&exe) {
         Ok(b) => b,
         Err(e) => {
@@ -168,8 +177,6 @@ pub fn main() -> i32 {
     };
     let res = if opts.info {
         info(&bundle, &opts)
-    } else if opts.verify {
-        verify(&bundle)
     } else if let Some(dir) = &opts.extract {
         extract(&bundle, dir.as_deref())
     } else if opts.gc {
@@ -263,16 +270,19 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     Ok(0)
 }
 
-fn verify(bundle: &Bundle) -> Result<i32, String> {
-    if bundle.verify().map_err(|e| e.to_string())? {
-        println!("{}: OK (id {})", bundle.path().display(), bundle.id());
+fn verify(path: &Path) -> Result<i32, String> {
+    let (file, trailer) = super::extract::read_trailer(path).map_err(|e| e.to_string())?;
+    let good = super::extract::verify_payload(&file, path, &trailer).map_err(|e| e.to_string())?
+        && Bundle::open(path).is_ok();
+    if good {
+        println!("{}: OK (id {})", path.display(), trailer.id());
         Ok(0)
     } else {
         eprintln!(
             "{}: payload does not match its BLAKE3 (id {}): the file is damaged; download or \
              build it again",
-            bundle.path().display(),
-            bundle.id()
+            path.display(),
+            trailer.id()
         );
         Ok(1)
     }
@@ -349,101 +359,68 @@ fn fuse_missing() -> Option<String> {
     }
 }
 
-/// Per-run scratch space, `$XDG_CACHE_HOME/ovl/runs/<pid>`, on the cache's filesystem (a
-/// merged tree is renamed into the cache from there). Those of dead runs are removed.
-fn run_dir() -> Result<PathBuf, String> {
-    let root = cache::cache_root().map_err(|e| e.to_string())?;
-    let runs = root.parent().expect("cache root has a parent").join("runs");
-    if let Ok(rd) = fs::read_dir(&runs) {
-        for e in rd.flatten() {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok();
-            if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
-                let _ = crate::action::remove_dir_tree(&e.path());
+/// Per-run scratch space under `$XDG_CACHE_HOME/ovl/runs/`, alive as long as this value: a
+/// lock file inside says so (a process id would not: it may belong to another PID namespace
+/// or host sharing the home directory). Scratch dirs whose lock nobody holds are removed.
+struct Scratch {
+    dir: PathBuf,
+    _lock: fs::File,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, String> {
+        let root = cache::cache_root().map_err(|e| e.to_string())?;
+        let runs = root.parent().expect("cache root has a parent").join("runs");
+        if let Ok(rd) = fs::read_dir(&runs) {
+            for e in rd.flatten() {
+                let held = fs::File::open(e.path().join(".lock")).is_ok_and(|f| unsafe {
+                    libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) < 0
+                });
+                if !held {
+                    let _ = crate::action::remove_dir_tree(&e.path());
+                }
             }
         }
-    }
-    let dir = runs.join(std::process::id().to_string());
-    if dir.exists() {
-        crate::action::remove_dir_tree(&dir).map_err(|e| e.to_string())?;
-    }
-    fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    Ok(dir)
-}
-
-/// Exclusive use of an upper: two runs writing one upper would corrupt it. A discard run
-/// only reads it (as a lower) and shares.
-struct UpperLock {
-    _file: fs::File,
-}
-
-fn lock_upper(upper: &Path, name: &str, exclusive: bool) -> Result<UpperLock, String> {
-    let parent = upper.parent().unwrap_or(Path::new("/"));
-    fs::create_dir_all(parent).map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    let base = upper
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "upper".into());
-    let path = parent.join(format!(".{base}.ovl-lock"));
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } < 0 {
-        return Err(format!(
-            "{}: another run of {name} is using this upper; wait for it to finish, or run this \
-             one with --ovl-on-exit=discard or --ovl-upper=DIR",
-            upper.display()
-        ));
-    }
-    Ok(UpperLock { _file: file })
-}
-
-/// The marker a commit leaves between replacing the bundle and clearing the upper.
-fn commit_marker(upper: &Path) -> PathBuf {
-    let base = upper
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "upper".into());
-    upper
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(format!(".{base}.ovl-committed"))
-}
-
-/// Finishes a commit a crash interrupted: if the bundle already carries the committed tree,
-/// the upper's changes are in it and the upper is cleared; otherwise the bundle was not
-/// replaced and the upper still holds the only copy of the changes (kept).
-fn finish_interrupted_commit(bundle: &Bundle, upper: &Path) -> Result<(), String> {
-    let marker = commit_marker(upper);
-    let Ok(id) = fs::read_to_string(&marker) else {
-        return Ok(());
-    };
-    if id.trim() == bundle.id() {
-        log::warn!(
-            "finishing an interrupted commit: {} is already in {}",
-            upper.display(),
-            bundle.path().display()
-        );
-        clear_upper(upper)?;
-    }
-    fs::remove_file(&marker).map_err(|e| format!("removing {}: {e}", marker.display()))
-}
-
-fn clear_upper(upper: &Path) -> Result<(), String> {
-    for p in [upper.to_path_buf(), crate::mount::default_workdir(upper)] {
-        if p.symlink_metadata().is_ok() {
-            crate::action::remove_dir_tree(&p).map_err(|e| e.to_string())?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&runs)
+            .map_err(|e| format!("creating {}: {e}", runs.display()))?;
+        for n in 0u32.. {
+            let dir = runs.join(format!("{}-{n}", std::process::id()));
+            match fs::create_dir(&dir) {
+                Ok(()) => {
+                    let lock = fs::File::create(dir.join(".lock"))
+                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+                    return Ok(Scratch { dir, _lock: lock });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => continue,
+                Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+            }
         }
+        unreachable!()
     }
-    Ok(())
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = crate::action::remove_dir_tree(&self.dir);
+    }
+}
+
+fn app_env(
+    bundle: &Bundle,
+    appdir: &Path,
+    argv0: &OsString,
+    owd: &Path,
+) -> Vec<(OsString, OsString)> {
+    vec![
+        ("APPDIR".into(), appdir.as_os_str().to_owned()),
+        ("OVL_BUNDLE".into(), bundle.path().as_os_str().to_owned()),
+        ("ARGV0".into(), argv0.clone()),
+        ("OWD".into(), owd.as_os_str().to_owned()),
+    ]
 }
 
 fn run_app(
@@ -460,41 +437,30 @@ fn run_app(
     };
     let owd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     if let Some(why) = fuse_missing() {
-        if action == OverlayAction::Commit {
-            return Err(format!(
-                "cannot commit without FUSE ({why}): run where FUSE works (apt install fuse3), \
-                 or without --ovl-on-exit=commit"
-            ));
-        }
-        eprintln!(
-            "{}: warning: FUSE is not available ({why}); running from a private copy, this \
-             run's changes will be discarded",
-            m.name
-        );
-        return run_copy(bundle, app_args, argv0, &owd);
+        return run_without_fuse(bundle, opts, action, &upper, &why, app_args, argv0, &owd);
     }
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
-    let _lock = lock_upper(&upper, &m.name, action != OverlayAction::Discard)?;
-    finish_interrupted_commit(bundle, &upper)?;
-    remove_stale_pack_temps(bundle.path());
-    let scratch = run_dir()?;
-    let mut ofs = match action {
-        OverlayAction::Discard => {
-            // Earlier runs' state stays visible (the kept upper becomes a lower); this run's
-            // changes go to a scratch upper that is thrown away.
-            let kept = crate::action::count_entries(&upper).unwrap_or(0) > 0;
-            let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
-            if kept {
-                ofs.add_lower(&tree.path);
-            }
-            ofs.set_upper(scratch.join("upper"));
-            ofs
+    let writer = action != OverlayAction::Discard;
+    let _lock = state::lock_upper(&upper, &m.name, writer)?;
+    let scratch = Scratch::new()?;
+    let mut ofs = if writer {
+        state::finish_interrupted_commit(bundle, &upper)?;
+        state::note_lower(&upper, bundle, &tree.path)?;
+        let mut ofs = OverlayFS::new(&tree.path);
+        ofs.set_upper(&upper);
+        ofs
+    } else {
+        // Earlier runs' state stays visible (the kept upper becomes a lower); this run's
+        // changes go to a scratch upper that is thrown away. An upper a crashed commit
+        // already put into the bundle is not shown twice.
+        let kept = crate::action::count_entries(&upper).unwrap_or(0) > 0
+            && !state::upper_already_committed(bundle, &upper);
+        let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
+        if kept {
+            ofs.add_lower(&tree.path);
         }
-        _ => {
-            let mut ofs = OverlayFS::new(&tree.path);
-            ofs.set_upper(&upper);
-            ofs
-        }
+        ofs.set_upper(scratch.dir.join("upper"));
+        ofs
     };
     ofs.set_fsname(format!("ovl:{}", m.name))
         .set_require_empty_mountpoint(true)
@@ -506,21 +472,13 @@ fn run_app(
     let res = if opts.mount {
         launcher::serve(&mut ofs)
     } else {
-        let env = |mnt: &Path| {
-            vec![
-                ("APPDIR".into(), mnt.as_os_str().to_owned()),
-                ("OVL_BUNDLE".into(), bundle.path().as_os_str().to_owned()),
-                ("ARGV0".into(), argv0.clone()),
-                ("OWD".into(), owd.as_os_str().to_owned()),
-            ]
-        };
         launcher::run_in_overlay(&mut ofs, false, |mnt| {
             let mut argv = vec![mnt.join(&m.entry).into_os_string()];
             argv.extend(app_args);
             Launch {
                 argv,
                 cwd: owd.clone(),
-                env: env(mnt),
+                env: app_env(bundle, mnt, &argv0, &owd),
                 chroot: None,
             }
         })
@@ -529,7 +487,6 @@ fn run_app(
         Ok(c) => c,
         Err(e) => {
             let _ = ofs.umount();
-            let _ = crate::action::remove_dir_tree(&scratch);
             return Err(e);
         }
     };
@@ -539,167 +496,64 @@ fn run_app(
             .overlay_action(OverlayAction::Discard)
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        _ => ofs
-            .umount()
-            .map_err(|e| e.to_string())
-            .and_then(|()| commit_bundle(bundle, &tree, &upper, &scratch)),
+        _ => state::commit_bundle(bundle, &mut ofs, &upper),
     };
-    let _ = crate::action::remove_dir_tree(&scratch);
     fin.map(|()| code)
 }
 
-/// Commit: the cached tree plus the upper's changes become a new bundle, renamed over this
-/// one (the running file is never written in place). Order, for crashes: the new bundle is
-/// complete and synced; a marker records its id; the rename; the upper is cleared; the
-/// marker goes. A crash after the rename is finished by the next run
-/// ([`finish_interrupted_commit`]); one before it leaves the bundle and the upper as they were.
-fn commit_bundle(
+/// No FUSE: one line of warning, then the entry runs from a private copy of the cached tree
+/// with the kept state merged in, removed afterwards (Discard). A commit cannot work.
+#[allow(clippy::too_many_arguments)]
+fn run_without_fuse(
     bundle: &Bundle,
-    tree: &CachedTree,
+    opts: &Opts,
+    action: OverlayAction,
     upper: &Path,
-    scratch: &Path,
-) -> Result<(), String> {
-    let name = &bundle.manifest().name;
-    let changes = crate::action::count_entries(upper).unwrap_or(0);
-    if changes == 0 {
-        eprintln!("{name}: no changes to commit");
-        return Ok(());
-    }
-    let keep = |e: String| {
-        format!(
-            "{e}; the changes are kept in {} (commit again, or run with --ovl-on-exit=preserve)",
-            upper.display()
-        )
-    };
-    let merged = scratch.join("merged");
-    cache::copy_tree(&tree.path, &merged).map_err(|e| keep(e.to_string()))?;
-    let work = scratch.join("commit-work");
-    crate::commit::merge_keeping_upper(&merged, upper, &work).map_err(|e| keep(e.to_string()))?;
-    let m = bundle.manifest();
-    let runtime = bundle.runtime_bytes().map_err(|e| keep(e.to_string()))?;
-    let opts = super::PackOptions {
-        name: Some(m.name.clone()),
-        entry: Some(m.entry.clone()),
-        on_exit: m.on_exit,
-        ..Default::default()
-    };
-    let packed = super::pack::pack_unplaced(&merged, &runtime, bundle.path(), &opts)
-        .map_err(|e| keep(e.to_string()))?;
-    let new_id = packed.summary.id.clone();
-    let marker = commit_marker(upper);
-    write_synced(&marker, new_id.as_bytes()).map_err(keep)?;
-    crash_point("marker");
-    if let Err(e) = packed.place() {
-        let _ = fs::remove_file(&marker);
-        return Err(keep(e.to_string()));
-    }
-    crash_point("placed");
-    clear_upper(upper)?;
-    crash_point("cleared");
-    fs::remove_file(&marker).map_err(|e| format!("removing {}: {e}", marker.display()))?;
-    // The merged tree is exactly what the new bundle extracts to: seed the cache with it.
-    seed_cache(&merged, &new_id, bundle.path());
-    eprintln!(
-        "{name}: committed {changes} changes into {} (id {new_id})",
-        bundle.path().display()
-    );
-    Ok(())
-}
-
-/// Removes `.<bundle>.ovl-pack-<pid>` files a killed commit left beside the bundle.
-fn remove_stale_pack_temps(bundle: &Path) {
-    let (Some(dir), Some(base)) = (bundle.parent(), bundle.file_name()) else {
-        return;
-    };
-    let prefix = format!(".{}.ovl-pack-", base.to_string_lossy());
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    for e in rd.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix(&prefix)
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = fs::remove_file(e.path());
-        }
-    }
-}
-
-/// Test hook: `OVL_BUNDLE_CRASH_AT=marker|placed|cleared` aborts right after that step of a
-/// bundle commit, so tests can check that the next run finishes or undoes it.
-fn crash_point(step: &str) {
-    if std::env::var("OVL_BUNDLE_CRASH_AT").is_ok_and(|s| s == step) {
-        std::process::abort();
-    }
-}
-
-fn write_synced(path: &Path, data: &[u8]) -> Result<(), String> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let r = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)?;
-        if let Some(d) = path.parent() {
-            fs::File::open(d)?.sync_all()?;
-        }
-        Ok::<(), io::Error>(())
-    })();
-    r.map_err(|e| format!("writing {}: {e}", path.display()))
-}
-
-fn seed_cache(merged: &Path, id: &str, bundle: &Path) {
-    let Ok(root) = cache::cache_root() else {
-        return;
-    };
-    let dest = root.join(id);
-    if dest.exists() {
-        return;
-    }
-    let synced = fs::File::open(merged).is_ok_and(|d| unsafe { libc::syncfs(d.as_raw_fd()) } == 0);
-    if synced && fs::rename(merged, &dest).is_ok() {
-        cache::record_user(&root, id, bundle);
-    }
-}
-
-/// No FUSE: run the entry from a private copy of the cached tree, removed afterwards.
-fn run_copy(
-    bundle: &Bundle,
+    why: &str,
     app_args: Vec<OsString>,
     argv0: OsString,
     owd: &Path,
 ) -> Result<i32, String> {
+    let name = &bundle.manifest().name;
+    if action == OverlayAction::Commit || opts.mount {
+        return Err(format!(
+            "{} needs FUSE ({why}): run where FUSE works (apt install fuse3)",
+            if opts.mount {
+                "--ovl-mount"
+            } else {
+                "--ovl-on-exit=commit"
+            }
+        ));
+    }
+    eprintln!(
+        "{name}: warning: FUSE is not available ({why}); running from a private copy, this \
+         run's changes will be discarded"
+    );
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
-    let scratch = run_dir()?;
-    let copy = scratch.join("tree");
-    let res = cache::copy_tree(&tree.path, &copy)
-        .map_err(|e| e.to_string())
-        .and_then(|()| {
-            let mut argv = vec![copy.join(&bundle.manifest().entry).into_os_string()];
-            argv.extend(app_args);
-            let launch = Launch {
-                argv,
-                cwd: owd.to_path_buf(),
-                env: vec![
-                    ("APPDIR".into(), copy.as_os_str().to_owned()),
-                    ("OVL_BUNDLE".into(), bundle.path().as_os_str().to_owned()),
-                    ("ARGV0".into(), argv0),
-                    ("OWD".into(), owd.as_os_str().to_owned()),
-                ],
-                chroot: None,
-            };
-            let target = std::sync::Arc::new(launcher::Target::default());
-            let fwd = launcher::forward_signals(target.clone())
-                .map_err(|e| format!("installing signal handlers: {e}"))?;
-            let r = launcher::run(&launch, &target, &[]).map_err(|e| e.to_string());
-            fwd.close();
-            r
-        });
-    let _ = crate::action::remove_dir_tree(&scratch);
-    res
+    let _lock = state::lock_upper(upper, name, false)?;
+    let scratch = Scratch::new()?;
+    let copy = scratch.dir.join("tree");
+    cache::copy_tree(&tree.path, &copy).map_err(|e| e.to_string())?;
+    if crate::action::count_entries(upper).unwrap_or(0) > 0
+        && !state::upper_already_committed(bundle, upper)
+    {
+        crate::commit::merge_keeping_upper(&copy, upper, &scratch.dir.join("work"))
+            .map_err(|e| e.to_string())?;
+    }
+    let mut argv = vec![copy.join(&bundle.manifest().entry).into_os_string()];
+    argv.extend(app_args);
+    let launch = Launch {
+        argv,
+        cwd: owd.to_path_buf(),
+        env: app_env(bundle, &copy, &argv0, owd),
+        chroot: None,
+    };
+    let target = std::sync::Arc::new(launcher::Target::default());
+    let fwd = launcher::forward_signals(target.clone())
+        .map_err(|e| format!("installing signal handlers: {e}"))?;
+    let r = launcher::run(&launch, &target, &[]).map_err(|e| e.to_string());
+    fwd.close();
+    r
 }
 
 #[cfg(test)]
