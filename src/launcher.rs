@@ -281,7 +281,16 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
                 io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_NOT_EXECUTABLE,
             };
-            eprintln!("ovl-run: {}: {e}", prog.to_string_lossy());
+            // Named as the user invoked us (ovl-run, or an app.run bundle).
+            let me = std::env::args_os()
+                .next()
+                .and_then(|a| {
+                    Path::new(&a)
+                        .file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                })
+                .unwrap_or_else(|| "ovl-run".into());
+            eprintln!("{me}: {}: {e}", prog.to_string_lossy());
             return Ok(code);
         }
     };

@@ -155,6 +155,20 @@ pub fn main() -> i32 {
         Ok(p) => p,
         Err(e) => return fail(format!("finding our own file (/proc/self/exe): {e}")),
     };
+    let actions = [
+        opts.info,
+        opts.verify,
+        opts.extract.is_some(),
+        opts.gc,
+        opts.mount,
+    ];
+    if actions.iter().filter(|&&a| a).count() > 1 {
+        return fail(
+            "--ovl-info, --ovl-verify, --ovl-extract, --ovl-gc and --ovl-mount do different \
+             things: give one"
+                .into(),
+        );
+    }
     if opts.verify {
         // Needs only the trailer: a damaged manifest is reported as a mismatch too.
         return match verify(&exe) {
@@ -205,7 +219,7 @@ fn is_bare_runtime(p: &Path) -> bool {
     let shoff = u64::from_le_bytes(h[40..48].try_into().unwrap());
     let shentsize = u16::from_le_bytes([h[58], h[59]]) as u64;
     let shnum = u16::from_le_bytes([h[60], h[61]]) as u64;
-    shoff + shentsize * shnum == len
+    shoff.checked_add(shentsize * shnum) == Some(len)
 }
 
 fn default_upper(name: &str) -> Result<PathBuf, String> {
@@ -229,8 +243,8 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     let files = count(|k| matches!(k, Kind::File { .. } | Kind::HardLink { .. }));
     let dirs = count(|k| matches!(k, Kind::Dir));
     let links = count(|k| matches!(k, Kind::Symlink { .. }));
-    let data: u64 = m.blobs.iter().map(|b| b.len).sum();
-    let stored: u64 = m.blobs.iter().map(|b| b.clen).sum();
+    let data = m.blobs.iter().fold(0u64, |a, b| a.saturating_add(b.len));
+    let stored = m.blobs.iter().fold(0u64, |a, b| a.saturating_add(b.clen));
     let payload = t.manifest_offset + t.manifest_clen - t.payload_offset;
     let cache = cache::cache_root()
         .map(|r| r.join(bundle.id()))
@@ -469,6 +483,7 @@ fn run_app(
     if let Some(base) = dirs::cache_dir() {
         launcher::remove_stale_mountpoints(&base);
     }
+    let app_args_copy = app_args.clone();
     let res = if opts.mount {
         launcher::serve(&mut ofs)
     } else {
@@ -485,6 +500,15 @@ fn run_app(
     };
     let code = match res {
         Ok(c) => c,
+        Err(e) if ofs.handle().is_none() && action != OverlayAction::Commit && !opts.mount => {
+            // FUSE is there but mounting failed (no namespace and no usable fusermount3, a
+            // container without the capability...): run from a private copy as without FUSE.
+            drop(ofs);
+            drop(_lock);
+            drop(scratch);
+            drop(tree);
+            return run_without_fuse(bundle, opts, action, &upper, &e, app_args_copy, argv0, &owd);
+        }
         Err(e) => {
             let _ = ofs.umount();
             return Err(e);
