@@ -143,6 +143,8 @@ impl Overlay {
             let mut st = inode.write();
             if inode.is_dir() {
                 st.upper = Some(newfd.try_clone()?);
+                // Made empty in the work dir: no `.wh.` markers inside.
+                st.set_upper_wh_free(self.layers.whiteout_dev);
             } else {
                 st.in_upper = true;
             }

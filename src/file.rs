@@ -109,9 +109,14 @@ impl FileTable {
         ino: u64,
         fd: &OwnedFd,
         read_only: bool,
+        known: Option<&libc::stat>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<fuser::BackingId>,
     ) -> OpResult<OpenMode> {
-        let st = sys::fstat(fd.as_fd_borrowed())?;
+        // `known`: the caller's fresh stat of this very file (create), spares an fstat.
+        let st = match known {
+            Some(st) => *st,
+            None => sys::fstat(fd.as_fd_borrowed())?,
+        };
         let real = (st.st_dev, st.st_ino);
         let mut map = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(&ino) {

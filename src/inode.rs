@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::sys::BorrowFd;
@@ -62,6 +62,10 @@ pub struct InodeState {
     pub upper: Option<OwnedFd>,
     /// Directories: the upper directory is marked to hold xattr whiteouts.
     pub upper_xwh: bool,
+    /// Directories: the upper directory is known to hold no `.wh.` marker file (it was made
+    /// by this mount, or listed), so a name absent there needs no marker check. Only set when
+    /// the mount writes device whiteouts: it then never makes markers, so this stays true.
+    pub upper_wh_free: AtomicBool,
     /// Non-directories: the entry exists in the upper layer.
     pub in_upper: bool,
     /// Directories: every lower directory merged into this one, topmost first, stopping at the
@@ -94,6 +98,19 @@ impl InodeState {
             .as_ref()
             .or_else(|| self.lowers.first().map(|l| &l.fd))
             .map(|fd| fd.as_fd_borrowed())
+    }
+
+    /// Records that the upper directory holds no `.wh.` marker (see `upper_wh_free`); ignored
+    /// unless the mount writes device whiteouts (`whiteout_dev`).
+    pub fn set_upper_wh_free(&self, whiteout_dev: bool) {
+        if whiteout_dev {
+            self.upper_wh_free.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the upper directory may hold a `.wh.<name>` marker (a check is needed).
+    pub fn upper_may_have_wh(&self) -> bool {
+        !self.upper_wh_free.load(Ordering::Relaxed)
     }
 
     /// The entry exists in the upper layer.

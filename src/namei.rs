@@ -137,7 +137,9 @@ impl Overlay {
                     shown = Some((st, 0));
                 }
                 Probe::Absent => {
-                    if layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)? {
+                    if pst.upper_may_have_wh()
+                        && layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)?
+                    {
                         return Ok(None);
                     }
                 }
@@ -220,9 +222,20 @@ impl Overlay {
 
     /// Lookup with the parent inode in hand.
     pub fn lookup_in(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<(Arc<Inode>, FileAttr)> {
+        self.lookup_shown(parent, name).map(|(i, a, _)| (i, a))
+    }
+
+    /// [`Overlay::lookup_in`], also telling which layer's entry is shown (0 = upper, n = lower
+    /// n-1): above 0, a lower entry is visible at this name, so removing it needs a whiteout.
+    pub fn lookup_shown(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+    ) -> OpResult<(Arc<Inode>, FileAttr, usize)> {
         let (found, st) = self
             .find(parent, name)?
             .ok_or_else(|| errno(libc::ENOENT))?;
+        let layer = found.layer;
         let merged = found.kind == Kind::Directory
             && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
         let inode = self.inodes.lookup_or_insert(found);
@@ -231,7 +244,7 @@ impl Overlay {
             attr.nlink = 1;
         }
         self.fix_indexed_nlink(&inode, &mut attr);
-        Ok((inode, attr))
+        Ok((inode, attr, layer))
     }
 
     /// Whether any lower directory merged into `parent` has a visible entry `name`: removing

@@ -192,6 +192,30 @@ pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     .map(drop)
 }
 
+/// `fchownat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn fchownat_nofollow(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `fchmodat(dir, name, mode)`: follows a final symlink, so only for names known not to be one.
+pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// `fchmod` of a really open file (not an `O_PATH` handle: see [`fchmod_fd`]).
+pub fn fchmod_open(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
 /// chmod of the inode a handle points at (never of a symlink's target).
 pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let p = proc_path(fd.as_raw_fd());
@@ -507,7 +531,18 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let sub = openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     for ent in read_dir(sub.as_fd_borrowed())? {
         let c = CString::new(ent.name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        remove_tree(sub.as_fd_borrowed(), &c)?;
+        if ent.dtype == libc::DT_DIR {
+            remove_tree(sub.as_fd_borrowed(), &c)?;
+            continue;
+        }
+        // Mostly whiteouts: unlink without a stat first; a directory (d_type unknown) refuses.
+        match unlinkat(sub.as_fd_borrowed(), &c, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                remove_tree(sub.as_fd_borrowed(), &c)?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r?,
+        }
     }
     unlinkat(dir, name, libc::AT_REMOVEDIR)
 }
