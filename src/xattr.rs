@@ -51,8 +51,13 @@ impl Overlay {
     /// FUSE listxattr, without the overlay's own names.
     pub fn listxattr(&self, ino: u64, size: u32) -> OpResult<XattrReply> {
         let inode = self.inode(ino)?;
-        let real = self.real_fd(&inode)?;
-        let all = sys::flistxattr(real.as_raw_fd())?;
+        // Files by name in their layer directory, like getxattr.
+        let all = match self.with_real_at(&inode, |dir, name| {
+            sys::llistxattr_at(dir.as_raw_fd(), name)
+        }) {
+            Some(r) => r?,
+            None => sys::flistxattr(self.real_fd(&inode)?.as_raw_fd())?,
+        };
         let mut out = Vec::with_capacity(all.len());
         for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
             if !is_private_xattr(n) {
@@ -74,6 +79,11 @@ impl Overlay {
         let cname = check_name(name)?;
         let inode = self.inode(ino)?;
         self.copy_up(&inode)?;
+        if let Some(r) = self.with_upper_at(&inode, |dir, name| {
+            sys::lsetxattr_at(dir.as_raw_fd(), name, &cname, value, flags)
+        }) {
+            return r;
+        }
         let fd = self.upper_fd(&inode)?;
         sys::fsetxattr(fd.as_raw_fd(), &cname, value, flags)
     }
@@ -82,14 +92,22 @@ impl Overlay {
     pub fn removexattr(&self, ino: u64, name: &OsStr) -> OpResult<()> {
         let cname = check_name(name)?;
         let inode = self.inode(ino)?;
-        {
-            // Removing an attribute that is not there must not copy the file up.
-            let real = self.real_fd(&inode)?;
-            if sys::fgetxattr(real.as_raw_fd(), &cname)?.is_none() {
-                return Err(errno(libc::ENODATA));
-            }
+        // Removing an attribute that is not there must not copy the file up.
+        let present = match self.with_real_at(&inode, |dir, name| {
+            sys::has_xattr_at(dir.as_raw_fd(), name, &cname)
+        }) {
+            Some(r) => r?,
+            None => sys::fgetxattr(self.real_fd(&inode)?.as_raw_fd(), &cname)?.is_some(),
+        };
+        if !present {
+            return Err(errno(libc::ENODATA));
         }
         self.copy_up(&inode)?;
+        if let Some(r) = self.with_upper_at(&inode, |dir, name| {
+            sys::lremovexattr_at(dir.as_raw_fd(), name, &cname)
+        }) {
+            return r;
+        }
         let fd = self.upper_fd(&inode)?;
         sys::fremovexattr(fd.as_raw_fd(), &cname)
     }
