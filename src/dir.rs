@@ -244,7 +244,7 @@ impl Overlay {
         }
         let mut state = InodeState {
             parent: Some(parent.clone()),
-            name: name.to_os_string(),
+            name: name.into(),
             ..Default::default()
         };
         match dirfd {
@@ -524,7 +524,7 @@ impl Overlay {
         let inode = &held.inode;
         let lower_only = {
             let st = inode.read();
-            !inode.is_dir() && !st.has_upper() && st.lower_layer.is_some()
+            !inode.is_dir() && !st.has_upper() && st.lower.is_some()
         };
         if !lower_only {
             return Ok(());
@@ -680,7 +680,7 @@ impl Overlay {
         let upper = st.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
         self.layers.set_opaque(upper.as_fd_borrowed())?;
         st.opaque = true;
-        st.lowers.clear();
+        st.lowers = Box::default();
         Ok(())
     }
 

@@ -30,6 +30,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
         state.upper = Some(fd);
     }
     if !state.opaque {
+        let mut lowers = Vec::new();
         for (i, l) in layers.lowers.iter().enumerate() {
             let fd = sys::open_path(l.root.as_fd_borrowed(), c".")?;
             if id.is_none() {
@@ -37,7 +38,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
                 id = Some((st.st_dev, st.st_ino));
             }
             let marks = layers::dir_marks(fd.as_fd_borrowed())?;
-            state.lowers.push(LowerEntry {
+            lowers.push(LowerEntry {
                 layer: i,
                 fd,
                 xwhiteouts: marks.xwhiteouts,
@@ -46,6 +47,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
                 break;
             }
         }
+        state.lowers = lowers.into_boxed_slice();
     }
     Ok(Found {
         kind: Kind::Directory,
@@ -114,7 +116,7 @@ impl Overlay {
         let pst = parent.read();
         let mut state = InodeState {
             parent: Some(parent.clone()),
-            name: name.to_os_string(),
+            name: name.into(),
             ..Default::default()
         };
         let mut shown: Option<(libc::stat, usize)> = None;
@@ -146,6 +148,7 @@ impl Overlay {
             }
         }
 
+        let mut lowers = Vec::new();
         if search_lower {
             let n = pst.lowers.len();
             for (i, l) in pst.lowers.iter().enumerate() {
@@ -158,7 +161,7 @@ impl Overlay {
                         match dirfd {
                             Some(fd) => {
                                 let marks = layers::dir_marks(fd.as_fd_borrowed())?;
-                                state.lowers.push(LowerEntry {
+                                lowers.push(LowerEntry {
                                     layer: l.layer,
                                     fd,
                                     xwhiteouts: marks.xwhiteouts,
@@ -170,8 +173,8 @@ impl Overlay {
                             // A non-directory: shown if nothing is above it, else hidden by
                             // the directory above; either way it ends the search.
                             None => {
-                                if state.lowers.is_empty() && state.upper.is_none() {
-                                    state.lower_layer = Some(l.layer);
+                                if lowers.is_empty() && state.upper.is_none() {
+                                    state.set_lower_layer(l.layer);
                                 }
                                 break;
                             }
@@ -187,13 +190,14 @@ impl Overlay {
             }
         }
         drop(pst);
+        state.lowers = lowers.into_boxed_slice();
 
         let Some((mut st, mut layer)) = shown else {
             return Ok(None);
         };
         // Another name of this hard-linked lower file was copied up: link this name to the
         // same copy (the kernel's index=on behaviour), so all names stay one file.
-        if let (Some(lower_layer), false) = (state.lower_layer, state.in_upper) {
+        if let (Some(lower_layer), false) = (state.lower_layer(), state.in_upper) {
             if st.st_nlink > 1 {
                 if let Some(ifd) = self.layers.index_lookup(lower_layer, st.st_ino)? {
                     self.link_up(&ifd, parent, name)?;
