@@ -255,10 +255,13 @@ impl Overlay {
         if wants_write(flags) {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
-        sys::reopen(
-            self.real_fd(inode)?.as_fd_borrowed(),
-            flags & !libc::O_APPEND,
-        )
+        let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        // A file with a name: one openat in its layer directory (never following the name),
+        // no O_PATH handle to open, re-open through /proc and close.
+        if let Some(r) = self.with_real_at(inode, |dir, name| sys::openat(dir, name, flags, 0)) {
+            return r;
+        }
+        sys::reopen(self.real_fd(inode)?.as_fd_borrowed(), flags)
     }
 
     /// The descriptor to read through: the handle's own, or the upper copy when the handle
