@@ -349,6 +349,20 @@ impl InodeStore {
         inode
     }
 
+    /// The live directory inode backed by the real directory `id`, with one lookup reference
+    /// taken, if the kernel holds one: its state (handles, merged lowers, marks) is kept up to
+    /// date by the overlay's own changes, so a lookup need not probe the layers again.
+    pub fn acquire_dir(&self, id: (u64, u64)) -> Option<Arc<Inode>> {
+        // The read lock excludes `forget` (which takes the write lock) while counting.
+        let t = self.tables();
+        let inode = t.by_ino.get(t.by_id.get(&id)?)?;
+        if !inode.is_dir() {
+            return None;
+        }
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(inode.clone())
+    }
+
     fn assign(&self, t: &Tables, found: &Found) -> u64 {
         if self.mode == InodeMode::Persistent {
             let (_, real) = found.id;

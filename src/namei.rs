@@ -67,16 +67,29 @@ enum Probe {
     Whiteout,
     /// The entry's stat, and for a directory an `O_PATH` handle on it.
     Present(libc::stat, Option<std::os::fd::OwnedFd>),
+    /// A directory whose inode is live (a lookup reference taken): nothing more to probe.
+    Known(libc::stat, Arc<Inode>),
+}
+
+/// What [`Overlay::find`] resolved a name to.
+pub enum Resolved {
+    /// A new inode's description.
+    New(Found),
+    /// A live directory inode (a lookup reference taken), shown from layer `.1`.
+    Known(Arc<Inode>, usize),
 }
 
 impl Overlay {
     /// Looks at `name` in one layer directory: one fstatat, plus an open for directories
     /// (kept as the inode's handle) and for empty files (which may be xattr whiteouts).
+    /// `shown`: this entry would be the one shown, so a directory whose inode is live is
+    /// taken as it is.
     fn probe(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
         cname: &std::ffi::CStr,
         xwhiteouts: bool,
+        shown: bool,
     ) -> OpResult<Probe> {
         let st = match sys::fstatat(dir, cname) {
             Ok(st) => st,
@@ -88,6 +101,11 @@ impl Overlay {
         }
         let fmt = st.st_mode & libc::S_IFMT;
         if fmt == libc::S_IFDIR {
+            if shown {
+                if let Some(inode) = self.inodes.acquire_dir((st.st_dev, st.st_ino)) {
+                    return Ok(Probe::Known(st, inode));
+                }
+            }
             let fd = sys::openat(dir, cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             return Ok(Probe::Present(st, Some(fd)));
         }
@@ -102,7 +120,11 @@ impl Overlay {
 
     /// Resolves `name` in `parent` without touching the inode store. `Ok(None)`: no such name.
     /// Also returns the stat of the entry whose attributes are shown.
-    pub fn find(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<(Found, libc::stat)>> {
+    pub fn find(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+    ) -> OpResult<Option<(Resolved, libc::stat)>> {
         if name.len() > NAME_MAX {
             return Err(errno(libc::ENAMETOOLONG));
         }
@@ -123,8 +145,9 @@ impl Overlay {
         let mut search_lower = !pst.opaque;
 
         if let Some(udir) = &pst.upper {
-            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh)? {
+            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh, true)? {
                 Probe::Whiteout => return Ok(None),
+                Probe::Known(st, inode) => return Ok(Some((Resolved::Known(inode, 0), st))),
                 Probe::Present(st, Some(fd)) => {
                     let marks = layers::dir_marks(fd.as_fd_borrowed())?;
                     state.opaque = marks.opaque;
@@ -152,8 +175,11 @@ impl Overlay {
         if search_lower {
             let n = pst.lowers.len();
             for (i, l) in pst.lowers.iter().enumerate() {
-                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts)? {
+                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts, shown.is_none())? {
                     Probe::Whiteout => break,
+                    Probe::Known(st, inode) => {
+                        return Ok(Some((Resolved::Known(inode, l.layer + 1), st)));
+                    }
                     Probe::Present(st, dirfd) => {
                         if shown.is_none() {
                             shown = Some((st, l.layer + 1));
@@ -208,12 +234,12 @@ impl Overlay {
             }
         }
         Ok(Some((
-            Found {
+            Resolved::New(Found {
                 kind: kind_of(st.st_mode),
                 id: (st.st_dev, st.st_ino),
                 layer,
                 state,
-            },
+            }),
             st,
         )))
     }
@@ -236,13 +262,26 @@ impl Overlay {
         parent: &Arc<Inode>,
         name: &OsStr,
     ) -> OpResult<(Arc<Inode>, FileAttr, usize)> {
-        let (found, st) = self
+        let (resolved, st) = self
             .find(parent, name)?
             .ok_or_else(|| errno(libc::ENOENT))?;
-        let layer = found.layer;
-        let merged = found.kind == Kind::Directory
-            && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
-        let inode = self.inodes.lookup_or_insert(found);
+        let (inode, layer, merged) = match resolved {
+            Resolved::New(found) => {
+                let layer = found.layer;
+                let merged = found.kind == Kind::Directory
+                    && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
+                (self.inodes.lookup_or_insert(found), layer, merged)
+            }
+            Resolved::Known(inode, layer) => {
+                let merged = {
+                    let mut s = inode.write();
+                    // The kernel just reached it here (as `lookup_or_insert` records).
+                    s.add_name(parent, name, true);
+                    s.lowers.len() + usize::from(s.upper.is_some()) > 1
+                };
+                (inode, layer, merged)
+            }
+        };
         let mut attr = attr_from_stat(inode.ino, &st);
         if merged {
             attr.nlink = 1;
