@@ -207,6 +207,10 @@ pub struct Inode {
     pub copy_up_lock: Mutex<()>,
     /// Open file handles on this inode (removing its last name must then keep it reachable).
     pub open_files: AtomicU64,
+    /// The real file is known to have no `security.capability` xattr, which the kernel asks
+    /// for before writes. Set only by a getxattr that found none, with the state read-locked;
+    /// cleared by setxattr with it write-locked, after its change: see `Overlay::getxattr`.
+    pub no_file_caps: AtomicBool,
     /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up. Only read and
     /// written with the tables' lock held, so two atomics need no lock of their own.
     id: [AtomicU64; 2],
@@ -280,6 +284,7 @@ impl InodeStore {
             state: RwLock::new(root.state),
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
+            no_file_caps: AtomicBool::new(false),
             id: id_atomics(root.id),
         });
         let mut t = Tables::default();
@@ -342,6 +347,7 @@ impl InodeStore {
             state: RwLock::new(found.state),
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
+            no_file_caps: AtomicBool::new(false),
             id: id_atomics(found.id),
         });
         t.by_ino.insert(ino, inode.clone());

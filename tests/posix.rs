@@ -935,3 +935,33 @@ fn new_directory_lookups_skip_no_marker() {
     assert!(names(&m.p("d")).is_empty());
     assert_eq!(names(&m.p("n")), ["y"]);
 }
+
+#[test]
+fn file_capabilities_absence_is_not_remembered_past_a_setxattr() {
+    // ovl answers "no security.capability" from the inode once it has seen none (the kernel
+    // asks before every write); setting one must show at once.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let m = Mounted::new(|l| fs::write(l.join("f"), "x").unwrap());
+    let f = m.p("f");
+    for _ in 0..2 {
+        assert_eq!(xattr_get(&f, "security.capability"), None);
+    }
+    fs::write(&f, "written").unwrap();
+    assert_eq!(xattr_get(&f, "security.capability"), None);
+    // VFS_CAP_REVISION_2: magic, then (permitted, inheritable) for each of 2 words.
+    let mut cap = 0x0200_0000u32.to_le_bytes().to_vec();
+    cap.extend_from_slice(&[0x0020_0000u32.to_le_bytes(), [0; 4], [0; 4], [0; 4]].concat());
+    xattr_set(&f, "security.capability", &cap).unwrap();
+    assert_eq!(
+        xattr_get(&f, "security.capability").as_deref(),
+        Some(&cap[..])
+    );
+    let c = CString::new(f.as_os_str().as_bytes()).unwrap();
+    assert_eq!(
+        unsafe { libc::removexattr(c.as_ptr(), c"security.capability".as_ptr()) },
+        0
+    );
+    assert_eq!(xattr_get(&f, "security.capability"), None);
+}
