@@ -4,7 +4,8 @@ import os
 import statistics
 import sys
 
-NAMES = {"plain": "plain dir", "kernel": "kernel overlayfs", "fuse-overlayfs": "fuse-overlayfs", "ovl": "ovl"}
+NAMES = {"plain": "plain dir", "kernel": "kernel overlayfs", "fuse-overlayfs": "fuse-overlayfs", "ovl": "ovl",
+         "ovl-user": "ovl non-root (ovl-run)"}
 CACHE = {
     "cold": "cold",
     "warm": "warm",
@@ -53,7 +54,7 @@ def main(res, fs_list):
     w("|---|---|")
     for k, label in [("nproc", "nproc"), ("cpu", "CPU"), ("mem", "memory"), ("kernel", "kernel"),
                      ("workfs", "fixtures/uppers on"), ("nofile", "RLIMIT_NOFILE"),
-                     ("ovl_inherited_nofile", "ovl under the inherited limit"), ("ovl", "ovl commit"), ("ovl_mount", "ovl-mount binary"), ("ovl_run", "ovl-run binary"),
+                     ("ovl_inherited_nofile", "ovl under the inherited limit"), ("ovl_user", "ovl non-root"), ("ovl", "ovl commit"), ("ovl_mount", "ovl-mount binary"), ("ovl_run", "ovl-run binary"),
                      ("fuse_overlayfs", "fuse-overlayfs"), ("python", "python copied into the lower"),
                      ("reps", "repetitions"), ("runtime", "whole run took"),
                      ("load_start", "load average at start"), ("load_end", "load average at end")]:
@@ -96,6 +97,14 @@ def main(res, fs_list):
       "Other processes may share the machine: the load averages above say how busy it was. "
       "The plain directory is a copy of the lower, restored before each "
       "repetition.\n")
+    if "ovl-user" in fss:
+        w("**ovl non-root (ovl-run)**: ovl as an unprivileged user, mounted by `ovl-run` in a "
+          "user + mount namespace (no FUSE passthrough without privilege: every read and write "
+          "goes through the daemon). One `ovl-run --lower LOWER --upper U --on-exit discard` "
+          "session per repetition runs the same workloads, timed inside the session, with the "
+          "caches dropped from outside as for the others; its `mount + true + umount` row is "
+          "`ovl-run ... -- true` end to end as that user. The lower is owned by the user (so it "
+          "may delete and copy up); root, which runs the other columns, ignores ownership.\n")
     if meta.get("small_tree") == "1":
         w("## The tree workloads on a 10 000-file tree\n")
         w("Run because ovl cannot hold the 20 000-file tree under this machine's RLIMIT_NOFILE "
@@ -122,6 +131,8 @@ def main(res, fs_list):
     w("| filesystem | stat 200k files (s) | VmHWM | VmRSS after | open fds after | VmHWM after the main workloads (median) |")
     w("|---|---:|---:|---:|---:|---:|")
     for f in fss:
+        if f == "ovl-user":
+            continue
         t = cell(f, "stat_huge")[1]
         if f in rss:
             _, h, r, n = rss[f]

@@ -3,8 +3,13 @@
 # the lower), kernel overlayfs, fuse-overlayfs and ovl (ovl-mount), over the same generated
 # lower tree, a fresh upper per repetition; median of REPS runs; table of seconds and ratios
 # to kernel overlayfs, printed and written to bench/results.md. Run as root.
+# `ovl-user` is ovl as a non-root user through ovl-run (user + mount namespace, fusermount-free
+# FUSE mount, no passthrough): a user (OVL_BENCH_USER, default ovl-bench, created if missing)
+# runs one ovl-run session per repetition, whose command executes the timed workloads sent by
+# this script (so drop_caches and checks stay here); the lower is chowned to that user so it
+# may write and delete (root ignores ownership, the other contenders are unaffected).
 #
-#   bench/run.sh [--build] [--reps N] [--fs "plain kernel fuse-overlayfs ovl"] [--out FILE]
+#   bench/run.sh [--build] [--reps N] [--fs "plain kernel fuse-overlayfs ovl ovl-user"] [--out FILE]
 #
 #   --build   build ovl first (cargo build --release into $CARGO_TARGET_DIR)
 # Environment: see bench/lib.sh (OVL_BENCH_DIR, CARGO_TARGET_DIR, OVL_MOUNT, OVL_RUN, REGEN,
@@ -18,7 +23,7 @@ export LC_ALL=C
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 REPS=3
-FS_LIST="plain kernel fuse-overlayfs ovl"
+FS_LIST="plain kernel fuse-overlayfs ovl ovl-user"
 OUT=$BENCH_DIR/results.md
 BUILD=
 while (($#)); do
@@ -58,7 +63,7 @@ rm -rf "$RES"
 mkdir -p "$RES"
 : >"$RAW"
 
-trap 'cleanup_mounts; umount_data' EXIT
+trap 'user_session_abort; cleanup_mounts; umount_data' EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 cleanup_mounts
 
@@ -123,6 +128,10 @@ NFILES=$((TREE_DIRS * TREE_FILES))
 # One repetition of the main workloads on one filesystem.
 suite() {
     local fs=$1 rep=$2 m pid
+    if [[ $fs == ovl-user ]]; then
+        suite_user "$rep"
+        return
+    fi
     if [[ $fs == plain ]]; then
         restore_plain
         m=$PLAIN
@@ -168,6 +177,7 @@ suite() {
 # The tree workloads again on a 10 000-file tree (fresh mount and upper).
 suite_small() {
     local fs=$1 rep=$2 m
+    [[ $fs != ovl-user ]] || return 0
     if [[ $fs == plain ]]; then
         restore_plain
         m=$PLAIN
@@ -185,6 +195,138 @@ suite_small() {
     drop_caches; timed create10k "$fs" "$rep" w_create "$m" "$CREATE10K_TAR" new10k
     check "$fs" create10k "$rep" "$((NFILES / 2)) files" count_files "$m/new10k" $((NFILES / 2))
     [[ $fs == plain ]] || fs_umount "$MNT"
+}
+
+# --- ovl as a non-root user, through ovl-run -------------------------------------------------
+BENCH_USER=${OVL_BENCH_USER:-ovl-bench}
+UDIR=$DATA/ovl-user  # owned by the user: upper (+ its work dir beside it), mount point, FIFOs
+
+# Creates the user if missing and gives it the lower. Prints why ovl-user cannot run, if so.
+user_setup() {
+    [[ -x $OVL_RUN ]] || { echo "ovl-run not built ($OVL_RUN)"; return; }
+    id -u "$BENCH_USER" >/dev/null 2>&1 || useradd -M -s /bin/sh "$BENCH_USER" ||
+        { echo "cannot create user $BENCH_USER"; return; }
+    command -v setpriv >/dev/null || { echo "setpriv (util-linux) missing"; return; }
+    chown -R "$BENCH_USER:" "$LOWER"
+    chmod 755 "$DATA"
+    rm -rf "$UDIR"; mkdir -p "$UDIR"; chown "$BENCH_USER:" "$UDIR"
+    as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/u0" --mountpoint "$UDIR/m0" \
+        --on-exit discard -- test -f "$UDIR/m0/big" 2>"$RES/user-probe.err" ||
+        { echo "ovl-run as $BENCH_USER failed: $(head -c 300 "$RES/user-probe.err")"; return; }
+    echo ok
+}
+
+# Runs a command as the bench user: no PAM, a minimal environment, HOME in its directory.
+as_user() {
+    setpriv --reuid="$(id -u "$BENCH_USER")" --regid="$(id -g "$BENCH_USER")" --clear-groups \
+        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$UDIR" XDG_CACHE_HOME="$UDIR/cache" \
+        LC_ALL=C "$@"
+}
+
+# Starts the user's ovl-run session: a bash loop inside the mount that reads one command per
+# line from $UDIR/in, runs it (timed there, with the workload functions of lib.sh) and answers
+# "STATUS SECONDS" on $UDIR/out.
+user_session_start() {
+    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work" "$UDIR/mnt" "$UDIR/in" "$UDIR/out"
+    mkfifo "$UDIR/in" "$UDIR/out"
+    {
+        declare -p PY_IMPORTS BIG_MIB CREATE_TAR CREATE10K_TAR
+        declare -f w_stat w_read w_py w_seqread w_seqwrite w_smallwrite w_copyup w_create \
+            w_delete size_is count_files
+        cat <<'EOS'
+exec 3<"$1/in" 4>"$1/out"
+echo ready >&4
+while IFS= read -r line <&3; do
+    [[ $line == quit ]] && break
+    s=$EPOCHREALTIME
+    if eval "$line" >/dev/null 2>>"$1/session.err"; then rc=0; else rc=1; fi
+    e=$EPOCHREALTIME
+    echo "$rc $(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }')" >&4
+done
+EOS
+    } >"$UDIR/session.sh"
+    chown "$BENCH_USER:" "$UDIR"/{in,out,session.sh}
+    (cd "$UDIR" && as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/upper" \
+        --mountpoint "$UDIR/mnt" --on-exit discard -- bash "$UDIR/session.sh" "$UDIR" \
+        >>"$RES/user-session.log" 2>&1) &
+    USER_SESSION=$!
+    exec {UIN}>"$UDIR/in" {UOUT}<"$UDIR/out"
+    local ready
+    read -r ready <&"$UOUT"
+    [[ $ready == ready ]]
+}
+user_session_stop() {
+    echo quit >&"$UIN"
+    exec {UIN}>&- {UOUT}<&-
+    wait "$USER_SESSION" || log "  ovl-user session ended with status $?"
+    USER_SESSION=
+}
+# On exit: closing the FIFO ends the session's loop; ovl-run then unmounts and discards.
+user_session_abort() {
+    [[ -n ${USER_SESSION:-} ]] || return 0
+    exec {UIN}>&- {UOUT}<&- 2>/dev/null || true
+    local i
+    for ((i = 0; i < 100; i++)); do
+        kill -0 "$USER_SESSION" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill "$USER_SESSION" 2>/dev/null || true
+}
+# ucmd CMD...: runs CMD in the session; sets URC (0 = success) and USECS.
+ucmd() {
+    printf '%q ' "$@" >&"$UIN"
+    echo >&"$UIN"
+    read -r URC USECS <&"$UOUT"
+}
+ucheck() { ucmd "$@"; [[ $URC == 0 ]]; }
+# utimed ID REP CMD...: like `timed`, for the session (the time is taken inside it).
+utimed() {
+    local id=$1 rep=$2 v
+    shift 2
+    ucmd "$@"
+    if [[ $URC == 0 ]]; then v=$USECS; else v=FAIL; log "  ovl-user $id rep $rep FAILED: $(tail -c 400 "$UDIR/session.err" 2>/dev/null)"; fi
+    record ovl-user "$id" "$rep" "$v"
+    [[ $v == FAIL ]] || log "  ovl-user $id rep $rep: $v s"
+}
+
+# One repetition of the main workloads as the bench user, in one ovl-run session (fresh upper).
+suite_user() {
+    local rep=$1 m=$UDIR/mnt
+    if [[ $USER_OK != ok ]]; then
+        local id
+        for id in stat_cold stat_warm read_cold read_warm py_cold py_warm seqread seqwrite \
+            smallwrite copyup create delete cycle; do
+            record ovl-user "$id" "$rep" SKIP
+        done
+        return
+    fi
+    log "ovl-user, repetition $rep"
+    user_session_start || { log "  ovl-user: session did not start: $(tail -c 400 "$RES/user-session.log")"; return; }
+    drop_caches; utimed stat_cold "$rep" w_stat "$m"
+    utimed stat_warm "$rep" w_stat "$m"
+    drop_caches; utimed read_cold "$rep" w_read "$m"
+    utimed read_warm "$rep" w_read "$m"
+    drop_caches; utimed py_cold "$rep" w_py "$m"
+    utimed py_warm "$rep" w_py "$m"
+    drop_caches; utimed seqread "$rep" w_seqread "$m"
+    drop_caches; utimed seqwrite "$rep" w_seqwrite "$m"
+    check ovl-user seqwrite "$rep" "size" ucheck size_is "$m/seqw" $((BIG_MIB << 20))
+    ucmd truncate -s 0 "$m/small"
+    utimed smallwrite "$rep" w_smallwrite "$m"
+    check ovl-user smallwrite "$rep" "size" ucheck size_is "$m/small" $((4096 * 4096))
+    drop_caches; utimed copyup "$rep" w_copyup "$m"
+    check ovl-user copyup "$rep" "size" ucheck size_is "$m/big" $(((BIG_MIB << 20) + 1))
+    ucmd mkdir "$m/new"
+    drop_caches; utimed create "$rep" w_create "$m"
+    check ovl-user create "$rep" "$NFILES files" ucheck count_files "$m/new" $NFILES
+    drop_caches; utimed delete "$rep" w_delete "$m"
+    check ovl-user delete "$rep" "gone" ucheck test ! -e "$m/deltree"
+    user_session_stop
+    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work"
+    # End to end: ovl-run mounts, runs `true`, unmounts, discards (fresh upper).
+    timed cycle ovl-user "$rep" as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/upper" \
+        --mountpoint "$UDIR/mnt" --on-exit discard -- true
+    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work"
 }
 
 mount_true_umount() {
@@ -218,6 +360,7 @@ ovlrun_suite() {
 rss_suite() {
     local fs m pid
     for fs in $FS_LIST; do
+        [[ $fs != ovl-user ]] || continue
         if [[ $fs == plain ]]; then
             m=$LOWER_HUGE
         else
@@ -256,6 +399,11 @@ ovl_nofile_check() {
 ensure_fixtures
 
 OVL_NOFILE=$(ovl_nofile_check)
+USER_OK="not run"
+if [[ " $FS_LIST " == *" ovl-user "* ]]; then
+    USER_OK=$(user_setup)
+    [[ $USER_OK == ok ]] || log "ovl-user rows skipped: $USER_OK"
+fi
 case ${SMALL_TREE:-auto} in
     auto) if [[ $OVL_NOFILE == *FAILS* ]]; then SMALL=1; else SMALL=; fi ;;
     1) SMALL=1 ;;
@@ -278,6 +426,7 @@ esac
     fi
     echo "nofile=inherited soft/hard $NOFILE_INHERITED, $(ulimit -Sn)/$(ulimit -Hn) for the run (raised to fs.nr_open where CAP_SYS_RESOURCE allows)"
     echo "ovl_inherited_nofile=$OVL_NOFILE"
+    [[ $USER_OK == "not run" ]] || echo "ovl_user=$([[ $USER_OK == ok ]] && echo "user $BENCH_USER (uid $(id -u "$BENCH_USER")), ovl-run --lower LOWER --upper U --mountpoint M --on-exit discard -- bash session; lower chowned to the user" || echo "skipped: $USER_OK")"
     echo "fuse_overlayfs=$(fuse-overlayfs --version 2>&1 | awk '/fuse-overlayfs: version/ { print $3 }')"
     echo "ovl=$(cd "$BENCH_DIR/.." && git rev-parse --short HEAD 2>/dev/null)$(cd "$BENCH_DIR/.." &&
         git diff --quiet HEAD -- src Cargo.toml 2>/dev/null ||

@@ -96,7 +96,7 @@ impl Overlay {
             let st = inode.read();
             let layer = match inode.is_dir() {
                 true => st.lowers.first().map(|l| l.layer),
-                false => st.lower_layer,
+                false => st.lower_layer(),
             };
             (st.parent.clone(), st.name.clone(), layer, st.unlinked)
         };
@@ -143,10 +143,12 @@ impl Overlay {
             let mut st = inode.write();
             if inode.is_dir() {
                 st.upper = Some(newfd.try_clone()?);
+                // Made empty in the work dir: no `.wh.` markers inside.
+                st.set_upper_wh_free(self.layers.whiteout_dev);
             } else {
                 st.in_upper = true;
             }
-            st.extra_names.clone()
+            st.extra_names().to_vec()
         };
         for (p, n) in extra {
             if let Err(e) = self.link_up(&newfd, &p, &n) {
@@ -357,7 +359,7 @@ impl Overlay {
         drop(st);
         let mut st = dir.write();
         st.opaque = true;
-        st.lowers.clear();
+        st.lowers = Box::default();
         Ok(())
     }
 }

@@ -15,15 +15,19 @@ use std::sync::Arc;
 
 use fuser::FileAttr;
 
-use crate::inode::Inode;
+use crate::inode::{Found, Inode, InodeState};
 use crate::layers;
-use crate::overlay::{OpResult, Overlay, check_new_name, errno};
+use crate::overlay::{OpResult, Overlay, attr_from_stat, check_new_name, errno, kind_of};
 use crate::sys::{self, BorrowFd};
 
 /// A lookup reference taken for the duration of one operation, given back on drop.
 struct Held<'a> {
     ov: &'a Overlay,
     inode: Arc<Inode>,
+    /// The link count shown by the lookup.
+    nlink: u32,
+    /// The lookup showed a lower layer's entry: one is visible at this name.
+    from_lower: bool,
 }
 
 impl Drop for Held<'_> {
@@ -53,8 +57,13 @@ pub struct Creator {
 
 impl Overlay {
     fn held<'a>(&'a self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Held<'a>> {
-        let (inode, _) = self.lookup_in(parent, name)?;
-        Ok(Held { ov: self, inode })
+        let (inode, attr, layer) = self.lookup_shown(parent, name)?;
+        Ok(Held {
+            ov: self,
+            inode,
+            nlink: attr.nlink,
+            from_lower: layer > 0,
+        })
     }
 
     fn held_opt<'a>(&'a self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<Held<'a>>> {
@@ -86,7 +95,8 @@ impl Overlay {
                 }
             }
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let aufs_wh = layers::has_aufs_whiteout(upper.as_fd_borrowed(), name)?;
+                let aufs_wh = pst.upper_may_have_wh()
+                    && layers::has_aufs_whiteout(upper.as_fd_borrowed(), name)?;
                 drop(pst);
                 if !aufs_wh && self.lower_positive(parent, name)? {
                     return Err(errno(libc::EEXIST));
@@ -118,19 +128,28 @@ impl Overlay {
 
     /// Creates an entry with `make` (called with a directory and a name), gives it its owner
     /// and exact mode, and puts it in place: directly when the name is free, else built in the
-    /// work directory and swapped in for the whiteout. Returns what `make` opened, if anything.
+    /// work directory and swapped in for the whiteout. Returns what `make` opened, if anything,
+    /// and the new entry's stat.
+    ///
+    /// The inode is built from what this call already holds (the descriptor `make` opened, or
+    /// the name), not by a second lookup: nothing else writes to the upper while mounted.
     fn create_entry(
         &self,
         parent: &Arc<Inode>,
         name: &OsStr,
         who: &Creator,
         make: &dyn Fn(BorrowedFd<'_>, &CStr) -> OpResult<Option<OwnedFd>>,
-    ) -> OpResult<(Arc<Inode>, FileAttr, Option<OwnedFd>)> {
+    ) -> OpResult<(Arc<Inode>, FileAttr, Option<OwnedFd>, libc::stat)> {
         let slot = self.prepare_create(parent, name)?;
         let cname = sys::cstr(name)?;
         let is_dir = who.mode & libc::S_IFMT == libc::S_IFDIR;
         let is_link = who.mode & libc::S_IFMT == libc::S_IFLNK;
+        // A new directory where a lower one is hidden (whiteout or `.wh.` marker) must not
+        // merge it.
+        let opaque = is_dir && slot != (Slot::Free { aufs_marker: false });
         let opened;
+        let mut dirfd = None;
+        let st;
         {
             let pst = parent.read();
             let pupper = pst.upper.as_ref().ok_or_else(|| errno(libc::EROFS))?;
@@ -141,16 +160,35 @@ impl Overlay {
                 Slot::Whiteout => (self.layers.work()?, self.layers.tmp_name()),
             };
             opened = make(dir, &tmpname)?;
-            let finish = || -> OpResult<()> {
-                let fd = sys::open_path(dir, &tmpname)?;
-                let fd = fd.as_fd_borrowed();
-                if let Some((uid, gid)) = owner {
-                    sys::fchown_fd(fd, uid, gid)?;
+            let mut finish = || -> OpResult<libc::stat> {
+                if is_dir {
+                    // Kept as the new inode's handle on its upper directory.
+                    dirfd = Some(sys::openat(
+                        dir,
+                        &tmpname,
+                        libc::O_PATH | libc::O_DIRECTORY,
+                        0,
+                    )?);
                 }
+                // The handle to change: what `make` opened (a real open file), the new
+                // directory, or else the name itself (never followed).
+                let h = opened
+                    .as_ref()
+                    .or(dirfd.as_ref())
+                    .map(|f| f.as_fd_borrowed());
+                if let Some((uid, gid)) = owner {
+                    match h {
+                        Some(fd) => sys::fchown_fd(fd, uid, gid)?,
+                        None => sys::fchownat_nofollow(dir, &tmpname, uid, gid)?,
+                    }
+                }
+                let mut st = match h {
+                    Some(fd) => sys::fstat(fd)?,
+                    None => sys::fstatat(dir, &tmpname)?,
+                };
                 if !is_link {
                     // The process umask (ours, not the caller's) may have cut bits, and chown
                     // clears setuid/setgid: set the exact mode the caller asked for.
-                    let st = sys::fstat(fd)?;
                     let want = who.mode & 0o7777;
                     let want = if is_dir && parent_sgid {
                         want | libc::S_ISGID
@@ -158,13 +196,25 @@ impl Overlay {
                         want
                     };
                     if st.st_mode & 0o7777 != want {
-                        sys::fchmod_fd(fd, want)?;
+                        match (&opened, h) {
+                            (Some(f), _) => sys::fchmod_open(f.as_fd_borrowed(), want)?,
+                            (None, Some(fd)) => sys::fchmod_fd(fd, want)?,
+                            // Not a symlink, so following the name follows nothing.
+                            (None, None) => sys::fchmodat(dir, &tmpname, want)?,
+                        }
+                        // Again, for the ctime the change gave it.
+                        st = match h {
+                            Some(fd) => sys::fstat(fd)?,
+                            None => sys::fstatat(dir, &tmpname)?,
+                        };
                     }
+                }
+                if opaque {
+                    let fd = dirfd.as_ref().ok_or_else(|| errno(libc::EIO))?;
+                    self.layers.set_opaque(fd.as_fd_borrowed())?;
                 }
                 if slot == Slot::Whiteout {
                     if is_dir {
-                        // The whiteout hid a lower entry; the new directory must not merge it.
-                        self.layers.set_opaque(fd)?;
                         sys::renameat2(dir, &tmpname, pupper, &cname, libc::RENAME_EXCHANGE)?;
                         // Now the whiteout sits in the work dir; stale ones are cleared at mount.
                         let _ = sys::unlinkat(dir, &tmpname, 0);
@@ -172,19 +222,48 @@ impl Overlay {
                         sys::renameat2(dir, &tmpname, pupper, &cname, 0)?;
                     }
                 }
-                Ok(())
+                Ok(st)
             };
-            if let Err(e) = finish() {
-                let _ = sys::remove_tree(dir, &tmpname);
-                return Err(e);
-            }
+            st = match finish() {
+                Ok(st) => st,
+                Err(e) => {
+                    let _ = sys::remove_tree(dir, &tmpname);
+                    return Err(e);
+                }
+            };
             // An aufs-style marker for this name is obsolete now that the entry exists above it.
-            if slot != (Slot::Free { aufs_marker: false }) {
-                layers::remove_aufs_whiteout(pupper, name)?;
+            match slot {
+                Slot::Free { aufs_marker: true } => {
+                    sys::unlinkat(pupper, &layers::wh_name(name)?, 0)?
+                }
+                Slot::Whiteout if pst.upper_may_have_wh() => {
+                    layers::remove_aufs_whiteout(pupper, name)?
+                }
+                _ => {}
             }
         }
-        let (inode, attr) = self.lookup_in(parent, name)?;
-        Ok((inode, attr, opened))
+        let mut state = InodeState {
+            parent: Some(parent.clone()),
+            name: name.into(),
+            ..Default::default()
+        };
+        match dirfd {
+            Some(fd) => {
+                // Empty, made here: nothing to merge, no markers of any kind inside.
+                state.upper = Some(fd);
+                state.opaque = opaque;
+                state.set_upper_wh_free(self.layers.whiteout_dev);
+            }
+            None => state.in_upper = true,
+        }
+        let inode = self.inodes.lookup_or_insert(Found {
+            kind: kind_of(st.st_mode),
+            id: (st.st_dev, st.st_ino),
+            layer: 0,
+            state,
+        });
+        let attr = attr_from_stat(inode.ino, &st);
+        Ok((inode, attr, opened, st))
     }
 
     /// FUSE mknod (fifo, socket, regular file; devices when privileged).
@@ -202,7 +281,7 @@ impl Overlay {
             return Err(errno(libc::EPERM));
         }
         let mode = who.mode;
-        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+        let (inode, attr, _, _) = self.create_entry(&parent, name, &who, &|d, n| {
             sys::mknodat(d, n, mode, rdev as u64)?;
             Ok(None)
         })?;
@@ -218,7 +297,7 @@ impl Overlay {
     ) -> OpResult<(Arc<Inode>, FileAttr)> {
         let parent = self.inode(parent)?;
         who.mode = (who.mode & 0o7777) | libc::S_IFDIR;
-        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+        let (inode, attr, _, _) = self.create_entry(&parent, name, &who, &|d, n| {
             sys::mkdirat(d, n, 0o700)?;
             Ok(None)
         })?;
@@ -236,7 +315,7 @@ impl Overlay {
         let parent = self.inode(parent)?;
         who.mode = libc::S_IFLNK | 0o777;
         let ctarget = sys::cstr(target)?;
-        let (inode, attr, _) = self.create_entry(&parent, name, &who, &|d, n| {
+        let (inode, attr, _, _) = self.create_entry(&parent, name, &who, &|d, n| {
             sys::symlinkat(&ctarget, d, n)?;
             Ok(None)
         })?;
@@ -250,7 +329,7 @@ impl Overlay {
         name: &OsStr,
         mut who: Creator,
         flags: i32,
-    ) -> OpResult<(Arc<Inode>, FileAttr, OwnedFd)> {
+    ) -> OpResult<(Arc<Inode>, FileAttr, OwnedFd, libc::stat)> {
         let parent = self.inode(parent)?;
         who.mode = (who.mode & 0o7777) | libc::S_IFREG;
         // No O_APPEND on the real file: see `open_real`.
@@ -259,11 +338,11 @@ impl Overlay {
             | libc::O_CREAT
             | libc::O_EXCL;
         let mode = who.mode & 0o7777;
-        let (inode, attr, fd) = self.create_entry(&parent, name, &who, &|d, n| {
+        let (inode, attr, fd, st) = self.create_entry(&parent, name, &who, &|d, n| {
             Ok(Some(sys::openat(d, n, oflags, mode)?))
         })?;
         let fd = fd.ok_or_else(|| errno(libc::EIO))?;
-        Ok((inode, attr, fd))
+        Ok((inode, attr, fd, st))
     }
 
     /// FUSE link: a new name for an existing inode (copied up first: links live in the upper).
@@ -309,7 +388,7 @@ impl Overlay {
                     }
                 }
             }
-            if slot != (Slot::Free { aufs_marker: false }) {
+            if slot != (Slot::Free { aufs_marker: false }) && pst.upper_may_have_wh() {
                 layers::remove_aufs_whiteout(pupper, name)?;
             }
         }
@@ -396,8 +475,8 @@ impl Overlay {
             _ => {}
         }
         self.copy_up(&parent)?;
-        self.settle_hardlink(&child.inode)?;
-        let need_wh = self.lower_positive(&parent, name)?;
+        self.settle_hardlink(&child)?;
+        let need_wh = child.from_lower || self.lower_positive(&parent, name)?;
         let cname = sys::cstr(name)?;
         let has_upper = child.inode.read().has_upper();
         let pin = self.pin_if_open(&child.inode)?;
@@ -441,17 +520,17 @@ impl Overlay {
 
     /// Before one name of a hard-linked lower file goes away, copy it up (into the index), so
     /// the link count its other names show stays right, as the kernel does with index=on.
-    fn settle_hardlink(&self, inode: &Arc<Inode>) -> OpResult<()> {
+    fn settle_hardlink(&self, held: &Held<'_>) -> OpResult<()> {
+        let inode = &held.inode;
         let lower_only = {
             let st = inode.read();
-            !inode.is_dir() && !st.has_upper() && st.lower_layer.is_some()
+            !inode.is_dir() && !st.has_upper() && st.lower.is_some()
         };
         if !lower_only {
             return Ok(());
         }
-        // The shown attributes are the lower file's: one fstatat, nothing to open.
-        let lower_nlink = u64::from(self.stat_inode(inode)?.nlink);
-        if lower_nlink > 1 && self.layers.index().is_some() {
+        // The shown attributes are the lower file's, as the lookup just read them.
+        if held.nlink > 1 && self.layers.index().is_some() {
             self.copy_up(inode)?;
         }
         Ok(())
@@ -516,7 +595,7 @@ impl Overlay {
             let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
             self.prepare_move(&t.inode)?;
         } else if let Some(t) = &tgt {
-            self.settle_hardlink(&t.inode)?;
+            self.settle_hardlink(t)?;
         }
         let cname = sys::cstr(name)?;
         let cnew = sys::cstr(newname)?;
@@ -525,7 +604,7 @@ impl Overlay {
             Some(t) if !exchange => self.pin_if_open(&t.inode)?,
             _ => None,
         };
-        let src_wh = !exchange && self.lower_positive(&parent, name)?;
+        let src_wh = !exchange && (src.from_lower || self.lower_positive(&parent, name)?);
         // A directory landing where a lower directory of that name exists must not merge it.
         if src.inode.is_dir() && self.lower_positive(&newparent, newname)? {
             self.set_opaque_upper(&src.inode)?;
@@ -540,13 +619,13 @@ impl Overlay {
         {
             let pst = parent.read();
             let npst;
-            let (pupper, npupper) = if Arc::ptr_eq(&parent, &newparent) {
+            let (pupper, npupper, tgt_may_wh) = if Arc::ptr_eq(&parent, &newparent) {
                 let u = pst
                     .upper
                     .as_ref()
                     .ok_or_else(|| errno(libc::EROFS))?
                     .as_fd_borrowed();
-                (u, u)
+                (u, u, pst.upper_may_have_wh())
             } else {
                 npst = newparent.read();
                 (
@@ -558,6 +637,7 @@ impl Overlay {
                         .as_ref()
                         .ok_or_else(|| errno(libc::EROFS))?
                         .as_fd_borrowed(),
+                    npst.upper_may_have_wh(),
                 )
             };
             if exchange {
@@ -573,6 +653,7 @@ impl Overlay {
                     src.inode.is_dir(),
                     tgt.as_ref(),
                     src_wh,
+                    tgt_may_wh,
                 )?;
             }
         }
@@ -599,7 +680,7 @@ impl Overlay {
         let upper = st.upper.as_ref().ok_or_else(|| errno(libc::EIO))?;
         self.layers.set_opaque(upper.as_fd_borrowed())?;
         st.opaque = true;
-        st.lowers.clear();
+        st.lowers = Box::default();
         Ok(())
     }
 
@@ -616,6 +697,7 @@ impl Overlay {
         src_is_dir: bool,
         tgt: Option<&Held<'_>>,
         src_wh: bool,
+        tgt_may_wh: bool,
     ) -> OpResult<()> {
         // What is at the target name in the upper right now?
         let tgt_upper = match sys::open_path(npupper, cnew) {
@@ -676,7 +758,9 @@ impl Overlay {
         } else {
             sys::renameat2(pupper, cname, npupper, cnew, 0)?;
         }
-        layers::remove_aufs_whiteout(npupper, newname)?;
+        if tgt_may_wh {
+            layers::remove_aufs_whiteout(npupper, newname)?;
+        }
         Ok(())
     }
 }

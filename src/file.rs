@@ -109,9 +109,14 @@ impl FileTable {
         ino: u64,
         fd: &OwnedFd,
         read_only: bool,
+        known: Option<&libc::stat>,
         register: impl FnOnce(&OwnedFd) -> std::io::Result<fuser::BackingId>,
     ) -> OpResult<OpenMode> {
-        let st = sys::fstat(fd.as_fd_borrowed())?;
+        // `known`: the caller's fresh stat of this very file (create), spares an fstat.
+        let st = match known {
+            Some(st) => *st,
+            None => sys::fstat(fd.as_fd_borrowed())?,
+        };
         let real = (st.st_dev, st.st_ino);
         let mut map = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
         match map.get_mut(&ino) {
@@ -250,10 +255,13 @@ impl Overlay {
         if wants_write(flags) {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
-        sys::reopen(
-            self.real_fd(inode)?.as_fd_borrowed(),
-            flags & !libc::O_APPEND,
-        )
+        let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        // A file with a name: one openat in its layer directory (never following the name),
+        // no O_PATH handle to open, re-open through /proc and close.
+        if let Some(r) = self.with_real_at(inode, |dir, name| sys::openat(dir, name, flags, 0)) {
+            return r;
+        }
+        sys::reopen(self.real_fd(inode)?.as_fd_borrowed(), flags)
     }
 
     /// The descriptor to read through: the handle's own, or the upper copy when the handle

@@ -44,10 +44,11 @@ impl OverlayFs {
         ino: u64,
         fd: &OwnedFd,
         read_only: bool,
+        known: Option<&libc::stat>,
         register: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
     ) -> io::Result<OpenMode> {
         if self.passthrough() {
-            self.0.files.open_mode(ino, fd, read_only, register)
+            self.0.files.open_mode(ino, fd, read_only, known, register)
         } else {
             Ok(OpenMode::Cached)
         }
@@ -77,7 +78,7 @@ impl OverlayFs {
 
     fn reply_open(&self, inode: Arc<Inode>, fd: OwnedFd, read_only: bool, reply: ReplyOpen) {
         let ino = inode.ino;
-        match self.open_mode(ino, &fd, read_only, |fd| reply.open_backing(fd)) {
+        match self.open_mode(ino, &fd, read_only, None, |fd| reply.open_backing(fd)) {
             Ok(mode) => match self.insert(inode, fd, mode) {
                 (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
                 (fh, flags, None) => reply.opened(fh, flags),
@@ -531,10 +532,10 @@ impl Filesystem for OverlayFs {
             mode,
         };
         match self.0.create(parent.0, name, who, flags) {
-            Ok((inode, attr, fd)) => {
+            Ok((inode, attr, fd, st)) => {
                 let ttl = self.0.ttl;
                 let ino = inode.ino;
-                match self.open_mode(ino, &fd, false, |fd| reply.open_backing(fd)) {
+                match self.open_mode(ino, &fd, false, Some(&st), |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
                         let (fh, flags, id) = self.insert(inode, fd, mode);
                         match id {

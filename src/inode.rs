@@ -14,9 +14,9 @@
 //!   the real inode number, with a collision falling back to a counter in a reserved range.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::os::fd::{BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use crate::sys::BorrowFd;
@@ -62,13 +62,18 @@ pub struct InodeState {
     pub upper: Option<OwnedFd>,
     /// Directories: the upper directory is marked to hold xattr whiteouts.
     pub upper_xwh: bool,
+    /// Directories: the upper directory is known to hold no `.wh.` marker file (it was made
+    /// by this mount, or listed), so a name absent there needs no marker check. Only set when
+    /// the mount writes device whiteouts: it then never makes markers, so this stays true.
+    pub upper_wh_free: AtomicBool,
     /// Non-directories: the entry exists in the upper layer.
     pub in_upper: bool,
     /// Directories: every lower directory merged into this one, topmost first, stopping at the
     /// first opaque one.
-    pub lowers: Vec<LowerEntry>,
-    /// Non-directories: the lower layer whose entry is shown (if not in the upper).
-    pub lower_layer: Option<usize>,
+    pub lowers: Box<[LowerEntry]>,
+    /// Non-directories: the lower layer whose entry is shown (if not in the upper); see
+    /// [`InodeState::lower_layer`]. 16 bits: the state of every inode is kept small.
+    pub lower: Option<u16>,
     /// Non-directories whose last name went while the kernel still holds them (open files):
     /// a handle on the real entry, which has no name any more.
     pub pinned: Option<OwnedFd>,
@@ -76,10 +81,11 @@ pub struct InodeState {
     /// entry there. For directories this is the only name. The parent is held strongly so a
     /// copy-up can always walk up to the root.
     pub parent: Option<Arc<Inode>>,
-    pub name: OsString,
+    pub name: Box<OsStr>,
     /// Further names of a hard-linked non-directory (beyond `parent`/`name`), so a copy-up
     /// can link every known name to the copy and losing one name never strands the inode.
-    pub extra_names: Vec<(Arc<Inode>, OsString)>,
+    /// Boxed: almost every inode has none.
+    pub extra_names: Option<Box<Vec<ExtraName>>>,
     /// The upper directory is opaque: lower directories are not merged.
     pub opaque: bool,
     /// The last name was removed while the kernel still holds the inode (open files). For a
@@ -96,6 +102,19 @@ impl InodeState {
             .map(|fd| fd.as_fd_borrowed())
     }
 
+    /// Records that the upper directory holds no `.wh.` marker (see `upper_wh_free`); ignored
+    /// unless the mount writes device whiteouts (`whiteout_dev`).
+    pub fn set_upper_wh_free(&self, whiteout_dev: bool) {
+        if whiteout_dev {
+            self.upper_wh_free.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the upper directory may hold a `.wh.<name>` marker (a check is needed).
+    pub fn upper_may_have_wh(&self) -> bool {
+        !self.upper_wh_free.load(Ordering::Relaxed)
+    }
+
     /// The entry exists in the upper layer.
     pub fn has_upper(&self) -> bool {
         self.in_upper || self.upper.is_some()
@@ -103,7 +122,22 @@ impl InodeState {
 
     /// The entry exists in a lower layer.
     pub fn has_lower(&self) -> bool {
-        self.lower_layer.is_some() || !self.lowers.is_empty()
+        self.lower.is_some() || !self.lowers.is_empty()
+    }
+
+    /// Non-directories: the lower layer whose entry is shown (if not in the upper).
+    pub fn lower_layer(&self) -> Option<usize> {
+        self.lower.map(usize::from)
+    }
+
+    /// Sets the lower layer shown (layer indexes fit 16 bits: see `LayerStack::open`).
+    pub fn set_lower_layer(&mut self, layer: usize) {
+        self.lower = Some(layer as u16);
+    }
+
+    /// The further names of a hard-linked non-directory.
+    pub fn extra_names(&self) -> &[ExtraName] {
+        self.extra_names.as_deref().map_or(&[], |v| v.as_slice())
     }
 
     /// Records that the inode is reachable as `name` in `parent` (lookup, link, rename target).
@@ -112,15 +146,17 @@ impl InodeState {
         if is_dir || self.unlinked || self.parent.is_none() {
             // A directory has one name; an unlinked inode got a name back.
             self.parent = Some(parent.clone());
-            self.name = name.to_os_string();
-            self.extra_names.clear();
+            self.name = name.into();
+            self.extra_names = None;
             self.unlinked = false;
             return;
         }
         let known = self.parent.as_ref().is_some_and(|p| same(p, &self.name))
-            || self.extra_names.iter().any(|(p, n)| same(p, n));
+            || self.extra_names().iter().any(|(p, n)| same(p, n));
         if !known {
-            self.extra_names.push((parent.clone(), name.to_os_string()));
+            self.extra_names
+                .get_or_insert_with(Default::default)
+                .push((parent.clone(), name.into()));
         }
     }
 
@@ -129,15 +165,18 @@ impl InodeState {
     pub fn remove_name(&mut self, parent: &Arc<Inode>, name: &OsStr) {
         let same = |p: &Arc<Inode>, n: &OsStr| Arc::ptr_eq(p, parent) && n == name;
         if self.parent.as_ref().is_some_and(|p| same(p, &self.name)) {
-            match self.extra_names.pop() {
+            match self.extra_names.as_mut().and_then(|v| v.pop()) {
                 Some((p, n)) => {
                     self.parent = Some(p);
                     self.name = n;
                 }
                 None => self.unlinked = true,
             }
-        } else {
-            self.extra_names.retain(|(p, n)| !same(p, n));
+        } else if let Some(v) = &mut self.extra_names {
+            v.retain(|(p, n)| !same(p, n));
+        }
+        if self.extra_names.as_ref().is_some_and(|v| v.is_empty()) {
+            self.extra_names = None;
         }
     }
 
@@ -152,6 +191,9 @@ impl InodeState {
     }
 }
 
+/// A further name of a hard-linked file: its parent and the name there.
+pub type ExtraName = (Arc<Inode>, Box<OsStr>);
+
 /// One overlay inode.
 #[derive(Debug)]
 pub struct Inode {
@@ -165,8 +207,13 @@ pub struct Inode {
     pub copy_up_lock: Mutex<()>,
     /// Open file handles on this inode (removing its last name must then keep it reachable).
     pub open_files: AtomicU64,
-    /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up.
-    id: Mutex<(u64, u64)>,
+    /// The real file is known to have no `security.capability` xattr, which the kernel asks
+    /// for before writes. Set only by a getxattr that found none, with the state read-locked;
+    /// cleared by setxattr with it write-locked, after its change: see `Overlay::getxattr`.
+    pub no_file_caps: AtomicBool,
+    /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up. Only read and
+    /// written with the tables' lock held, so two atomics need no lock of their own.
+    id: [AtomicU64; 2],
 }
 
 impl Inode {
@@ -180,10 +227,22 @@ impl Inode {
         self.state.write().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The `by_id` key (read under the tables' lock).
+    fn id(&self) -> (u64, u64) {
+        (
+            self.id[0].load(Ordering::Relaxed),
+            self.id[1].load(Ordering::Relaxed),
+        )
+    }
+
     /// Is this a directory?
     pub fn is_dir(&self) -> bool {
         self.kind == Kind::Directory
     }
+}
+
+fn id_atomics((dev, ino): (u64, u64)) -> [AtomicU64; 2] {
+    [AtomicU64::new(dev), AtomicU64::new(ino)]
 }
 
 /// Root inode number, fixed by FUSE.
@@ -225,7 +284,8 @@ impl InodeStore {
             state: RwLock::new(root.state),
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
-            id: Mutex::new(root.id),
+            no_file_caps: AtomicBool::new(false),
+            id: id_atomics(root.id),
         });
         let mut t = Tables::default();
         t.by_ino.insert(ROOT_INO, root_inode);
@@ -287,11 +347,26 @@ impl InodeStore {
             state: RwLock::new(found.state),
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
-            id: Mutex::new(found.id),
+            no_file_caps: AtomicBool::new(false),
+            id: id_atomics(found.id),
         });
         t.by_ino.insert(ino, inode.clone());
         t.by_id.insert(found.id, ino);
         inode
+    }
+
+    /// The live directory inode backed by the real directory `id`, with one lookup reference
+    /// taken, if the kernel holds one: its state (handles, merged lowers, marks) is kept up to
+    /// date by the overlay's own changes, so a lookup need not probe the layers again.
+    pub fn acquire_dir(&self, id: (u64, u64)) -> Option<Arc<Inode>> {
+        // The read lock excludes `forget` (which takes the write lock) while counting.
+        let t = self.tables();
+        let inode = t.by_ino.get(t.by_id.get(&id)?)?;
+        if !inode.is_dir() {
+            return None;
+        }
+        inode.lookups.fetch_add(1, Ordering::Relaxed);
+        Some(inode.clone())
     }
 
     fn assign(&self, t: &Tables, found: &Found) -> u64 {
@@ -322,7 +397,7 @@ impl InodeStore {
             Ordering::Relaxed,
         );
         if prev <= n {
-            let id = *inode.id.lock().unwrap_or_else(|e| e.into_inner());
+            let id = inode.id();
             t.by_ino.remove(&ino);
             if t.by_id.get(&id) == Some(&ino) {
                 t.by_id.remove(&id);
@@ -333,11 +408,12 @@ impl InodeStore {
     /// Re-keys an inode after copy-up: it is now backed by the upper file `id`.
     pub fn rekey(&self, inode: &Inode, id: (u64, u64)) {
         let mut t = self.tables_mut();
-        let mut cur = inode.id.lock().unwrap_or_else(|e| e.into_inner());
-        if t.by_id.get(&*cur) == Some(&inode.ino) {
-            t.by_id.remove(&*cur);
+        let cur = inode.id();
+        if t.by_id.get(&cur) == Some(&inode.ino) {
+            t.by_id.remove(&cur);
         }
-        *cur = id;
+        inode.id[0].store(id.0, Ordering::Relaxed);
+        inode.id[1].store(id.1, Ordering::Relaxed);
         t.by_id.insert(id, inode.ino);
     }
 }

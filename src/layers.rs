@@ -94,6 +94,12 @@ impl LayerStack {
             .iter()
             .map(|p| Layer::open(p))
             .collect::<io::Result<Vec<_>>>()?;
+        if lowers.len() > usize::from(u16::MAX) {
+            // Inodes record their lower layer in 16 bits.
+            return Err(io::Error::other(
+                "too many lower directories (at most 65535)",
+            ));
+        }
         let upper = upper.map(Layer::open).transpose()?;
         let root = unsafe { libc::geteuid() } == 0;
         let mut stack = LayerStack {

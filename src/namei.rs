@@ -30,6 +30,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
         state.upper = Some(fd);
     }
     if !state.opaque {
+        let mut lowers = Vec::new();
         for (i, l) in layers.lowers.iter().enumerate() {
             let fd = sys::open_path(l.root.as_fd_borrowed(), c".")?;
             if id.is_none() {
@@ -37,7 +38,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
                 id = Some((st.st_dev, st.st_ino));
             }
             let marks = layers::dir_marks(fd.as_fd_borrowed())?;
-            state.lowers.push(LowerEntry {
+            lowers.push(LowerEntry {
                 layer: i,
                 fd,
                 xwhiteouts: marks.xwhiteouts,
@@ -46,6 +47,7 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
                 break;
             }
         }
+        state.lowers = lowers.into_boxed_slice();
     }
     Ok(Found {
         kind: Kind::Directory,
@@ -65,16 +67,29 @@ enum Probe {
     Whiteout,
     /// The entry's stat, and for a directory an `O_PATH` handle on it.
     Present(libc::stat, Option<std::os::fd::OwnedFd>),
+    /// A directory whose inode is live (a lookup reference taken): nothing more to probe.
+    Known(libc::stat, Arc<Inode>),
+}
+
+/// What [`Overlay::find`] resolved a name to.
+pub enum Resolved {
+    /// A new inode's description.
+    New(Found),
+    /// A live directory inode (a lookup reference taken), shown from layer `.1`.
+    Known(Arc<Inode>, usize),
 }
 
 impl Overlay {
     /// Looks at `name` in one layer directory: one fstatat, plus an open for directories
     /// (kept as the inode's handle) and for empty files (which may be xattr whiteouts).
+    /// `shown`: this entry would be the one shown, so a directory whose inode is live is
+    /// taken as it is.
     fn probe(
         &self,
         dir: std::os::fd::BorrowedFd<'_>,
         cname: &std::ffi::CStr,
         xwhiteouts: bool,
+        shown: bool,
     ) -> OpResult<Probe> {
         let st = match sys::fstatat(dir, cname) {
             Ok(st) => st,
@@ -86,6 +101,11 @@ impl Overlay {
         }
         let fmt = st.st_mode & libc::S_IFMT;
         if fmt == libc::S_IFDIR {
+            if shown {
+                if let Some(inode) = self.inodes.acquire_dir((st.st_dev, st.st_ino)) {
+                    return Ok(Probe::Known(st, inode));
+                }
+            }
             let fd = sys::openat(dir, cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
             return Ok(Probe::Present(st, Some(fd)));
         }
@@ -100,7 +120,11 @@ impl Overlay {
 
     /// Resolves `name` in `parent` without touching the inode store. `Ok(None)`: no such name.
     /// Also returns the stat of the entry whose attributes are shown.
-    pub fn find(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<Option<(Found, libc::stat)>> {
+    pub fn find(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+    ) -> OpResult<Option<(Resolved, libc::stat)>> {
         if name.len() > NAME_MAX {
             return Err(errno(libc::ENAMETOOLONG));
         }
@@ -114,15 +138,16 @@ impl Overlay {
         let pst = parent.read();
         let mut state = InodeState {
             parent: Some(parent.clone()),
-            name: name.to_os_string(),
+            name: name.into(),
             ..Default::default()
         };
         let mut shown: Option<(libc::stat, usize)> = None;
         let mut search_lower = !pst.opaque;
 
         if let Some(udir) = &pst.upper {
-            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh)? {
+            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh, true)? {
                 Probe::Whiteout => return Ok(None),
+                Probe::Known(st, inode) => return Ok(Some((Resolved::Known(inode, 0), st))),
                 Probe::Present(st, Some(fd)) => {
                     let marks = layers::dir_marks(fd.as_fd_borrowed())?;
                     state.opaque = marks.opaque;
@@ -137,18 +162,24 @@ impl Overlay {
                     shown = Some((st, 0));
                 }
                 Probe::Absent => {
-                    if layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)? {
+                    if pst.upper_may_have_wh()
+                        && layers::has_aufs_whiteout(udir.as_fd_borrowed(), name)?
+                    {
                         return Ok(None);
                     }
                 }
             }
         }
 
+        let mut lowers = Vec::new();
         if search_lower {
             let n = pst.lowers.len();
             for (i, l) in pst.lowers.iter().enumerate() {
-                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts)? {
+                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts, shown.is_none())? {
                     Probe::Whiteout => break,
+                    Probe::Known(st, inode) => {
+                        return Ok(Some((Resolved::Known(inode, l.layer + 1), st)));
+                    }
                     Probe::Present(st, dirfd) => {
                         if shown.is_none() {
                             shown = Some((st, l.layer + 1));
@@ -156,7 +187,7 @@ impl Overlay {
                         match dirfd {
                             Some(fd) => {
                                 let marks = layers::dir_marks(fd.as_fd_borrowed())?;
-                                state.lowers.push(LowerEntry {
+                                lowers.push(LowerEntry {
                                     layer: l.layer,
                                     fd,
                                     xwhiteouts: marks.xwhiteouts,
@@ -168,8 +199,8 @@ impl Overlay {
                             // A non-directory: shown if nothing is above it, else hidden by
                             // the directory above; either way it ends the search.
                             None => {
-                                if state.lowers.is_empty() && state.upper.is_none() {
-                                    state.lower_layer = Some(l.layer);
+                                if lowers.is_empty() && state.upper.is_none() {
+                                    state.set_lower_layer(l.layer);
                                 }
                                 break;
                             }
@@ -185,13 +216,14 @@ impl Overlay {
             }
         }
         drop(pst);
+        state.lowers = lowers.into_boxed_slice();
 
         let Some((mut st, mut layer)) = shown else {
             return Ok(None);
         };
         // Another name of this hard-linked lower file was copied up: link this name to the
         // same copy (the kernel's index=on behaviour), so all names stay one file.
-        if let (Some(lower_layer), false) = (state.lower_layer, state.in_upper) {
+        if let (Some(lower_layer), false) = (state.lower_layer(), state.in_upper) {
             if st.st_nlink > 1 {
                 if let Some(ifd) = self.layers.index_lookup(lower_layer, st.st_ino)? {
                     self.link_up(&ifd, parent, name)?;
@@ -202,12 +234,12 @@ impl Overlay {
             }
         }
         Ok(Some((
-            Found {
+            Resolved::New(Found {
                 kind: kind_of(st.st_mode),
                 id: (st.st_dev, st.st_ino),
                 layer,
                 state,
-            },
+            }),
             st,
         )))
     }
@@ -220,18 +252,42 @@ impl Overlay {
 
     /// Lookup with the parent inode in hand.
     pub fn lookup_in(&self, parent: &Arc<Inode>, name: &OsStr) -> OpResult<(Arc<Inode>, FileAttr)> {
-        let (found, st) = self
+        self.lookup_shown(parent, name).map(|(i, a, _)| (i, a))
+    }
+
+    /// [`Overlay::lookup_in`], also telling which layer's entry is shown (0 = upper, n = lower
+    /// n-1): above 0, a lower entry is visible at this name, so removing it needs a whiteout.
+    pub fn lookup_shown(
+        &self,
+        parent: &Arc<Inode>,
+        name: &OsStr,
+    ) -> OpResult<(Arc<Inode>, FileAttr, usize)> {
+        let (resolved, st) = self
             .find(parent, name)?
             .ok_or_else(|| errno(libc::ENOENT))?;
-        let merged = found.kind == Kind::Directory
-            && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
-        let inode = self.inodes.lookup_or_insert(found);
+        let (inode, layer, merged) = match resolved {
+            Resolved::New(found) => {
+                let layer = found.layer;
+                let merged = found.kind == Kind::Directory
+                    && (found.state.lowers.len() + usize::from(found.state.upper.is_some())) > 1;
+                (self.inodes.lookup_or_insert(found), layer, merged)
+            }
+            Resolved::Known(inode, layer) => {
+                let merged = {
+                    let mut s = inode.write();
+                    // The kernel just reached it here (as `lookup_or_insert` records).
+                    s.add_name(parent, name, true);
+                    s.lowers.len() + usize::from(s.upper.is_some()) > 1
+                };
+                (inode, layer, merged)
+            }
+        };
         let mut attr = attr_from_stat(inode.ino, &st);
         if merged {
             attr.nlink = 1;
         }
         self.fix_indexed_nlink(&inode, &mut attr);
-        Ok((inode, attr))
+        Ok((inode, attr, layer))
     }
 
     /// Whether any lower directory merged into `parent` has a visible entry `name`: removing

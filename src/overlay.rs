@@ -175,7 +175,7 @@ impl Overlay {
         } else {
             &pst.lowers
                 .iter()
-                .find(|e| Some(e.layer) == st.lower_layer)?
+                .find(|e| Some(e.layer) == st.lower_layer())?
                 .fd
         };
         Some(f(dir.as_fd_borrowed(), &cname))
@@ -211,7 +211,7 @@ impl Overlay {
         if st.in_upper {
             self.entry_fd(&st, None)
         } else {
-            self.entry_fd(&st, st.lower_layer)
+            self.entry_fd(&st, st.lower_layer())
         }
     }
 
@@ -241,7 +241,7 @@ impl Overlay {
             let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
             return l.fd.try_clone();
         }
-        match (&st.pinned, st.lower_layer) {
+        match (&st.pinned, st.lower_layer()) {
             (Some(p), _) if !st.in_upper => Ok(p.try_clone()?),
             (_, Some(l)) => self.entry_fd(&st, Some(l)),
             _ => Err(errno(libc::EIO)),
@@ -265,7 +265,7 @@ impl Overlay {
                     } else {
                         pst.lowers
                             .iter()
-                            .find(|e| Some(e.layer) == st.lower_layer)
+                            .find(|e| Some(e.layer) == st.lower_layer())
                             .map(|e| &e.fd)
                     };
                     sys::fstatat(

@@ -6,7 +6,6 @@
 
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr, OsString};
-use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStringExt;
 use std::sync::Arc;
 
@@ -46,15 +45,24 @@ impl Overlay {
             return Err(errno(libc::ENOTDIR));
         }
         let st = dir.read();
-        let layer_dirs = st.layer_dirs();
+        // Each layer directory with its `opaque=x` mark, as read when the directory was
+        // looked up: xattr whiteouts count only where it is set.
+        let mut layer_dirs = Vec::with_capacity(1 + st.lowers.len());
+        if let Some(u) = &st.upper {
+            layer_dirs.push((u.as_fd_borrowed(), st.upper_xwh, true));
+        }
+        for l in &st.lowers {
+            layer_dirs.push((l.fd.as_fd_borrowed(), l.xwhiteouts, false));
+        }
         let last = layer_dirs.len().saturating_sub(1);
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
         let mut out = Vec::new();
-        for (i, d) in layer_dirs.iter().enumerate() {
+        for (i, &(d, xwhiteouts, is_upper)) in layer_dirs.iter().enumerate() {
             let below = i < last;
-            let xwhiteouts = self.has_xwhiteouts(d.as_raw_fd())?;
-            for e in sys::read_dir(*d)? {
+            let mut markers = false;
+            for e in sys::read_dir(d)? {
                 if e.name.starts_with(WH_PREFIX) {
+                    markers = true;
                     if below && e.name.as_slice() != OPAQUE_MARKER.to_bytes() {
                         seen.insert(e.name[WH_PREFIX.len()..].to_vec());
                     }
@@ -72,12 +80,20 @@ impl Overlay {
                     _ => false,
                 };
                 if check_whiteout {
-                    let Some(stat) = sys::fstatat_opt(*d, &cname)? else {
+                    let Some(stat) = sys::fstatat_opt(d, &cname)? else {
                         continue;
                     };
                     kind = Some(kind_of(stat.st_mode));
-                    let fd = sys::open_path(*d, &cname)?;
-                    if self.layers.is_whiteout(&stat, fd.as_fd_borrowed())? {
+                    // The stat decides, except for an empty file where xattr whiteouts count.
+                    let whiteout = sys::is_whiteout_dev(&stat)
+                        || (xwhiteouts
+                            && stat.st_mode & libc::S_IFMT == libc::S_IFREG
+                            && stat.st_size == 0
+                            && {
+                                let fd = sys::open_path(d, &cname)?;
+                                self.layers.is_whiteout(&stat, fd.as_fd_borrowed())?
+                            });
+                    if whiteout {
                         if below {
                             seen.insert(e.name);
                         }
@@ -92,19 +108,12 @@ impl Overlay {
                     kind: kind.unwrap_or(FileType::RegularFile),
                 });
             }
-        }
-        Ok(out)
-    }
-
-    /// The kernel only honours xattr whiteouts in directories marked `overlay.opaque=x`;
-    /// checking that once per directory spares a getxattr per listed file.
-    fn has_xwhiteouts(&self, fd: i32) -> OpResult<bool> {
-        for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-            if sys::fgetxattr(fd, name)?.is_some_and(|v| v == b"x") {
-                return Ok(true);
+            if is_upper && !markers {
+                // Lookups of absent names here can skip the `.wh.<name>` check.
+                st.set_upper_wh_free(self.layers.whiteout_dev);
             }
         }
-        Ok(false)
+        Ok(out)
     }
 
     /// Is the merged directory empty (only whiteouts left)? Used by rmdir and rename.

@@ -192,6 +192,30 @@ pub fn fchown_fd(fd: BorrowedFd<'_>, uid: u32, gid: u32) -> io::Result<()> {
     .map(drop)
 }
 
+/// `fchownat(dir, name, AT_SYMLINK_NOFOLLOW)`.
+pub fn fchownat_nofollow(dir: BorrowedFd<'_>, name: &CStr, uid: u32, gid: u32) -> io::Result<()> {
+    check(unsafe {
+        libc::fchownat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            uid,
+            gid,
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+    .map(drop)
+}
+
+/// `fchmodat(dir, name, mode)`: follows a final symlink, so only for names known not to be one.
+pub fn fchmodat(dir: BorrowedFd<'_>, name: &CStr, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmodat(dir.as_raw_fd(), name.as_ptr(), mode, 0) }).map(drop)
+}
+
+/// `fchmod` of a really open file (not an `O_PATH` handle: see [`fchmod_fd`]).
+pub fn fchmod_open(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
+}
+
 /// chmod of the inode a handle points at (never of a symlink's target).
 pub fn fchmod_fd(fd: BorrowedFd<'_>, mode: u32) -> io::Result<()> {
     let p = proc_path(fd.as_raw_fd());
@@ -281,9 +305,7 @@ pub fn getxattr_at(
     attr: &CStr,
     size: usize,
 ) -> io::Result<(usize, Vec<u8>)> {
-    let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
-    p.extend_from_slice(name.to_bytes());
-    let p = CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+    let p = at_path(dir, name)?;
     let mut buf = vec![0u8; size];
     let ptr = if size == 0 {
         std::ptr::null_mut()
@@ -298,11 +320,74 @@ pub fn getxattr_at(
     Ok((n as usize, buf))
 }
 
+/// `/proc/self/fd/DIR/NAME`: the entry `name` in `dir` as a path for the `l*xattr` calls,
+/// which do not follow it, so the entry needs no descriptor of its own.
+fn at_path(dir: RawFd, name: &CStr) -> io::Result<CString> {
+    let mut p = format!("/proc/self/fd/{dir}/").into_bytes();
+    p.extend_from_slice(name.to_bytes());
+    CString::new(p).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// Whether the entry `name` in `dir` has the xattr `attr` (not following it; a filesystem
+/// without xattrs has none).
+pub fn has_xattr_at(dir: RawFd, name: &CStr, attr: &CStr) -> io::Result<bool> {
+    match getxattr_at(dir, name, attr, 0) {
+        Ok(_) => Ok(true),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENODATA) | Some(libc::ENOTSUP)) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// [`flistxattr`] of the entry `name` in `dir`, never following it.
+pub fn llistxattr_at(dir: RawFd, name: &CStr) -> io::Result<Vec<u8>> {
+    list_xattrs(&at_path(dir, name)?, true)
+}
+
+/// [`fsetxattr`] of the entry `name` in `dir`, never following it.
+pub fn lsetxattr_at(
+    dir: RawFd,
+    name: &CStr,
+    attr: &CStr,
+    value: &[u8],
+    flags: i32,
+) -> io::Result<()> {
+    let p = at_path(dir, name)?;
+    check(unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            attr.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    })
+    .map(drop)
+}
+
+/// [`fremovexattr`] of the entry `name` in `dir`, never following it.
+pub fn lremovexattr_at(dir: RawFd, name: &CStr, attr: &CStr) -> io::Result<()> {
+    let p = at_path(dir, name)?;
+    check(unsafe { libc::lremovexattr(p.as_ptr(), attr.as_ptr()) }).map(drop)
+}
+
 /// Lists xattr names (NUL-separated) of the inode behind a handle.
 pub fn flistxattr(fd: RawFd) -> io::Result<Vec<u8>> {
-    let p = proc_path(fd);
+    list_xattrs(&proc_path(fd), false)
+}
+
+/// listxattr (or llistxattr: `nofollow`) of a path; a filesystem without xattrs lists none.
+fn list_xattrs(p: &CStr, nofollow: bool) -> io::Result<Vec<u8>> {
+    let list = |buf: *mut libc::c_char, len: usize| unsafe {
+        if nofollow {
+            libc::llistxattr(p.as_ptr(), buf, len)
+        } else {
+            libc::listxattr(p.as_ptr(), buf, len)
+        }
+    };
     loop {
-        let size = unsafe { libc::listxattr(p.as_ptr(), std::ptr::null_mut(), 0) };
+        let size = list(std::ptr::null_mut(), 0);
         if size < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ENOTSUP) {
@@ -311,7 +396,7 @@ pub fn flistxattr(fd: RawFd) -> io::Result<Vec<u8>> {
             return Err(e);
         }
         let mut buf = vec![0u8; size as usize];
-        let n = unsafe { libc::listxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        let n = list(buf.as_mut_ptr().cast(), buf.len());
         if n >= 0 {
             buf.truncate(n as usize);
             return Ok(buf);
@@ -507,7 +592,18 @@ pub fn remove_tree(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<()> {
     let sub = openat(dir, name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
     for ent in read_dir(sub.as_fd_borrowed())? {
         let c = CString::new(ent.name).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        remove_tree(sub.as_fd_borrowed(), &c)?;
+        if ent.dtype == libc::DT_DIR {
+            remove_tree(sub.as_fd_borrowed(), &c)?;
+            continue;
+        }
+        // Mostly whiteouts: unlink without a stat first; a directory (d_type unknown) refuses.
+        match unlinkat(sub.as_fd_borrowed(), &c, 0) {
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                remove_tree(sub.as_fd_borrowed(), &c)?
+            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            r => r?,
+        }
     }
     unlinkat(dir, name, libc::AT_REMOVEDIR)
 }

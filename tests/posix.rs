@@ -878,3 +878,90 @@ fn copy_file_range_seek_data_hole_and_statfs() {
     assert_eq!(sv.f_namemax, 255);
     assert!(sv.f_blocks > 0);
 }
+
+#[test]
+fn entries_made_over_aufs_markers_hide_what_the_marker_hid() {
+    let mut m = Mounted::new(|l| {
+        fs::create_dir(l.join("d")).unwrap();
+        fs::write(l.join("d/old"), "lower").unwrap();
+        fs::write(l.join("f"), "lower").unwrap();
+    });
+    m.umount();
+    fs::write(m.upper.join(".wh.d"), "").unwrap();
+    fs::write(m.upper.join(".wh.f"), "").unwrap();
+    m.mount();
+    assert!(names(&m.mnt).is_empty());
+    assert!(fs::symlink_metadata(m.p("d")).is_err());
+    // A new directory where the marker hid a lower one must not merge it.
+    fs::create_dir(m.p("d")).unwrap();
+    assert!(names(&m.p("d")).is_empty());
+    fs::write(m.p("f"), "new").unwrap();
+    assert_eq!(fs::read_to_string(m.p("f")).unwrap(), "new");
+    assert_eq!(names(&m.mnt), ["d", "f"]);
+    // The markers went with the new entries; a fresh mount shows the same.
+    m.umount();
+    assert!(!m.upper.join(".wh.d").exists() && !m.upper.join(".wh.f").exists());
+    m.mount();
+    assert!(names(&m.p("d")).is_empty());
+    assert_eq!(fs::read_to_string(m.p("f")).unwrap(), "new");
+    // Removing them again hides the lower entries (a whiteout, as the lower ones exist).
+    fs::remove_dir(m.p("d")).unwrap();
+    fs::remove_file(m.p("f")).unwrap();
+    assert!(names(&m.mnt).is_empty());
+}
+
+#[test]
+fn new_directory_lookups_skip_no_marker() {
+    // A directory made through the mount is known to hold no `.wh.` markers; names created,
+    // removed and re-created in it behave as anywhere else.
+    let m = Mounted::new(|l| {
+        fs::create_dir(l.join("d")).unwrap();
+        fs::write(l.join("d/x"), "lower").unwrap();
+    });
+    fs::create_dir(m.p("n")).unwrap();
+    for i in 0..3 {
+        fs::write(m.p("n").join("a"), format!("{i}")).unwrap();
+        assert_eq!(fs::read_to_string(m.p("n/a")).unwrap(), format!("{i}"));
+        fs::remove_file(m.p("n/a")).unwrap();
+        assert!(fs::symlink_metadata(m.p("n/a")).is_err());
+    }
+    // A copied-up directory: the lower name is hidden by a whiteout, then re-created.
+    assert_eq!(names(&m.p("d")), ["x"]);
+    fs::remove_file(m.p("d/x")).unwrap();
+    assert!(names(&m.p("d")).is_empty());
+    fs::write(m.p("d/x"), "upper").unwrap();
+    assert_eq!(fs::read_to_string(m.p("d/x")).unwrap(), "upper");
+    fs::rename(m.p("d/x"), m.p("n/y")).unwrap();
+    assert!(names(&m.p("d")).is_empty());
+    assert_eq!(names(&m.p("n")), ["y"]);
+}
+
+#[test]
+fn file_capabilities_absence_is_not_remembered_past_a_setxattr() {
+    // ovl answers "no security.capability" from the inode once it has seen none (the kernel
+    // asks before every write); setting one must show at once.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let m = Mounted::new(|l| fs::write(l.join("f"), "x").unwrap());
+    let f = m.p("f");
+    for _ in 0..2 {
+        assert_eq!(xattr_get(&f, "security.capability"), None);
+    }
+    fs::write(&f, "written").unwrap();
+    assert_eq!(xattr_get(&f, "security.capability"), None);
+    // VFS_CAP_REVISION_2: magic, then (permitted, inheritable) for each of 2 words.
+    let mut cap = 0x0200_0000u32.to_le_bytes().to_vec();
+    cap.extend_from_slice(&[0x0020_0000u32.to_le_bytes(), [0; 4], [0; 4], [0; 4]].concat());
+    xattr_set(&f, "security.capability", &cap).unwrap();
+    assert_eq!(
+        xattr_get(&f, "security.capability").as_deref(),
+        Some(&cap[..])
+    );
+    let c = CString::new(f.as_os_str().as_bytes()).unwrap();
+    assert_eq!(
+        unsafe { libc::removexattr(c.as_ptr(), c"security.capability".as_ptr()) },
+        0
+    );
+    assert_eq!(xattr_get(&f, "security.capability"), None);
+}
