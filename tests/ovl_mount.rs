@@ -42,7 +42,7 @@ fn daemon_mounts_and_exits_on_umount() {
     // The mount is live when the command returns.
     assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
     fs::write(mnt.join("g"), "new").unwrap();
-    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    unmount_retrying("umount", &[], &mnt);
     assert!(!is_mounted(&mnt));
     assert_eq!(fs::read_to_string(t.path().join("upper/g")).unwrap(), "new");
 }
@@ -65,22 +65,7 @@ fn foreground_exits_cleanly_after_fusermount_u() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
-    // A process forked by another test thread may hold a descriptor in the mount for a moment
-    // (fork copies descriptors until exec): retry while fusermount3 finds it busy.
-    let mut ok = false;
-    for _ in 0..40 {
-        let st = Command::new("fusermount3")
-            .arg("-u")
-            .arg(&mnt)
-            .status()
-            .unwrap();
-        if st.success() {
-            ok = true;
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert!(ok, "fusermount3 -u kept failing");
+    unmount_retrying("fusermount3", &["-u"], &mnt);
     let st = child.wait().unwrap();
     assert!(st.success(), "{st:?}");
 }
@@ -98,7 +83,7 @@ fn mount_helper_form_source_mountpoint_options() {
         .unwrap();
     assert!(out.status.success(), "{out:?}");
     assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
-    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    unmount_retrying("umount", &[], &mnt);
     if is_root() && Path::new("/sbin/mount.fuse3").exists() {
         // `-t fuse` with `PROGRAM#SOURCE` names the helper by path (mount(8) does not pass our
         // PATH on to mount.fuse3, so `-t fuse.ovl-mount` needs ovl-mount installed in PATH).
@@ -110,8 +95,22 @@ fn mount_helper_form_source_mountpoint_options() {
             .unwrap();
         assert!(out.status.success(), "{out:?}");
         assert_eq!(fs::read_to_string(mnt.join("f")).unwrap(), "lower");
-        assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+        unmount_retrying("umount", &[], &mnt);
     }
+}
+
+/// Unmounts with `prog`, retrying while it fails: a process forked by another test thread may
+/// hold a descriptor in the mount for a moment (fork copies descriptors until exec), which
+/// makes the mount busy.
+fn unmount_retrying(prog: &str, args: &[&str], mnt: &Path) {
+    for _ in 0..40 {
+        let st = Command::new(prog).args(args).arg(mnt).status().unwrap();
+        if st.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{prog} {} kept failing", mnt.display());
 }
 
 #[test]
