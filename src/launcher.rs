@@ -400,9 +400,8 @@ pub fn serve(ofs: &mut crate::OverlayFS) -> Result<i32, String> {
         .set_auto_unmount(true);
     ofs.mount().map_err(|e| e.to_string())?;
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
-    println!("{}", mnt.display());
-    let _ = std::io::stdout().flush();
     let stop = mnt.clone();
+    // Handlers before the mount point is announced: whoever reads it may signal at once.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::spawn(move || {
@@ -412,6 +411,8 @@ pub fn serve(ofs: &mut crate::OverlayFS) -> Result<i32, String> {
             }
         }
     });
+    println!("{}", mnt.display());
+    let _ = std::io::stdout().flush();
     match ofs.handle_mut().map(|h| h.wait_unmounted()) {
         Some(Err(e)) => Err(e.to_string()),
         _ => Ok(0),

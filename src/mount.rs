@@ -228,6 +228,11 @@ fn resolve_future(p: &Path) -> PathBuf {
 
 /// The default work directory for an upper: a hidden sibling on the same filesystem.
 pub fn default_workdir(upper: &Path) -> PathBuf {
+    hidden_sibling(upper, ".ovl-work")
+}
+
+/// `.<name of upper><suffix>` beside the upper: where files that belong to an upper live.
+pub fn hidden_sibling(upper: &Path, suffix: &str) -> PathBuf {
     let name = upper
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -235,7 +240,7 @@ pub fn default_workdir(upper: &Path) -> PathBuf {
     upper
         .parent()
         .unwrap_or(Path::new("/"))
-        .join(format!(".{name}.ovl-work"))
+        .join(format!(".{name}{suffix}"))
 }
 
 impl OverlayFS {

@@ -173,6 +173,19 @@ fn retry_busy<T>(mut f: impl FnMut() -> std::io::Result<T>) -> T {
     panic!("still ETXTBSY after 2 s");
 }
 
+/// Reads the child's stdout up to the first line starting with `prefix` and returns it.
+fn first_line_starting(child: &mut std::process::Child, prefix: &str) -> String {
+    use std::io::BufRead;
+    let out = std::io::BufReader::new(child.stdout.take().expect("stdout piped"));
+    for line in out.lines() {
+        let line = line.unwrap();
+        if line.starts_with(prefix) {
+            return line;
+        }
+    }
+    panic!("the child's output ended before a line starting with {prefix:?}");
+}
+
 fn spawn(c: &mut Command) -> std::process::Child {
     retry_busy(|| c.spawn())
 }
@@ -323,12 +336,7 @@ fn signals_reach_the_app_and_its_status_is_returned() {
     let w = World::new();
     let b = w.bundle();
     let mut child = spawn(w.cmd(&b, &["sleep", "30"]).stdout(Stdio::piped()));
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    while !line.starts_with("count=") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
-    }
+    first_line_starting(&mut child, "count=");
     std::thread::sleep(std::time::Duration::from_millis(200));
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let st = child.wait().unwrap();
@@ -601,9 +609,7 @@ fn commit_with_no_changes_leaves_the_file_alone() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let line = first_line_starting(&mut child, "");
     assert!(Path::new(line.trim()).join("AppRun").exists());
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let o = child.wait_with_output().unwrap();
@@ -659,12 +665,7 @@ fn a_second_writer_of_the_same_upper_is_refused() {
     let b = w.bundle();
     let mut first = spawn(w.cmd(&b, &["sleep", "3"]).stdout(Stdio::piped()));
     // Wait until the first run has its mount (it printed the count).
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(first.stdout.take().unwrap());
-    while !line.starts_with("count=") {
-        line.clear();
-        assert!(std::io::BufRead::read_line(&mut out, &mut line).unwrap() > 0);
-    }
+    first_line_starting(&mut first, "count=");
     let o = w.run(&b, &[]);
     assert_eq!(o.status.code(), Some(125));
     assert!(stderr(&o).contains("another run of app"), "{}", stderr(&o));
@@ -858,9 +859,7 @@ fn mount_option_serves_until_signalled() {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     );
-    let mut line = String::new();
-    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
-    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let line = first_line_starting(&mut child, "");
     let mnt = PathBuf::from(line.trim());
     assert_eq!(
         fs::read_to_string(mnt.join("share/greeting.txt")).unwrap(),

@@ -307,37 +307,34 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Gives `d` the metadata of `s` the way extraction applies a manifest entry's, so a copy
+/// and an extraction of the same tree agree (xattrs only root may set are counted and
+/// reported, not silently dropped).
 fn copy_meta(s: &Path, d: &Path, md: &fs::Metadata, root: bool) -> Result<()> {
+    use super::format::{Entry, Kind};
     use std::os::unix::fs::MetadataExt;
-    let c = crate::sys::cstr(d.as_os_str()).map_err(|e| Error::io("naming", d, e))?;
-    if root && unsafe { libc::lchown(c.as_ptr(), md.uid(), md.gid()) } < 0 {
-        return Err(Error::io("chown", d, io::Error::last_os_error()));
-    }
-    if let Ok(names) = xattr::list(s) {
-        for n in names {
-            if let Ok(Some(v)) = xattr::get(s, &n) {
-                xattr::set(d, &n, &v).map_err(|e| Error::io("setting xattrs of", d, e))?;
-            }
-        }
-    }
-    if !md.file_type().is_symlink() && unsafe { libc::chmod(c.as_ptr(), md.mode() & 0o7777) } < 0 {
-        return Err(Error::io("chmod", d, io::Error::last_os_error()));
-    }
-    let t = libc::timespec {
-        tv_sec: md.mtime(),
-        tv_nsec: md.mtime_nsec() as _,
+    let entry = Entry {
+        path: Vec::new(),
+        kind: if md.file_type().is_symlink() {
+            Kind::Symlink { target: Vec::new() }
+        } else {
+            Kind::Dir
+        },
+        mode: md.mode() & 0o7777,
+        uid: md.uid(),
+        gid: md.gid(),
+        mtime: md.mtime(),
+        mtime_nsec: md.mtime_nsec() as u32,
+        xattrs: super::pack::read_xattrs(s)?,
     };
-    let times = [t, t];
-    if unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } < 0
-    {
-        return Err(Error::io("setting times of", d, io::Error::last_os_error()));
+    let skipped = std::sync::atomic::AtomicUsize::new(0);
+    super::extract::apply_meta(d, &entry, root, &skipped)?;
+    let n = skipped.into_inner();
+    if n > 0 {
+        log::warn!(
+            "{}: {n} extended attribute(s) need root; copied without them",
+            d.display()
+        );
     }
     Ok(())
 }

@@ -59,6 +59,23 @@ pub(crate) fn packable_xattr(name: &[u8]) -> bool {
         || name == b"security.selinux")
 }
 
+/// The packable xattrs of `path` (not following a symlink), sorted by name.
+pub(crate) fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let mut xattrs = Vec::new();
+    let names = xattr::list(path).map_err(|e| Error::io("listing xattrs of", path, e))?;
+    for n in names {
+        let nb = n.as_bytes();
+        if !packable_xattr(nb) {
+            continue;
+        }
+        if let Some(v) = xattr::get(path, &n).map_err(|e| Error::io("reading", path, e))? {
+            xattrs.push((nb.to_vec(), v));
+        }
+    }
+    xattrs.sort();
+    Ok(xattrs)
+}
+
 /// Reads the tree into manifest entries (parents first, names sorted bytewise) plus, per
 /// regular file entry that owns content, its path. Special files are refused: a bundle
 /// carries programs and data, and device nodes would not extract for a normal user.
@@ -73,18 +90,7 @@ fn scan(root: &Path) -> Result<(Vec<Entry>, ContentFiles)> {
     while let Some((path, rel)) = stack.pop() {
         let md = fs::symlink_metadata(&path).map_err(|e| Error::io("reading", &path, e))?;
         let ft = md.file_type();
-        let mut xattrs = Vec::new();
-        let names = xattr::list(&path).map_err(|e| Error::io("listing xattrs of", &path, e))?;
-        for n in names {
-            let nb = n.as_bytes();
-            if !packable_xattr(nb) {
-                continue;
-            }
-            if let Some(v) = xattr::get(&path, &n).map_err(|e| Error::io("reading", &path, e))? {
-                xattrs.push((nb.to_vec(), v));
-            }
-        }
-        xattrs.sort();
+        let xattrs = read_xattrs(&path)?;
         let kind = if ft.is_dir() {
             let mut children: Vec<_> = fs::read_dir(&path)
                 .map_err(|e| Error::io("reading", &path, e))?
@@ -381,26 +387,30 @@ fn write_bundle(
     // output does not depend on thread timing.
     for batch in files.chunks(threads * 16) {
         let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut results: Vec<Option<Result<Compressed>>> = (0..batch.len()).map(|_| None).collect();
-        let slots: Vec<std::sync::Mutex<&mut Option<Result<Compressed>>>> =
-            results.iter_mut().map(std::sync::Mutex::new).collect();
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(batch.len()) {
-                s.spawn(|| {
-                    loop {
-                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        if i >= batch.len() {
-                            break;
+        let mut results: Vec<(usize, Result<Compressed>)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.min(batch.len()))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut done = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some((_, path)) = batch.get(i) else { break };
+                            done.push((i, compress_file(path, opts.level)));
                         }
-                        let r = compress_file(&batch[i].1, opts.level);
-                        **slots[i].lock().unwrap() = Some(r);
-                    }
-                });
-            }
+                        done
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("compression thread panicked"))
+                .collect()
         });
-        drop(slots);
+        // Back in tree order: the bytes must not depend on thread timing.
+        results.sort_by_key(|(i, _)| *i);
+        let results = results.into_iter().map(|(_, r)| r);
         for ((idx, _), r) in batch.iter().zip(results) {
-            let c = r.expect("every file was compressed")?;
+            let c = r?;
             let blob = match by_hash.get(&c.hash) {
                 Some(&b) => b,
                 None => {

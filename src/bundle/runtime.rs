@@ -6,7 +6,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use super::cache;
@@ -374,10 +374,11 @@ fn fuse_missing() -> Option<String> {
 }
 
 /// Per-run scratch space under `$XDG_CACHE_HOME/ovl/runs/`, alive as long as this value: a
-/// lock file inside says so (a process id would not: it may belong to another PID namespace
+/// lock file beside it says so (a process id would not: it may belong to another PID namespace
 /// or host sharing the home directory). Scratch dirs whose lock nobody holds are removed.
 struct Scratch {
     dir: PathBuf,
+    lock_path: PathBuf,
     _lock: fs::File,
 }
 
@@ -385,41 +386,78 @@ impl Scratch {
     fn new() -> Result<Scratch, String> {
         let root = cache::cache_root().map_err(|e| e.to_string())?;
         let runs = root.parent().expect("cache root has a parent").join("runs");
-        if let Ok(rd) = fs::read_dir(&runs) {
-            for e in rd.flatten() {
-                let held = fs::File::open(e.path().join(".lock")).is_ok_and(|f| unsafe {
-                    libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) < 0
-                });
-                if !held {
-                    let _ = crate::action::remove_dir_tree(&e.path());
-                }
-            }
-        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&runs)
             .map_err(|e| format!("creating {}: {e}", runs.display()))?;
-        for n in 0u32.. {
-            let dir = runs.join(format!("{}-{n}", std::process::id()));
-            match fs::create_dir(&dir) {
-                Ok(()) => {
-                    let lock = fs::File::create(dir.join(".lock"))
-                        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-                    unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
-                    return Ok(Scratch { dir, _lock: lock });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && n < 100 => continue,
-                Err(e) => return Err(format!("creating {}: {e}", dir.display())),
+        remove_dead_scratch(&runs);
+        for n in 0u32..100 {
+            let name = format!("{}-{n}", std::process::id());
+            let lock_path = runs.join(format!("{name}.lock"));
+            let lock = match fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&lock_path)
+            {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(format!("creating {}: {e}", lock_path.display())),
+            };
+            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
+                continue; // a cleaner took it first; it removes the file
+            }
+            // A cleaner may have locked, judged dead and unlinked the file between our create
+            // and our lock: then it is not ours to use.
+            let same = fs::metadata(&lock_path).is_ok_and(|p| {
+                lock.metadata()
+                    .is_ok_and(|f| (f.dev(), f.ino()) == (p.dev(), p.ino()))
+            });
+            if !same {
+                continue;
+            }
+            let dir = runs.join(&name);
+            if dir.exists() {
+                crate::action::remove_dir_tree(&dir).map_err(|e| e.to_string())?;
+            }
+            fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            return Ok(Scratch {
+                dir,
+                lock_path,
+                _lock: lock,
+            });
+        }
+        Err(format!("{}: no free scratch name", runs.display()))
+    }
+}
+
+/// Removes the scratch dirs of runs that are gone: their `<name>.lock` can be locked. The dir
+/// goes first, the lock file last (while locked), so a live run is never left without one.
+fn remove_dead_scratch(runs: &Path) {
+    let Ok(rd) = fs::read_dir(runs) else { return };
+    for e in rd.flatten() {
+        let file = e.file_name().to_string_lossy().into_owned();
+        let Some(name) = file.strip_suffix(".lock") else {
+            continue;
+        };
+        let Ok(f) = fs::File::open(e.path()) else {
+            continue;
+        };
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            let dir = runs.join(name);
+            if !dir.exists() || crate::action::remove_dir_tree(&dir).is_ok() {
+                let _ = fs::remove_file(e.path());
             }
         }
-        unreachable!()
     }
 }
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        let _ = crate::action::remove_dir_tree(&self.dir);
+        // Left for the next run's cleanup if it cannot go now; the lock file goes last.
+        if crate::action::remove_dir_tree(&self.dir).is_ok() {
+            let _ = fs::remove_file(&self.lock_path);
+        }
     }
 }
 

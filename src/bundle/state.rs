@@ -10,17 +10,7 @@ use std::path::{Path, PathBuf};
 use super::extract::Bundle;
 use crate::OverlayFS;
 
-/// `.<upper name><suffix>` beside the upper.
-fn beside(upper: &Path, suffix: &str) -> PathBuf {
-    let base = upper
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "upper".into());
-    upper
-        .parent()
-        .unwrap_or(Path::new("/"))
-        .join(format!(".{base}{suffix}"))
-}
+use crate::mount::hidden_sibling as beside;
 
 /// Use of an upper, held for the whole run: two runs writing one upper would corrupt it, so
 /// writers are exclusive; a discard run only reads it (as a lower) and shares.
