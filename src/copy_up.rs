@@ -313,10 +313,11 @@ impl Overlay {
                         dst.as_fd_borrowed(),
                         st.st_size as u64,
                     )?;
+                    // The data must be durable before the copy is renamed into place, or a
+                    // crash could show an empty file where the lower one had data. (An empty
+                    // copy has nothing to lose: as the kernel, no fsync then.)
+                    sys::fsync(dst.as_fd_borrowed(), false)?;
                 }
-                // The copy must be durable before it is renamed into place, or a crash could
-                // show an empty file where the lower one had data.
-                sys::fsync(dst.as_fd_borrowed(), false)?;
             }
             Kind::Symlink => {
                 let target = sys::readlink_fd(lower.as_fd_borrowed())?;

@@ -78,7 +78,7 @@ fn mount_helper_form_source_mountpoint_options() {
     let out = Command::new(BIN)
         .arg("ovl")
         .arg(&mnt)
-        .args(["-o", &format!("rw,nodev,nosuid,{opts}")])
+        .args(["-o", &format!("rw,nodev,nosuid,threads=1,{opts}")])
         .output()
         .unwrap();
     assert!(out.status.success(), "{out:?}");
@@ -132,6 +132,8 @@ fn bad_options_and_paths_fail_with_one_line() {
             "overlaps lower",
         ),
         (format!("upperdir={p}/upper"), "no lowerdir"),
+        (format!("{opts},threads=0"), "threads=0: give a number"),
+        (format!("{opts},threads=many"), "threads=many: give a number"),
     ];
     for (o, want) in cases {
         let out = Command::new(BIN)

@@ -965,3 +965,23 @@ fn file_capabilities_absence_is_not_remembered_past_a_setxattr() {
     );
     assert_eq!(xattr_get(&f, "security.capability"), None);
 }
+
+#[test]
+fn ioctl_on_a_file_is_not_a_tty() {
+    // isatty() on every opened file (Python does it per import) must get ENOTTY, as on a
+    // plain file, for lower and for upper files alike.
+    use std::os::fd::AsRawFd;
+    let m = Mounted::new(|l| fs::write(l.join("low"), b"x").unwrap());
+    fs::write(m.p("up"), b"y").unwrap();
+    for name in ["low", "up"] {
+        let f = fs::File::open(m.p(name)).unwrap();
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        let r = unsafe { libc::ioctl(f.as_raw_fd(), libc::TCGETS, &mut t) };
+        assert_eq!(r, -1, "{name}");
+        assert_eq!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTTY),
+            "{name}"
+        );
+    }
+}

@@ -26,7 +26,7 @@ use ovl::{InodeMode, OverlayFS};
                   Options: lowerdir=, upperdir=, workdir=, inode_mode=virtual|persistent,\n  \
                   passthrough, nopassthrough, allow_other, allow_root, default_permissions,\n  \
                   suid, nosuid, dev, nodev, exec, noexec, ro, rw, atime, noatime, relatime,\n  \
-                  fsname=NAME, subtype=NAME"
+                  fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU)"
 )]
 struct Args {
     /// Stay in the foreground.
@@ -53,6 +53,7 @@ struct Opts {
     suid_dev: Option<bool>,
     passthrough: bool,
     fsname: Option<String>,
+    threads: Option<usize>,
 }
 
 fn parse_opts(list: &[String]) -> Result<Opts, String> {
@@ -87,6 +88,14 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
             ("nosuid" | "nodev", None) => o.suid_dev = Some(false),
             ("passthrough", None) => o.passthrough = true,
             ("nopassthrough", None) => o.passthrough = false,
+            ("threads", Some(v)) => match v.parse::<usize>() {
+                Ok(n) if (1..=256).contains(&n) => o.threads = Some(n),
+                _ => {
+                    return Err(format!(
+                        "threads={v}: give a number of threads from 1 to 256"
+                    ));
+                }
+            },
             // Accepted for compatibility: these are what ovl does anyway, or are decided by
             // the kernel mount flags mount(8) passes separately.
             (
@@ -156,6 +165,9 @@ fn main() -> ExitCode {
         .set_allow_other(opts.allow_other.unwrap_or(root))
         .set_suid_dev(opts.suid_dev.unwrap_or(root))
         .set_passthrough(opts.passthrough);
+    if let Some(n) = opts.threads {
+        ofs.set_threads(n);
+    }
     if let Err(e) = ofs.validate() {
         eprintln!("ovl-mount: {e}");
         return ExitCode::from(1);
