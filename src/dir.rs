@@ -479,6 +479,7 @@ impl Overlay {
         let need_wh = child.from_lower || self.lower_positive(&parent, name)?;
         let cname = sys::cstr(name)?;
         let has_upper = child.inode.read().has_upper();
+        let frees = Self::frees_real_file(&child, has_upper);
         let pin = self.pin_if_open(&child.inode)?;
         {
             let pst = parent.read();
@@ -492,10 +493,24 @@ impl Overlay {
         }
         let mut st = child.inode.write();
         st.remove_name(&parent, name);
-        if st.unlinked {
+        let gone = st.unlinked;
+        if gone {
             st.pinned = pin;
         }
+        drop(st);
+        if gone && frees {
+            self.inodes.forget_real_file(&child.inode);
+        }
         Ok(())
+    }
+
+    /// Removing this name deletes the real upper file (its only link): from then on the upper
+    /// filesystem may give its inode number to a new file, which must not be taken for this
+    /// one while the kernel still holds it (see [`crate::inode::InodeStore::forget_real_file`]).
+    /// Directories keep their real directory open while the kernel holds them, so their
+    /// number cannot be reused meanwhile.
+    fn frees_real_file(held: &Held<'_>, has_upper: bool) -> bool {
+        has_upper && !held.inode.is_dir() && held.nlink <= 1
     }
 
     /// FUSE unlink.
@@ -604,6 +619,10 @@ impl Overlay {
             Some(t) if !exchange => self.pin_if_open(&t.inode)?,
             _ => None,
         };
+        let tgt_frees = match &tgt {
+            Some(t) if !exchange => Self::frees_real_file(t, t.inode.read().has_upper()),
+            _ => false,
+        };
         let src_wh = !exchange && (src.from_lower || self.lower_positive(&parent, name)?);
         // A directory landing where a lower directory of that name exists must not merge it.
         if src.inode.is_dir() && self.lower_positive(&newparent, newname)? {
@@ -670,6 +689,10 @@ impl Overlay {
                 s.add_name(&parent, name, t.inode.is_dir());
             } else if s.unlinked {
                 s.pinned = tgt_pin;
+                drop(s);
+                if tgt_frees {
+                    self.inodes.forget_real_file(&t.inode);
+                }
             }
         }
         Ok(())

@@ -6,7 +6,8 @@
 //!   subtracts what the kernel says; at zero the inode leaves the table and its descriptors close.
 //! - `by_id` maps the real file backing an inode (`st_dev`, `st_ino` of its upper entry if any,
 //!   else of its topmost lower entry) to the inode number, so every name of one real file
-//!   (hard links) resolves to the same overlay inode. After copy-up the key moves from the lower
+//!   (hard links) resolves to the same overlay inode. A deleted upper file leaves `by_id` at
+//!   once, even while the kernel still holds its inode: its real number may be reused. After copy-up the key moves from the lower
 //!   file to the upper file: like the kernel without `index=on`, other names of a hard-linked
 //!   lower file then become separate files.
 //! - Inode numbers are never reused for a different file while the kernel may still know the old
@@ -369,6 +370,35 @@ impl InodeStore {
         Some(inode.clone())
     }
 
+    /// Takes a lookup reference on an inode the overlay holds (a child's parent) for a lookup
+    /// of "." or "..". The kernel may have forgotten it meanwhile: then the real file's
+    /// current inode is used if one was looked up again since, else this one is
+    /// put back under its own number (which nothing else can have taken: virtual numbers are
+    /// never reused and a persistent one belongs to this real file). `None` when its
+    /// number went to another inode.
+    pub fn revive(&self, inode: &Arc<Inode>) -> Option<Arc<Inode>> {
+        let mut t = self.tables_mut();
+        if let Some(live) = t.by_ino.get(&inode.ino) {
+            if !Arc::ptr_eq(live, inode) {
+                return None;
+            }
+            inode.lookups.fetch_add(1, Ordering::Relaxed);
+            return Some(inode.clone());
+        }
+        let id = inode.id();
+        if let Some(live) = t.by_id.get(&id).and_then(|n| t.by_ino.get(n)) {
+            if live.kind == inode.kind {
+                live.lookups.fetch_add(1, Ordering::Relaxed);
+                return Some(live.clone());
+            }
+            return None;
+        }
+        inode.lookups.store(1, Ordering::Relaxed);
+        t.by_ino.insert(inode.ino, inode.clone());
+        t.by_id.insert(id, inode.ino);
+        Some(inode.clone())
+    }
+
     fn assign(&self, t: &Tables, found: &Found) -> u64 {
         if self.mode == InodeMode::Persistent {
             let (_, real) = found.id;
@@ -402,6 +432,18 @@ impl InodeStore {
             if t.by_id.get(&id) == Some(&ino) {
                 t.by_id.remove(&id);
             }
+        }
+    }
+
+    /// The real file behind `inode` was deleted while the kernel may still hold the inode:
+    /// unmap its (dev, ino), which the filesystem is free to reuse for a new file. A new file
+    /// found under that number then gets an inode of its own instead of this one (whose
+    /// cached attributes and pages in the kernel belong to the deleted file).
+    pub fn forget_real_file(&self, inode: &Inode) {
+        let mut t = self.tables_mut();
+        let id = inode.id();
+        if t.by_id.get(&id) == Some(&inode.ino) {
+            t.by_id.remove(&id);
         }
     }
 

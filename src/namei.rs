@@ -262,6 +262,9 @@ impl Overlay {
         parent: &Arc<Inode>,
         name: &OsStr,
     ) -> OpResult<(Arc<Inode>, FileAttr, usize)> {
+        if name == "." || name == ".." {
+            return self.lookup_dots(parent, name == "..");
+        }
         let (resolved, st) = self
             .find(parent, name)?
             .ok_or_else(|| errno(libc::ENOENT))?;
@@ -288,6 +291,36 @@ impl Overlay {
         }
         self.fix_indexed_nlink(&inode, &mut attr);
         Ok((inode, attr, layer))
+    }
+
+    /// LOOKUP of "." or "..": the kernel sends these (with export support) to reconnect a
+    /// file handle's directory to the tree. They name the directory itself and the overlay
+    /// parent it was reached through (the root is its own parent), never a real directory of
+    /// a layer, whose ".." may lie outside the overlay.
+    fn lookup_dots(
+        &self,
+        dir: &Arc<Inode>,
+        dotdot: bool,
+    ) -> OpResult<(Arc<Inode>, FileAttr, usize)> {
+        if dotdot && !dir.is_dir() {
+            return Err(errno(libc::ENOTDIR));
+        }
+        let target = if dotdot {
+            dir.read().parent.clone().unwrap_or_else(|| dir.clone())
+        } else {
+            dir.clone()
+        };
+        let inode = self
+            .inodes
+            .revive(&target)
+            .ok_or_else(|| errno(libc::ESTALE))?;
+        match self.getattr(inode.ino, None) {
+            Ok(attr) => Ok((inode, attr, 0)),
+            Err(e) => {
+                self.inodes.forget(inode.ino, 1);
+                Err(e)
+            }
+        }
     }
 
     /// Whether any lower directory merged into `parent` has a visible entry `name`: removing

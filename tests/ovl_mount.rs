@@ -133,7 +133,10 @@ fn bad_options_and_paths_fail_with_one_line() {
         ),
         (format!("upperdir={p}/upper"), "no lowerdir"),
         (format!("{opts},threads=0"), "threads=0: give a number"),
-        (format!("{opts},threads=many"), "threads=many: give a number"),
+        (
+            format!("{opts},threads=many"),
+            "threads=many: give a number",
+        ),
     ];
     for (o, want) in cases {
         let out = Command::new(BIN)

@@ -985,3 +985,93 @@ fn ioctl_on_a_file_is_not_a_tty() {
         );
     }
 }
+
+#[test]
+fn a_new_file_never_takes_over_a_replaced_file_still_held_by_the_kernel() {
+    // The kernel may hold an overlay inode after its file was replaced (here an inotify watch
+    // holds it; otherwise until the FORGET arrives). The upper filesystem is free to give the
+    // replaced file's real inode number to the next file created: that file must get a new
+    // overlay inode, not the old one with its cached attributes and pages.
+    use std::os::unix::ffi::OsStrExt;
+    let m = Mounted::new(|_| {});
+    for i in 0..200 {
+        let f = m.p("f");
+        fs::write(&f, format!("old {i}")).unwrap();
+        assert_eq!(fs::read_to_string(&f).unwrap(), format!("old {i}"));
+        let old_ino = fs::metadata(&f).unwrap().ino();
+        let fd = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let cf = CString::new(f.as_os_str().as_bytes()).unwrap();
+        assert!(unsafe { libc::inotify_add_watch(fd, cf.as_ptr(), libc::IN_ATTRIB) } >= 0);
+        fs::write(m.p("tmp"), b"replacement").unwrap();
+        fs::rename(m.p("tmp"), &f).unwrap();
+        let g = m.p(&format!("g{i}"));
+        let text = format!("brand new file {i}");
+        fs::write(&g, &text).unwrap();
+        assert_eq!(fs::read_to_string(&g).unwrap(), text);
+        assert_eq!(fs::read_to_string(&f).unwrap(), "replacement");
+        let new_ino = fs::metadata(&g).unwrap().ino();
+        assert_ne!(
+            new_ino, old_ino,
+            "round {i}: g took over the replaced file's inode"
+        );
+        unsafe { libc::close(fd) };
+        fs::remove_file(&g).unwrap();
+    }
+}
+
+/// A file handle of `p` (name_to_handle_at), as the raw struct bytes with room for the handle.
+fn file_handle(p: &Path) -> Vec<u64> {
+    let mut buf = vec![0u64; 32];
+    let h = buf.as_mut_ptr().cast::<libc::file_handle>();
+    unsafe { (*h).handle_bytes = 128 }; // MAX_HANDLE_SZ
+    let mut mount_id = 0;
+    let r = unsafe { libc::name_to_handle_at(libc::AT_FDCWD, c(p).as_ptr(), h, &mut mount_id, 0) };
+    assert_eq!(r, 0, "{}: {}", p.display(), std::io::Error::last_os_error());
+    buf
+}
+
+#[test]
+fn file_handles_reconnect_directories_through_their_parents() {
+    // NFS export and open_by_handle_at: a directory inode the kernel still holds (here through
+    // an inotify watch) but whose dentries were dropped is reconnected by looking up ".." in
+    // it, up to the root. ".." and "." must name the overlay's own directories, never the real
+    // layer directory above.
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    if !is_root() {
+        return; // open_by_handle_at needs CAP_DAC_READ_SEARCH
+    }
+    let m = Mounted::new(|l| fs::create_dir_all(l.join("low/deep")).unwrap());
+    fs::create_dir_all(m.p("up/deep")).unwrap();
+    let root = fs::File::open(&m.mnt).unwrap();
+    for rel in ["up/deep", "low/deep"] {
+        let p = m.p(rel);
+        let ino = fs::metadata(&p).unwrap().ino();
+        let mut handle = file_handle(&p);
+        let watch = unsafe { libc::inotify_init1(libc::IN_CLOEXEC) };
+        let watch = unsafe { OwnedFd::from_raw_fd(watch) };
+        assert!(
+            unsafe { libc::inotify_add_watch(watch.as_raw_fd(), c(&p).as_ptr(), libc::IN_ATTRIB) }
+                >= 0
+        );
+        // Drop unused dentries (the watched inode stays).
+        fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        let fd = unsafe {
+            libc::open_by_handle_at(
+                root.as_raw_fd(),
+                handle.as_mut_ptr().cast(),
+                libc::O_RDONLY | libc::O_DIRECTORY,
+            )
+        };
+        assert!(fd >= 0, "{rel}: {}", std::io::Error::last_os_error());
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let shown = fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).unwrap();
+        assert_eq!(shown, p, "{rel}");
+        let f = fs::File::from(fd);
+        assert_eq!(f.metadata().unwrap().ino(), ino, "{rel}");
+        // The tree still works below and above the reconnected directory.
+        fs::write(p.join("x"), b"1").unwrap();
+        assert_eq!(names(p.parent().unwrap()), vec!["deep".to_string()]);
+        assert_eq!(names(&m.mnt), vec!["low".to_string(), "up".to_string()]);
+    }
+}
