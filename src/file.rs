@@ -256,6 +256,16 @@ impl Overlay {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
         let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
+        let (flags, fallback) = self.write_open_flags(flags);
+        match self.open_real_as(inode, flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) && fallback.is_some() => {
+                self.open_real_as(inode, fallback.unwrap_or(flags))
+            }
+            r => r,
+        }
+    }
+
+    fn open_real_as(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {
         // A file with a name: one openat in its layer directory (never following the name),
         // no O_PATH handle to open, re-open through /proc and close.
         if let Some(r) = self.with_real_at(inode, |dir, name| sys::openat(dir, name, flags, 0)) {
@@ -335,7 +345,9 @@ impl Overlay {
     /// FUSE fsync / fsyncdir on an open file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> OpResult<()> {
         let f = self.files.file(fh)?;
-        sys::fsync(f.fd.as_fd_borrowed(), datasync)
+        // A handle opened on the lower file before a copy-up syncs the upper copy, where the
+        // data now is.
+        sys::fsync(self.read_fd(&f)?, datasync)
     }
 
     /// FUSE fsyncdir: syncs every real directory of the merged one that we may have written.

@@ -39,6 +39,10 @@ pub struct Overlay {
     pub passthrough: AtomicBool,
     /// Passthrough was asked for (it is still only used when the kernel agrees).
     pub want_passthrough: bool,
+    /// The kernel's writeback cache was negotiated (when passthrough is not in use): writes
+    /// land in the page cache and reach us in large batches, and the kernel may read a page
+    /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
+    pub writeback: AtomicBool,
 }
 
 /// Returns the error for a raw errno.
@@ -117,7 +121,22 @@ impl Overlay {
             privileged: unsafe { libc::geteuid() } == 0,
             passthrough: AtomicBool::new(false),
             want_passthrough,
+            writeback: AtomicBool::new(false),
         })
+    }
+
+    /// Access mode for opening a real file: with the writeback cache, the kernel fills
+    /// partly written pages by reading through whatever handle wrote them, so a write-only
+    /// open becomes read-write. `fallback` is the mode to retry with when that is refused
+    /// (a file the daemon may write but not read).
+    pub fn write_open_flags(&self, flags: i32) -> (i32, Option<i32>) {
+        if flags & libc::O_ACCMODE == libc::O_WRONLY
+            && self.writeback.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            ((flags & !libc::O_ACCMODE) | libc::O_RDWR, Some(flags))
+        } else {
+            (flags, None)
+        }
     }
 
     /// The live inode `ino`, or ENOENT/ESTALE when the kernel sends a number we never gave.

@@ -708,7 +708,8 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn run_seed(seed: u64, ops: usize) -> usize {
-    let m = Mounted::new(setup_lower);
+    // Odd seeds with passthrough, even ones through ovl's own I/O behind the writeback cache.
+    let m = Mounted::with(ovl::InodeMode::Virtual, seed % 2 == 1, setup_lower);
     let k = KernelSide::new();
     let (ovl, kern) = (m.mnt.clone(), k.km.mnt.clone());
     let mut run = Run {

@@ -15,7 +15,15 @@ pub struct Mounted {
     pub work: PathBuf,
     pub mnt: PathBuf,
     pub mode: InodeMode,
+    /// FUSE passthrough asked for (else the page cache and writeback cache sit in front).
+    pub passthrough: bool,
     ofs: Option<OverlayFS>,
+}
+
+/// Whether test mounts use passthrough: yes, unless `OVL_TEST_PASSTHROUGH=0` (to run a whole
+/// suite in the mode unprivileged users get).
+pub fn passthrough_default() -> bool {
+    std::env::var("OVL_TEST_PASSTHROUGH").map_or(true, |v| v != "0")
 }
 
 impl Mounted {
@@ -25,6 +33,10 @@ impl Mounted {
     }
 
     pub fn with_mode(mode: InodeMode, setup: impl FnOnce(&Path)) -> Self {
+        Self::with(mode, passthrough_default(), setup)
+    }
+
+    pub fn with(mode: InodeMode, passthrough: bool, setup: impl FnOnce(&Path)) -> Self {
         let root = tempfile::Builder::new()
             .prefix("ovl-test")
             .tempdir()
@@ -44,6 +56,7 @@ impl Mounted {
             work,
             mnt,
             mode,
+            passthrough,
             ofs: None,
         };
         m.mount();
@@ -60,7 +73,8 @@ impl Mounted {
         ofs.set_upper(&self.upper)
             .set_workdir(&self.work)
             .set_mountpoint(&self.mnt)
-            .set_inode_mode(self.mode);
+            .set_inode_mode(self.mode)
+            .set_passthrough(self.passthrough);
         ofs.mount().expect("mount");
         self.ofs = Some(ofs);
     }
