@@ -21,6 +21,19 @@ pub struct SetAttr {
     pub mtime: Option<TimeOrNow>,
     /// An open handle to truncate through (works after the last name is gone).
     pub fh: Option<u64>,
+    /// The calling process (a truncate by one without CAP_FSETID drops set-ID bits).
+    pub pid: u32,
+}
+
+impl SetAttr {
+    fn changes_nothing(&self) -> bool {
+        self.mode.is_none()
+            && self.uid.is_none()
+            && self.gid.is_none()
+            && self.size.is_none()
+            && self.atime.is_none()
+            && self.mtime.is_none()
+    }
 }
 
 fn timespec(t: Option<TimeOrNow>) -> libc::timespec {
@@ -125,7 +138,23 @@ impl Overlay {
             Some(r) => r?,
             None => self.setattr_fd(&inode, &req, handle.as_deref())?,
         }
-        self.stat_inode(&inode)
+        let attr = self.stat_inode(&inode)?;
+        // A truncate, or a SETATTR that changes nothing: the kernel sends that for a write
+        // through passthrough (and for `chown(-1, -1)`) where it would drop set-ID bits
+        // itself without HANDLE_KILLPRIV_V2 (see `crate::setid`). Only a file that has such
+        // a bit costs more than the stat above.
+        let mode = attr.perm as u32 | libc::S_IFREG;
+        if (req.size.is_some() || req.changes_nothing())
+            && req.mode.is_none()
+            && attr.kind == fuser::FileType::RegularFile
+            && crate::setid::killed_mode(mode).is_some()
+        {
+            let fd = self.upper_fd(&inode)?;
+            if crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid)? {
+                return self.stat_inode(&inode);
+            }
+        }
+        Ok(attr)
     }
 
     /// setattr through an `O_PATH` handle (directories, pinned files).

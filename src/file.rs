@@ -319,8 +319,12 @@ impl Overlay {
     }
 
     /// FUSE write: writes all of `data` unless the filesystem fails (short writes retried).
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+    /// `kill_setid`: the kernel says the writer lacks CAP_FSETID (see [`crate::setid`]).
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_setid: bool) -> OpResult<u32> {
         let f = self.files.file(fh)?;
+        if kill_setid {
+            crate::setid::kill_after_write(f.fd.as_fd_borrowed())?;
+        }
         let mut done = 0usize;
         while done < data.len() {
             let n = unsafe {

@@ -98,6 +98,7 @@ impl Filesystem for OverlayFs {
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_EXPORT_SUPPORT,
+            InitFlags::FUSE_HANDLE_KILLPRIV_V2,
         ];
         for f in wanted {
             let _ = config.add_capabilities(f);
@@ -150,7 +151,7 @@ impl Filesystem for OverlayFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -174,6 +175,7 @@ impl Filesystem for OverlayFs {
             atime,
             mtime,
             fh: fh.map(|f| f.0),
+            pid: req.pid(),
         };
         match self.0.setattr(ino.0, req) {
             Ok(attr) => reply.attr(&self.0.ttl, &attr),
@@ -295,11 +297,18 @@ impl Filesystem for OverlayFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let (inode, fd) = match self.0.open(ino.0, flags.0) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
+        // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::setid`).
+        if flags.0 & libc::O_TRUNC != 0 && !inode.is_dir() {
+            use crate::sys::BorrowFd;
+            if let Err(e) = crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid()) {
+                return reply.error(err(e));
+            }
+        }
         let read_only = !crate::file::wants_write(flags.0);
         self.reply_open(inode, fd, read_only, reply);
     }
@@ -328,12 +337,13 @@ impl Filesystem for OverlayFs {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.0.write(fh.0, offset, data) {
+        let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.0.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
         }

@@ -38,6 +38,7 @@ pub mod mount;
 pub mod namei;
 mod overlay;
 mod readdir;
+mod setid;
 mod sys;
 mod xattr;
 

@@ -109,3 +109,100 @@ fn normal_user_mounts_via_fusermount3() {
     let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(&format!("{p}/mnt ")), "still mounted");
 }
+
+/// Set-ID bits of files a normal user writes, truncates or chowns, on a mount made by root
+/// (shared, as fuse-overlayfs's): on the kernel overlay, and on ovl with and without
+/// passthrough. ovl negotiates HANDLE_KILLPRIV_V2, so dropping the bits is its own job.
+#[test]
+fn setid_bits_dropped_like_the_kernel() {
+    if !is_root() {
+        eprintln!("needs root to create the test user; run the suite as root");
+        return;
+    }
+    let (uid, gid) = ensure_user();
+    // 2 MB files are written through passthrough, 100-byte ones too once opened for writing.
+    let script = |m: &Path| {
+        let m = m.display();
+        format!(
+            "echo x >> {m}/append; truncate -s 10 {m}/truncate; echo y > {m}/otrunc; \
+             dd if=/dev/zero of={m}/pwrite bs=1 count=1 conv=notrunc status=none; \
+             chown {USER} {m}/chown; echo z >> {m}/mlock"
+        )
+    };
+    let names = [
+        "append", "truncate", "otrunc", "pwrite", "chown", "mlock", "root",
+    ];
+    let run = |m: &Path, size: usize| -> Vec<String> {
+        fs::set_permissions(m, fs::Permissions::from_mode(0o777)).unwrap();
+        for n in names {
+            let p = m.join(n);
+            fs::write(&p, vec![0u8; size]).unwrap();
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid)).unwrap();
+            // `mlock`: set-group-ID without group execute (mandatory locking) is kept.
+            let mode = if n == "mlock" { 0o6745 } else { 0o6775 };
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let out = as_user(&script(m));
+        assert!(out.status.success(), "{out:?}");
+        // Root keeps the bits when it writes (CAP_FSETID).
+        fs::OpenOptions::new()
+            .append(true)
+            .open(m.join("root"))
+            .unwrap()
+            .write_all(b"r")
+            .unwrap();
+        names
+            .iter()
+            .map(|n| format!("{n} {:o}", fs::metadata(m.join(n)).unwrap().mode() & 0o7777))
+            .collect()
+    };
+    use std::io::Write;
+    for size in [100, 2_000_000] {
+        let k = tempfile::tempdir().unwrap();
+        fs::set_permissions(k.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let kp = |s: &str| k.path().join(s);
+        for d in ["lower", "upper", "work", "mnt"] {
+            fs::create_dir(kp(d)).unwrap();
+        }
+        let want = {
+            let _km = KernelMount::new(&[&kp("lower")], &kp("upper"), &kp("work"), &kp("mnt"));
+            run(&kp("mnt"), size)
+        };
+        assert_eq!(
+            want,
+            [
+                "append 775",
+                "truncate 775",
+                "otrunc 775",
+                "pwrite 775",
+                "chown 775",
+                "mlock 2745",
+                "root 6775"
+            ]
+        );
+        for passthrough in [true, false] {
+            let t = tempfile::tempdir().unwrap();
+            fs::set_permissions(t.path(), fs::Permissions::from_mode(0o755)).unwrap();
+            let tp = |s: &str| t.path().join(s);
+            for d in ["lower", "upper", "work", "mnt"] {
+                fs::create_dir(tp(d)).unwrap();
+            }
+            let mut ofs = ovl::OverlayFS::new(tp("lower"));
+            ofs.set_upper(tp("upper"))
+                .set_workdir(tp("work"))
+                .set_mountpoint(tp("mnt"))
+                .set_allow_other(true)
+                .set_passthrough(passthrough);
+            ofs.mount().unwrap();
+            let got = run(&tp("mnt"), size);
+            ofs.umount().unwrap();
+            assert_eq!(got, want, "passthrough {passthrough}, {size}-byte files");
+            // As stored, not only as the kernel had cached it.
+            for line in &want {
+                let (n, mode) = line.split_once(' ').unwrap();
+                let stored = fs::metadata(tp("upper").join(n)).unwrap().mode() & 0o7777;
+                assert_eq!(format!("{stored:o}"), mode, "{n} in the upper");
+            }
+        }
+    }
+}
