@@ -108,11 +108,12 @@ impl Filesystem for OverlayFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.0.passthrough.store(true, Ordering::Relaxed);
-        } else if config
-            .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-            .is_ok()
+        } else if self.0.want_writeback
+            && config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_ok()
         {
-            // Without passthrough every write is ours to serve: let the kernel gather them in
+            // Without passthrough every write is ours to serve: the kernel may gather them in
             // its page cache (one request per megabyte instead of one per write call). Dirty
             // pages are written back at the latest on the last close (the kernel waits for
             // them before RELEASE), so a finalization after the command exits sees them all.

@@ -39,6 +39,8 @@ pub struct Overlay {
     pub passthrough: AtomicBool,
     /// Passthrough was asked for (it is still only used when the kernel agrees).
     pub want_passthrough: bool,
+    /// The writeback cache was asked for (used only when passthrough is not).
+    pub want_writeback: bool,
     /// The kernel's writeback cache was negotiated (when passthrough is not in use): writes
     /// land in the page cache and reach us in large batches, and the kernel may read a page
     /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
@@ -111,7 +113,12 @@ pub fn attr_from_stat(ino: u64, st: &libc::stat) -> FileAttr {
 
 impl Overlay {
     /// Creates the overlay over an opened layer stack.
-    pub fn new(layers: LayerStack, mode: InodeMode, want_passthrough: bool) -> io::Result<Self> {
+    pub fn new(
+        layers: LayerStack,
+        mode: InodeMode,
+        want_passthrough: bool,
+        want_writeback: bool,
+    ) -> io::Result<Self> {
         let root = crate::namei::root_entry(&layers)?;
         Ok(Overlay {
             layers,
@@ -121,6 +128,7 @@ impl Overlay {
             privileged: unsafe { libc::geteuid() } == 0,
             passthrough: AtomicBool::new(false),
             want_passthrough,
+            want_writeback,
             writeback: AtomicBool::new(false),
         })
     }

@@ -708,8 +708,12 @@ fn env_u64(name: &str) -> Option<u64> {
 }
 
 fn run_seed(seed: u64, ops: usize) -> usize {
-    // Odd seeds with passthrough, even ones through ovl's own I/O behind the writeback cache.
-    let m = Mounted::with(ovl::InodeMode::Virtual, seed % 2 == 1, setup_lower);
+    // The seeds take turns at the three ways ovl serves file I/O.
+    let m = Mounted::with_io(
+        ovl::InodeMode::Virtual,
+        Io::ALL[seed as usize % 3],
+        setup_lower,
+    );
     let k = KernelSide::new();
     let (ovl, kern) = (m.mnt.clone(), k.km.mnt.clone());
     let mut run = Run {

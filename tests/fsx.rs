@@ -767,27 +767,40 @@ struct Target {
     m: Mounted,
     /// The mount when passthrough is off.
     cached: Option<OverlayFS>,
+    /// Without passthrough: the kernel's writeback cache asked for too.
+    writeback: bool,
+}
+
+/// How a run without passthrough mounts: odd seeds with the writeback cache.
+fn writeback_for(seed: u64) -> bool {
+    seed % 2 == 1
 }
 
 impl Target {
-    fn new(passthrough: bool, mode: InodeMode, setup: impl FnOnce(&Path)) -> Self {
+    fn new(passthrough: bool, seed: u64, mode: InodeMode, setup: impl FnOnce(&Path)) -> Self {
         let mut m = Mounted::with_mode(mode, setup);
+        let writeback = !passthrough && writeback_for(seed);
         let cached = if passthrough {
             None
         } else {
             m.umount();
-            Some(Self::mount_cached(&m))
+            Some(Self::mount_cached(&m, writeback))
         };
-        Target { m, cached }
+        Target {
+            m,
+            cached,
+            writeback,
+        }
     }
 
-    fn mount_cached(m: &Mounted) -> OverlayFS {
+    fn mount_cached(m: &Mounted, writeback: bool) -> OverlayFS {
         let mut ofs = OverlayFS::new(&m.lower);
         ofs.set_upper(&m.upper)
             .set_workdir(&m.work)
             .set_mountpoint(&m.mnt)
             .set_inode_mode(m.mode)
-            .set_passthrough(false);
+            .set_passthrough(false)
+            .set_writeback_cache(writeback);
         ofs.mount().expect("mount without passthrough");
         ofs
     }
@@ -801,7 +814,7 @@ impl Target {
             None => self.m.remount(),
             Some(ofs) => {
                 ofs.umount().expect("umount");
-                *ofs = Self::mount_cached(&self.m);
+                *ofs = Self::mount_cached(&self.m, self.writeback);
             }
         }
     }
@@ -837,6 +850,8 @@ fn run(
         "{name} ({}, {:?} inodes)",
         if t.passthrough() {
             "passthrough"
+        } else if t.writeback {
+            "writeback cache"
         } else {
             "no passthrough"
         },
@@ -959,7 +974,7 @@ fn check_lower(t: &Target, rel: &str, orig: &[u8], seed: u64) {
 
 fn new_file(passthrough: bool, defaults: &[u64]) {
     for seed in seeds(defaults) {
-        let mut t = Target::new(passthrough, InodeMode::Virtual, |_| {});
+        let mut t = Target::new(passthrough, seed, InodeMode::Virtual, |_| {});
         std::fs::write(t.m.p("f"), b"").unwrap();
         let ops = nops(3000);
         run(&mut t, "new file", seed, "f", false, Vec::new(), ops, &[]);
@@ -969,7 +984,7 @@ fn new_file(passthrough: bool, defaults: &[u64]) {
 fn lower_file(passthrough: bool, defaults: &[u64]) {
     for seed in seeds(defaults) {
         let (orig, extents) = lower_content(seed);
-        let mut t = Target::new(passthrough, InodeMode::Virtual, |l| {
+        let mut t = Target::new(passthrough, seed, InodeMode::Virtual, |l| {
             write_sparse(&l.join("f"), &orig, &extents)
         });
         assert!(!t.m.upper.join("f").exists());
@@ -999,14 +1014,14 @@ fn remount(passthrough: bool, defaults: &[u64]) {
             InodeMode::Virtual
         };
         // A new file, remounted halfway.
-        let mut t = Target::new(passthrough, mode, |_| {});
+        let mut t = Target::new(passthrough, seed, mode, |_| {});
         std::fs::write(t.m.p("f"), b"").unwrap();
         let name = "remount new file";
         run(&mut t, name, seed, "f", false, Vec::new(), ops, &[ops / 2]);
         drop(t);
         // A lower file, remounted before its copy-up and twice more.
         let (orig, extents) = lower_content(seed);
-        let mut t = Target::new(passthrough, mode, |l| {
+        let mut t = Target::new(passthrough, seed, mode, |l| {
             write_sparse(&l.join("f"), &orig, &extents)
         });
         t.remount();
@@ -1037,7 +1052,7 @@ fn fsx_remount() {
 
 #[test]
 fn fsx_no_passthrough_new_file() {
-    new_file(false, &[31]);
+    new_file(false, &[31, 32]);
 }
 
 #[test]
@@ -1056,7 +1071,7 @@ fn fsx_no_passthrough_remount() {
 /// from; they must land at their own offset even when that handle was opened O_APPEND.
 #[test]
 fn no_passthrough_mmap_write_through_o_append_handle() {
-    let t = Target::new(false, InodeMode::Virtual, |_| {});
+    let t = Target::new(false, 0, InodeMode::Virtual, |_| {});
     let p = t.m.p("f");
     std::fs::write(&p, vec![b'A'; 8192]).unwrap();
     let f = OpenOptions::new().read(true).append(true).open(&p).unwrap();
@@ -1087,7 +1102,7 @@ fn no_passthrough_mmap_write_through_o_append_handle() {
 /// overlayfs does), and what it reads does not leave stale lower data in the page cache.
 #[test]
 fn no_passthrough_read_handle_across_copy_up() {
-    let t = Target::new(false, InodeMode::Virtual, |l| {
+    let t = Target::new(false, 0, InodeMode::Virtual, |l| {
         std::fs::write(l.join("f"), vec![b'A'; 16384]).unwrap()
     });
     let p = t.m.p("f");

@@ -24,7 +24,7 @@ use ovl::{InodeMode, OverlayFS};
                   ovl-mount -f -o lowerdir=/a:/b /merged     (read-only, foreground)\n  \
                   mount -t fuse.ovl-mount ovl /merged -o lowerdir=/l,upperdir=/u,workdir=/w\n\n\
                   Options: lowerdir=, upperdir=, workdir=, inode_mode=virtual|persistent,\n  \
-                  passthrough, nopassthrough, allow_other, allow_root, default_permissions,\n  \
+                  passthrough, nopassthrough, writeback, nowriteback, allow_other, allow_root, default_permissions,\n  \
                   suid, nosuid, dev, nodev, exec, noexec, ro, rw, atime, noatime, relatime,\n  \
                   fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU)"
 )]
@@ -54,6 +54,7 @@ struct Opts {
     passthrough: bool,
     fsname: Option<String>,
     threads: Option<usize>,
+    writeback: bool,
 }
 
 fn parse_opts(list: &[String]) -> Result<Opts, String> {
@@ -88,6 +89,8 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
             ("nosuid" | "nodev", None) => o.suid_dev = Some(false),
             ("passthrough", None) => o.passthrough = true,
             ("nopassthrough", None) => o.passthrough = false,
+            ("writeback", None) => o.writeback = true,
+            ("nowriteback", None) => o.writeback = false,
             ("threads", Some(v)) => match v.parse::<usize>() {
                 Ok(n) if (1..=256).contains(&n) => o.threads = Some(n),
                 _ => {
@@ -164,7 +167,8 @@ fn main() -> ExitCode {
         .set_inode_mode(opts.inode_mode)
         .set_allow_other(opts.allow_other.unwrap_or(root))
         .set_suid_dev(opts.suid_dev.unwrap_or(root))
-        .set_passthrough(opts.passthrough);
+        .set_passthrough(opts.passthrough)
+        .set_writeback_cache(opts.writeback);
     if let Some(n) = opts.threads {
         ofs.set_threads(n);
     }

@@ -15,8 +15,10 @@ pub struct Mounted {
     pub work: PathBuf,
     pub mnt: PathBuf,
     pub mode: InodeMode,
-    /// FUSE passthrough asked for (else the page cache and writeback cache sit in front).
+    /// FUSE passthrough asked for (else the kernel page cache sits in front of ovl's I/O).
     pub passthrough: bool,
+    /// The kernel's writeback cache asked for (used when passthrough is not).
+    pub writeback: bool,
     ofs: Option<OverlayFS>,
 }
 
@@ -24,6 +26,30 @@ pub struct Mounted {
 /// suite in the mode unprivileged users get).
 pub fn passthrough_default() -> bool {
     std::env::var("OVL_TEST_PASSTHROUGH").map_or(true, |v| v != "0")
+}
+
+/// Whether test mounts ask for the writeback cache: `OVL_TEST_WRITEBACK=1` (with
+/// `OVL_TEST_PASSTHROUGH=0`, where it takes effect).
+pub fn writeback_default() -> bool {
+    std::env::var("OVL_TEST_WRITEBACK").is_ok_and(|v| v == "1")
+}
+
+/// The three ways ovl can serve file I/O, for tests that cover each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Io {
+    Passthrough,
+    Cached,
+    Writeback,
+}
+
+impl Io {
+    pub const ALL: [Io; 3] = [Io::Passthrough, Io::Cached, Io::Writeback];
+
+    /// Applies this mode to a mount being configured.
+    pub fn apply(self, ofs: &mut OverlayFS) {
+        ofs.set_passthrough(self == Io::Passthrough)
+            .set_writeback_cache(self == Io::Writeback);
+    }
 }
 
 impl Mounted {
@@ -37,6 +63,23 @@ impl Mounted {
     }
 
     pub fn with(mode: InodeMode, passthrough: bool, setup: impl FnOnce(&Path)) -> Self {
+        Self::with_io(
+            mode,
+            if passthrough {
+                Io::Passthrough
+            } else {
+                Io::Cached
+            },
+            setup,
+        )
+    }
+
+    pub fn with_io(mode: InodeMode, io: Io, setup: impl FnOnce(&Path)) -> Self {
+        let (passthrough, writeback) = match io {
+            Io::Passthrough => (passthrough_default(), writeback_default()),
+            Io::Cached => (false, false),
+            Io::Writeback => (false, true),
+        };
         let root = tempfile::Builder::new()
             .prefix("ovl-test")
             .tempdir()
@@ -57,6 +100,7 @@ impl Mounted {
             mnt,
             mode,
             passthrough,
+            writeback,
             ofs: None,
         };
         m.mount();
@@ -74,7 +118,8 @@ impl Mounted {
             .set_workdir(&self.work)
             .set_mountpoint(&self.mnt)
             .set_inode_mode(self.mode)
-            .set_passthrough(self.passthrough);
+            .set_passthrough(self.passthrough)
+            .set_writeback_cache(self.writeback);
         ofs.mount().expect("mount");
         self.ofs = Some(ofs);
     }
