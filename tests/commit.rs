@@ -26,12 +26,12 @@
 //! print a note and pass. The SIGKILL tests also need `strace` (skipped with a note without it).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::ffi::{CString, OsStr, OsString};
+use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs;
 use std::hash::{Hash, Hasher};
 use std::io::{self, Write};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::{
     DirBuilderExt, FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt,
 };
@@ -44,6 +44,9 @@ use std::time::Duration;
 use ovl::{OverlayAction, OverlayFS, Report};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
+
+mod common;
+use common::sys::*;
 
 const OVL_RUN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const CRASH_ENV: &str = "OVL_COMMIT_CRASH_AFTER";
@@ -100,85 +103,6 @@ fn unmounting<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    check(unsafe {
-        libc::lsetxattr(
-            cp.as_ptr(),
-            cn.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-}
-
-fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    check(unsafe { libc::lremovexattr(cp.as_ptr(), cn.as_ptr()) })
-}
-
-/// All xattr names of `p` (not following symlinks).
-fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
-    let cp = cpath(p);
-    loop {
-        let n = unsafe { libc::llistxattr(cp.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf
-            .split(|&b| b == 0)
-            .filter(|n| !n.is_empty())
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect());
-    }
-}
-
-fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    loop {
-        let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = unsafe {
-            libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf);
-    }
-}
-
 /// utimensat(AT_SYMLINK_NOFOLLOW) with explicit (sec, nsec) pairs; `None` leaves a time as is.
 fn set_times(p: &Path, atime: Option<(i64, i64)>, mtime: Option<(i64, i64)>) -> io::Result<()> {
     let ts = |t: Option<(i64, i64)>| match t {
@@ -211,19 +135,6 @@ fn lchown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
 fn mknod(p: &Path, mode: u32, dev: u64) -> io::Result<()> {
     let cp = cpath(p);
     check(unsafe { libc::mknod(cp.as_ptr(), mode, dev) })
-}
-
-fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
-    let (f, t) = (cpath(from), cpath(to));
-    check(unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            flags,
-        )
-    })
 }
 
 fn symlink(target: impl AsRef<Path>, at: &Path) {

@@ -13,14 +13,13 @@
 //! seeds with `OVL_DIFF_SEEDS=<count>`.
 
 mod common;
+use common::sys::*;
 use common::*;
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::fmt;
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -250,98 +249,6 @@ fn gen_op(rng: &mut StdRng) -> Op {
 
 fn pick_mode(rng: &mut StdRng) -> Mode {
     Mode(MODES[rng.gen_range(0..MODES.len())])
-}
-
-fn cpath(p: &Path) -> CString {
-    CString::new(p.as_os_str().as_bytes()).unwrap()
-}
-
-fn check(r: libc::c_int) -> io::Result<()> {
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
-fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
-    let (f, t) = (cpath(from), cpath(to));
-    check(unsafe {
-        libc::renameat2(
-            libc::AT_FDCWD,
-            f.as_ptr(),
-            libc::AT_FDCWD,
-            t.as_ptr(),
-            flags,
-        )
-    })
-}
-
-fn lsetxattr(p: &Path, name: &str, value: &[u8], flags: i32) -> io::Result<()> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    check(unsafe {
-        libc::lsetxattr(
-            cp.as_ptr(),
-            cn.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            flags,
-        )
-    })
-}
-
-fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    check(unsafe { libc::lremovexattr(cp.as_ptr(), cn.as_ptr()) })
-}
-
-/// All xattr names of `p` (not following symlinks).
-fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
-    let cp = cpath(p);
-    loop {
-        let n = unsafe { libc::llistxattr(cp.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf
-            .split(|&b| b == 0)
-            .filter(|n| !n.is_empty())
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect());
-    }
-}
-
-fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    loop {
-        let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = unsafe {
-            libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf);
-    }
 }
 
 fn kind_char(ft: fs::FileType) -> char {

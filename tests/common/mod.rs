@@ -1,6 +1,8 @@
 //! Shared test harness: real FUSE mounts in private temp dirs (tests run in parallel).
 #![allow(dead_code)]
 
+pub mod sys;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
