@@ -24,6 +24,7 @@
 pub mod action;
 mod attr;
 pub mod bundle;
+pub mod cli;
 pub mod commit;
 mod copy_up;
 mod dir;

@@ -155,3 +155,18 @@ fn bad_options_and_paths_fail_with_one_line() {
         "nothing created on bad input"
     );
 }
+
+#[test]
+fn usage_errors_are_one_line() {
+    for (args, want) in [
+        (&[][..], "required arguments were not provided: <PATHS>..."),
+        (&["--bogus", "/x"][..], "unexpected argument '--bogus'"),
+    ] {
+        let out = Command::new(BIN).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+        assert!(err.starts_with("ovl-mount: ") && err.contains(want), "{err}");
+        assert!(err.contains("(see ovl-mount --help)"), "{err}");
+    }
+}

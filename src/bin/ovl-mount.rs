@@ -131,7 +131,14 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match ovl::cli::parse::<Args>("ovl-mount") {
+        Ok(a) => a,
+        Err(ovl::cli::ArgsError::Printed) => return ExitCode::SUCCESS,
+        Err(ovl::cli::ArgsError::Usage(line)) => {
+            eprintln!("ovl-mount: {line}");
+            return ExitCode::from(1);
+        }
+    };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(if args.debug {
         "debug"
     } else {

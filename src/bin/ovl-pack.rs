@@ -91,22 +91,10 @@ fn is_static(elf: &[u8]) -> bool {
 }
 
 fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match ovl::cli::parse::<Args>("ovl-pack") {
         Ok(a) => a,
-        Err(e) => {
-            use clap::error::ErrorKind::*;
-            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
-                let _ = e.print();
-                return ExitCode::SUCCESS;
-            }
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("error:"))
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return fail(format!("{line} (see ovl-pack --help)"));
-        }
+        Err(ovl::cli::ArgsError::Printed) => return ExitCode::SUCCESS,
+        Err(ovl::cli::ArgsError::Usage(line)) => return fail(line),
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let on_exit = match args.on_exit.as_str() {

@@ -72,23 +72,10 @@ fn main() -> ExitCode {
 }
 
 fn real_main() -> i32 {
-    let args = match Args::try_parse() {
+    let args = match ovl::cli::parse::<Args>("ovl-run") {
         Ok(a) => a,
-        Err(e) => {
-            use clap::error::ErrorKind::*;
-            if matches!(e.kind(), DisplayHelp | DisplayVersion) {
-                let _ = e.print();
-                return 0;
-            }
-            // clap's message is several lines; keep the one that says what is wrong.
-            let text = e.to_string();
-            let line = text
-                .lines()
-                .find(|l| l.starts_with("error:"))
-                .unwrap_or("invalid arguments")
-                .trim_start_matches("error: ");
-            return fail(format!("{line} (see ovl-run --help)"));
-        }
+        Err(ovl::cli::ArgsError::Printed) => return 0,
+        Err(ovl::cli::ArgsError::Usage(line)) => return fail(line),
     };
     // fuser's own messages are noise to users (e.g. replies racing an unmount); -vv shows them.
     let level = match (args.quiet, args.verbose) {
