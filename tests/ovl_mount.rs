@@ -166,7 +166,10 @@ fn usage_errors_are_one_line() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{args:?}: {err}");
         assert_eq!(err.trim_end().lines().count(), 1, "{err}");
-        assert!(err.starts_with("ovl-mount: ") && err.contains(want), "{err}");
+        assert!(
+            err.starts_with("ovl-mount: ") && err.contains(want),
+            "{err}"
+        );
         assert!(err.contains("(see ovl-mount --help)"), "{err}");
     }
 }

@@ -939,6 +939,48 @@ fn non_root_user_runs_a_command() {
 }
 
 #[test]
+fn non_root_user_writeback_cache_commits_every_write() {
+    // With the writeback cache, written pages sit in the kernel until written back: a commit
+    // right after the command exits must still see every byte, also of a file the command
+    // mapped and wrote through memory.
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let script = "set -e; i=0; while [ $i -lt 200 ]; do printf '%05d\\n' $i >> log; i=$((i+1)); done; \
+                  dd if=/dev/zero of=big bs=4k count=512 status=none; printf x > f; \
+                  python3 -c \"import mmap,os; fd=os.open('m',os.O_RDWR|os.O_CREAT,0o644); os.ftruncate(fd,8192); mm=mmap.mmap(fd,8192); mm[4096:4100]=b'MMAP'; mm.close(); os.close(fd)\"";
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--writeback-cache",
+            "--on-exit",
+            "commit",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ],
+    ));
+    assert_eq!(o.code, 0, "{o:?}");
+    let want: String = (0..200).map(|i| format!("{i:05}\n")).collect();
+    assert_eq!(read(w.lower.join("log")), want);
+    assert_eq!(
+        fs::read(w.lower.join("big")).unwrap(),
+        vec![0u8; 4096 * 512]
+    );
+    assert_eq!(read(w.lower.join("f")), "x");
+    let m = fs::read(w.lower.join("m")).unwrap();
+    assert_eq!(m.len(), 8192);
+    assert_eq!(&m[4096..4100], b"MMAP");
+    assert!(m[..4096].iter().all(|&b| b == 0));
+}
+
+#[test]
 fn non_root_user_serve_sigkill_leaves_no_dead_mount() {
     if !root_or_skip() {
         return;

@@ -51,6 +51,11 @@ struct Args {
     /// Keep the mount point directory afterwards.
     #[arg(long)]
     keep_mountpoint: bool,
+    /// Let the kernel gather writes in its page cache (only without passthrough, i.e. as a
+    /// normal user): many small writes get much faster, opening many small files to read
+    /// them somewhat slower.
+    #[arg(long)]
+    writeback_cache: bool,
     /// More logging (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -114,6 +119,7 @@ fn real_main() -> i32 {
     }
     ofs.set_upper(&upper)
         .set_inode_mode(inode_mode)
+        .set_writeback_cache(args.writeback_cache)
         .set_require_empty_mountpoint(true);
     match &args.mountpoint {
         Some(m) => ofs.set_mountpoint(m),
