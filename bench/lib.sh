@@ -247,6 +247,14 @@ w_py() { (cd / && PYTHONHOME="$1/py" PYTHONDONTWRITEBYTECODE=1 "$1/py/bin/python
 w_seqread() { dd if="$1/big" of=/dev/null bs=1M status=none; }
 w_seqwrite() { dd if=/dev/zero of="$1/seqw" bs=1M count=$BIG_MIB conv=fsync status=none; }
 w_smallwrite() { dd if=/dev/zero of="$1/small" bs=4k count=4096 conv=notrunc status=none; }
+# The cost of one request to the filesystem: isatty() is an ioctl the kernel hands to a FUSE
+# daemon every time (and answers itself for ext4 and overlayfs).
+w_rtt() {
+    /usr/bin/python3 -c 'import os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+for _ in range(20000):
+    os.isatty(fd)' "$1/big"
+}
 w_copyup() { printf x >>"$1/big"; }
 w_create() { tar xf "${2:-$CREATE_TAR}" -C "$1/${3:-new}"; }
 w_delete() { rm -rf "$1/deltree"; }

@@ -79,6 +79,7 @@ py_warm	python3 + 12 stdlib imports, 2nd run	warm	main
 seqread	seq read 256 MiB (dd bs=1M)	cold	main
 seqwrite	seq write 256 MiB (dd bs=1M conv=fsync)	dropped	main
 smallwrite	small writes: 4096 × 4 KiB into a new file (dd bs=4k)	warm	main
+rtt	20 000 isatty() on an open file (FUSE: 1 round trip each)	warm	main
 copyup	append 1 byte to 256 MiB lower file (copy-up)	cold	main
 create	create: untar 20k small files	dropped	main
 delete	delete: rm -rf 20k-file lower tree	cold	main
@@ -153,6 +154,7 @@ suite() {
     : >"$m/small"
     timed smallwrite "$fs" "$rep" w_smallwrite "$m"
     check "$fs" smallwrite "$rep" "size" size_is "$m/small" $((4096 * 4096))
+    timed rtt "$fs" "$rep" w_rtt "$m"
     drop_caches; timed copyup "$fs" "$rep" w_copyup "$m"
     check "$fs" copyup "$rep" "size" size_is "$m/big" $(((BIG_MIB << 20) + 1))
     mkdir "$m/new"
@@ -231,7 +233,7 @@ user_session_start() {
     mkfifo "$UDIR/in" "$UDIR/out"
     {
         declare -p PY_IMPORTS BIG_MIB CREATE_TAR CREATE10K_TAR
-        declare -f w_stat w_read w_py w_seqread w_seqwrite w_smallwrite w_copyup w_create \
+        declare -f w_stat w_read w_py w_seqread w_seqwrite w_smallwrite w_rtt w_copyup w_create \
             w_delete size_is count_files
         cat <<'EOS'
 exec 3<"$1/in" 4>"$1/out"
@@ -295,7 +297,7 @@ suite_user() {
     if [[ $USER_OK != ok ]]; then
         local id
         for id in stat_cold stat_warm read_cold read_warm py_cold py_warm seqread seqwrite \
-            smallwrite copyup create delete cycle; do
+            smallwrite rtt copyup create delete cycle; do
             record ovl-user "$id" "$rep" SKIP
         done
         return
@@ -314,6 +316,7 @@ suite_user() {
     ucmd truncate -s 0 "$m/small"
     utimed smallwrite "$rep" w_smallwrite "$m"
     check ovl-user smallwrite "$rep" "size" ucheck size_is "$m/small" $((4096 * 4096))
+    utimed rtt "$rep" w_rtt "$m"
     drop_caches; utimed copyup "$rep" w_copyup "$m"
     check ovl-user copyup "$rep" "size" ucheck size_is "$m/big" $(((BIG_MIB << 20) + 1))
     ucmd mkdir "$m/new"
