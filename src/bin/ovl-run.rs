@@ -73,6 +73,7 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 }
 
 fn main() -> ExitCode {
+    ovl::mount::tune_allocator_for_daemon();
     ExitCode::from(real_main().clamp(0, 255) as u8)
 }
 

@@ -119,6 +119,7 @@ fn parse(args: &[OsString]) -> Result<(Opts, Vec<OsString>), String> {
 
 /// The runtime's entry point; returns the process exit status.
 pub fn main() -> i32 {
+    crate::mount::tune_allocator_for_daemon();
     let mut args: Vec<OsString> = std::env::args_os().collect();
     let argv0 = if args.is_empty() {
         OsString::from("app.run")
