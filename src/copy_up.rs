@@ -49,8 +49,9 @@ pub fn copy_meta(fd: BorrowedFd<'_>, st: &libc::stat, privileged: bool) -> io::R
     let symlink = st.st_mode & libc::S_IFMT == libc::S_IFLNK;
     if let Err(e) = sys::fchown_fd(fd, st.st_uid, st.st_gid) {
         // Without privilege files stay owned by whoever mounted; the kernel overlay's behaviour
-        // in a user namespace as well.
-        if privileged || e.raw_os_error() != Some(libc::EPERM) {
+        // in a user namespace as well. There an id the namespace does not map (shown as the
+        // overflow id 65534) cannot even be named: EINVAL rather than EPERM.
+        if privileged || !matches!(e.raw_os_error(), Some(libc::EPERM | libc::EINVAL)) {
             return Err(e);
         }
     }

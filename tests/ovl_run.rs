@@ -939,6 +939,40 @@ fn non_root_user_runs_a_command() {
 }
 
 #[test]
+fn non_root_user_with_files_of_a_foreign_group() {
+    // The user's files may belong to a group the user namespace does not map (here root's):
+    // inside it shows as 65534, chown to it fails with EINVAL, and the kernel refuses writes to
+    // such files. A lower whose root is like that must still mount (its root's metadata is
+    // copied to the new upper), read, and take writes where the ids are the user's.
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    fs::create_dir(w.lower.join("mine")).unwrap();
+    fs::write(w.lower.join("mine/g"), "g\n").unwrap();
+    chown_tree(&w.lower, uid, 0);
+    chown_tree(&w.lower.join("mine"), uid, gid);
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--",
+            "sh",
+            "-c",
+            "cat f; echo more >> mine/g; cat mine/g; echo x >> f 2>/dev/null || echo refused",
+        ],
+    ));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, "lower\ng\nmore\nrefused\n");
+    assert_eq!(read(w.upper().join("mine/g")), "g\nmore\n");
+    assert!(!w.upper().join("f").exists());
+    assert_eq!(read(w.lower.join("mine/g")), "g\n");
+}
+
+#[test]
 fn non_root_user_writeback_cache_commits_every_write() {
     // With the writeback cache, written pages sit in the kernel until written back: a commit
     // right after the command exits must still see every byte, also of a file the command
