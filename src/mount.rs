@@ -350,7 +350,7 @@ impl OverlayFS {
     /// [`OverlayFS::mountpoint_as_home`] with `name` in the directory's name instead of the
     /// first lower's (e.g. an app's name).
     pub fn mountpoint_as_home_named(&mut self, name: &str) -> &mut Self {
-        let base = dirs::cache_dir().unwrap_or_else(std::env::temp_dir);
+        let base = mountpoint_base();
         let name: String = name
             .chars()
             .map(|c| {
@@ -541,6 +541,12 @@ impl OverlayFS {
     }
 
     /// Mounts the overlay; returns when the mount is live.
+    ///
+    /// The mount is served by threads of the calling process. Such a process must not
+    /// memory-map files of its own mount for writing without passthrough: unmapping dirty
+    /// pages writes them back while the kernel holds the process's memory-map lock, which the
+    /// server threads need to receive them, and the process can deadlock with itself. Serve
+    /// such a mount from another process (`ovl-mount`, `ovl-run`, or a child that mounts).
     pub fn mount(&mut self) -> Result<()> {
         if self.handle.is_some() {
             return Ok(());
@@ -552,6 +558,17 @@ impl OverlayFS {
         if let (Some(u), Some(w)) = (&self.upper, &work) {
             crate::commit::recover(w, u)?;
         }
+        // First, so that a mount point we may not make changes nothing else.
+        std::fs::create_dir_all(&mountpoint).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => Error::bad(
+                &mountpoint,
+                format!(
+                    "cannot create the mount point ({e}): choose one where you may write \
+                     (ovl-run --mountpoint DIR, or set XDG_CACHE_HOME)"
+                ),
+            ),
+            _ => Error::io("creating mount point", &mountpoint, e),
+        })?;
         if let Some(u) = &self.upper {
             // Missing or empty: a new upper. An existing one we cannot read is not "fresh":
             // its metadata is never overwritten (opening the layers reports the error).
@@ -559,7 +576,17 @@ impl OverlayFS {
                 Ok(mut d) => d.next().is_none(),
                 Err(e) => e.kind() == io::ErrorKind::NotFound,
             };
-            std::fs::create_dir_all(u).map_err(|e| Error::io("creating upper directory", u, e))?;
+            let existed = u.exists();
+            std::fs::create_dir_all(u).map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => Error::bad(
+                    u,
+                    format!(
+                        "cannot create the upper directory ({e}): choose an upper directory \
+                         where you may write"
+                    ),
+                ),
+                _ => Error::io("creating upper directory", u, e),
+            })?;
             if fresh {
                 // The merged root shows the upper root: a new (empty) upper gets the lower
                 // root's owner, mode, times and xattrs, as a copy-up would, so the mount looks
@@ -572,14 +599,18 @@ impl OverlayFS {
                     crate::copy_up::copy_xattrs(lfd.as_fd_borrowed(), ufd.as_fd_borrowed(), false)?;
                     crate::copy_up::copy_meta(ufd.as_fd_borrowed(), &st, initial_userns_root())
                 };
-                copy().map_err(|e| Error::io("initialising upper directory", u, e))?;
+                copy().map_err(|e| {
+                    // Nothing is left behind: a directory made just now goes again.
+                    if !existed {
+                        let _ = std::fs::remove_dir(u);
+                    }
+                    Error::io("initialising upper directory", u, e)
+                })?;
             }
         }
         if let Some(w) = &work {
             std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
         }
-        std::fs::create_dir_all(&mountpoint)
-            .map_err(|e| Error::io("creating mount point", &mountpoint, e))?;
         crate::sys::raise_nofile_limit();
 
         let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
@@ -705,6 +736,24 @@ fn mount_error(mountpoint: &Path, e: io::Error) -> Error {
         path: mountpoint.to_path_buf(),
         source: io::Error::new(e.kind(), format!("{e}{hint}")),
     }
+}
+
+/// Where [`OverlayFS::mountpoint_as_home`] makes mount points: `$XDG_CACHE_HOME` (else
+/// `~/.cache`) when it exists or could be made, else the temporary directory (a user without
+/// a home, as system accounts often are). Nothing is created here.
+pub fn mountpoint_base() -> PathBuf {
+    dirs::cache_dir()
+        .filter(|d| could_create_in(d))
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// `dir` exists and we may write in it, or its nearest existing ancestor lets us make it.
+fn could_create_in(dir: &Path) -> bool {
+    let existing = dir.ancestors().find(|a| a.exists());
+    existing.is_some_and(|a| {
+        crate::sys::cstr(a.as_os_str())
+            .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0)
+    })
 }
 
 /// For a process that will serve a mount: at most two malloc arenas (unless the user set

@@ -26,7 +26,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use ovl::{InodeMode, OverlayFS};
+use ovl::InodeMode;
 use rand::{Rng, SeedableRng, rngs::StdRng};
 
 const KIB: usize = 1024;
@@ -763,10 +763,15 @@ impl Fsx {
 /// A mount under test: the shared harness (passthrough on, as the kernel allows it for root),
 /// or the same layers mounted with passthrough off, where the kernel page cache sits in front of
 /// ovl's own read/write.
+///
+/// Without passthrough the mount is served by an `ovl-mount` process, not by threads of this
+/// test process: munmap of a dirty shared mapping writes the pages back while holding this
+/// process's mmap lock, and a server in the same process needs that lock to receive them
+/// (deadlock, seen with parallel tests). Passthrough mappings never reach the server.
 struct Target {
     m: Mounted,
     /// The mount when passthrough is off.
-    cached: Option<OverlayFS>,
+    cached: Option<Daemon>,
     /// Without passthrough: the kernel's writeback cache asked for too.
     writeback: bool,
 }
@@ -793,16 +798,8 @@ impl Target {
         }
     }
 
-    fn mount_cached(m: &Mounted, writeback: bool) -> OverlayFS {
-        let mut ofs = OverlayFS::new(&m.lower);
-        ofs.set_upper(&m.upper)
-            .set_workdir(&m.work)
-            .set_mountpoint(&m.mnt)
-            .set_inode_mode(m.mode)
-            .set_passthrough(false)
-            .set_writeback_cache(writeback);
-        ofs.mount().expect("mount without passthrough");
-        ofs
+    fn mount_cached(m: &Mounted, writeback: bool) -> Daemon {
+        Daemon::mount(m, writeback)
     }
 
     fn passthrough(&self) -> bool {
@@ -812,19 +809,97 @@ impl Target {
     fn remount(&mut self) {
         match &mut self.cached {
             None => self.m.remount(),
-            Some(ofs) => {
-                ofs.umount().expect("umount");
-                *ofs = Self::mount_cached(&self.m, self.writeback);
+            Some(d) => {
+                d.umount();
+                *d = Self::mount_cached(&self.m, self.writeback);
             }
+        }
+    }
+}
+
+/// `ovl-mount -f` serving the layers of a [`Mounted`] (unmounted there first) at its mount
+/// point, without passthrough.
+struct Daemon {
+    mnt: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    fn mount(m: &Mounted, writeback: bool) -> Self {
+        let mut o = format!(
+            "lowerdir={},upperdir={},workdir={},nopassthrough",
+            m.lower.display(),
+            m.upper.display(),
+            m.work.display()
+        );
+        if writeback {
+            o.push_str(",writeback");
+        }
+        if m.mode == InodeMode::Persistent {
+            o.push_str(",inode_mode=persistent");
+        }
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_ovl-mount"))
+            .args(["-f", "-o", &o])
+            .arg(&m.mnt)
+            .spawn()
+            .expect("start ovl-mount");
+        let d = Daemon {
+            mnt: m.mnt.clone(),
+            child: Some(child),
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !d.mounted() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "ovl-mount did not mount"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        d
+    }
+
+    fn mounted(&self) -> bool {
+        let want = self.mnt.to_string_lossy().into_owned();
+        std::fs::read_to_string("/proc/self/mounts")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(1) == Some(want.as_str()))
+    }
+
+    /// Unmounts and waits for the server to exit (it must, cleanly).
+    fn umount(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        for _ in 0..100 {
+            let st = std::process::Command::new("umount").arg(&self.mnt).status();
+            if st.is_ok_and(|s| s.success()) || !self.mounted() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let st = child.wait().expect("wait for ovl-mount");
+        assert!(st.success(), "ovl-mount exited with {st}");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() && !std::thread::panicking() {
+            self.umount();
+        } else if let Some(mut c) = self.child.take() {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.mnt)
+                .status();
+            let _ = c.wait();
         }
     }
 }
 
 impl Drop for Target {
     fn drop(&mut self) {
-        if let Some(mut ofs) = self.cached.take() {
-            let _ = ofs.umount();
-        }
+        self.cached.take();
     }
 }
 

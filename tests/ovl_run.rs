@@ -973,6 +973,77 @@ fn non_root_user_with_files_of_a_foreign_group() {
 }
 
 #[test]
+fn non_root_user_without_a_home() {
+    // System accounts often have no home directory: the default mount point then goes to the
+    // temporary directory instead of failing on ~/.cache, and is removed afterwards.
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let tmp = w.p("tmp");
+    fs::create_dir(&tmp).unwrap();
+    chown_tree(&tmp, user_ids().unwrap().0, user_ids().unwrap().1);
+    let mut c = Command::new("runuser");
+    c.current_dir(&w.root)
+        .env_remove("RUST_LOG")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            "-u",
+            "XDG_CACHE_HOME",
+            "HOME=/nonexistent",
+        ])
+        .arg(format!("TMPDIR={}", tmp.display()))
+        .arg(&bin)
+        .args(["--lower", w.lower.to_str().unwrap(), "--", "cat", "f"]);
+    let o = run(c);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stdout, "lower\n");
+    assert_eq!(
+        fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "mount point left in TMPDIR"
+    );
+}
+
+#[test]
+fn non_root_user_upper_where_they_may_not_write() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let locked = w.p("locked");
+    fs::create_dir(&locked).unwrap(); // root's, 0755
+    let up = locked.join("up");
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "--lower",
+            w.lower.to_str().unwrap(),
+            "--upper",
+            up.to_str().unwrap(),
+            "--",
+            "true",
+        ],
+    ));
+    assert_eq!(o.code, 125, "{o:?}");
+    assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
+    assert!(o.stderr.contains(up.to_str().unwrap()), "{o:?}");
+    assert!(
+        o.stderr
+            .contains("choose an upper directory where you may write"),
+        "{o:?}"
+    );
+    assert_eq!(fs::read_dir(&locked).unwrap().count(), 0);
+    assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
 fn non_root_user_writeback_cache_commits_every_write() {
     // With the writeback cache, written pages sit in the kernel until written back: a commit
     // right after the command exits must still see every byte, also of a file the command

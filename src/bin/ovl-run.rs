@@ -139,7 +139,8 @@ fn real_main() -> i32 {
             args.on_exit
         ));
     }
-    if let Some(base) = dirs::cache_dir() {
+    {
+        let base = ovl::mount::mountpoint_base();
         launcher::remove_stale_mountpoints(&base);
     }
 

@@ -519,7 +519,8 @@ fn run_app(
         .set_require_empty_mountpoint(true)
         .mountpoint_as_home_named(&m.name);
     ofs.validate().map_err(|e| e.to_string())?;
-    if let Some(base) = dirs::cache_dir() {
+    {
+        let base = crate::mount::mountpoint_base();
         launcher::remove_stale_mountpoints(&base);
     }
     let app_args_copy = app_args.clone();
