@@ -290,13 +290,17 @@ impl Overlay {
         Ok(f.fd.as_fd_borrowed())
     }
 
-    /// FUSE open.
-    pub fn open(&self, ino: u64, flags: i32) -> OpResult<(Arc<Inode>, OwnedFd)> {
+    /// FUSE open, by process `pid`.
+    pub fn open(&self, ino: u64, flags: i32, pid: u32) -> OpResult<(Arc<Inode>, OwnedFd)> {
         let inode = self.inode(ino)?;
         if inode.is_dir() && wants_write(flags) {
             return Err(errno(libc::EISDIR));
         }
         let fd = self.open_real(&inode, flags)?;
+        // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::setid`).
+        if flags & libc::O_TRUNC != 0 && !inode.is_dir() {
+            crate::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?;
+        }
         Ok((inode, fd))
     }
 

@@ -299,17 +299,10 @@ impl Filesystem for OverlayFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (inode, fd) = match self.0.open(ino.0, flags.0) {
+        let (inode, fd) = match self.0.open(ino.0, flags.0, req.pid()) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
-        // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::setid`).
-        if flags.0 & libc::O_TRUNC != 0 && !inode.is_dir() {
-            use crate::sys::BorrowFd;
-            if let Err(e) = crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid()) {
-                return reply.error(err(e));
-            }
-        }
         let read_only = !crate::file::wants_write(flags.0);
         self.reply_open(inode, fd, read_only, reply);
     }
@@ -622,6 +615,7 @@ impl Filesystem for OverlayFs {
             Err(e) => reply.error(err(e)),
         }
     }
+
     fn ioctl(
         &self,
         _req: &Request,

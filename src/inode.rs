@@ -6,10 +6,10 @@
 //!   subtracts what the kernel says; at zero the inode leaves the table and its descriptors close.
 //! - `by_id` maps the real file backing an inode (`st_dev`, `st_ino` of its upper entry if any,
 //!   else of its topmost lower entry) to the inode number, so every name of one real file
-//!   (hard links) resolves to the same overlay inode. A deleted upper file leaves `by_id` at
-//!   once, even while the kernel still holds its inode: its real number may be reused. After copy-up the key moves from the lower
-//!   file to the upper file: like the kernel without `index=on`, other names of a hard-linked
-//!   lower file then become separate files.
+//!   (hard links) resolves to the same overlay inode. A deleted upper file leaves `by_id` at once,
+//!   even while the kernel still holds its inode: its real number may be reused. After copy-up the
+//!   key moves from the lower file to the upper file: like the kernel without `index=on`, other
+//!   names of a hard-linked lower file then become separate files.
 //! - Inode numbers are never reused for a different file while the kernel may still know the old
 //!   one: virtual numbers come from a counter; persistent numbers are derived from the layer and
 //!   the real inode number, with a collision falling back to a counter in a reserved range.

@@ -759,7 +759,7 @@ fn could_create_in(dir: &Path) -> bool {
 /// For a process that will serve a mount: at most two malloc arenas (unless the user set
 /// `MALLOC_ARENA_MAX`). The request threads each allocate from their own arena by default,
 /// which made the daemon's peak memory with 200 000 live inodes vary from 55 to 60 MiB between
-/// runs; with two it stays at 55 MiB, no slower. Call it first thing in `main`, before threads
+/// runs; with two it stays near 55 MiB, no slower. Call it first thing in `main`, before threads
 /// exist; a library user's allocator is left alone.
 pub fn tune_allocator_for_daemon() {
     if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
