@@ -150,7 +150,7 @@ impl Overlay {
             && crate::setid::killed_mode(mode).is_some()
         {
             let fd = self.upper_fd(&inode)?;
-            if crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid)? {
+            if crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid)?.1 {
                 return self.stat_inode(&inode);
             }
         }

@@ -290,18 +290,25 @@ impl Overlay {
         Ok(f.fd.as_fd_borrowed())
     }
 
-    /// FUSE open, by process `pid`.
-    pub fn open(&self, ino: u64, flags: i32, pid: u32) -> OpResult<(Arc<Inode>, OwnedFd)> {
+    /// FUSE open, by process `pid`. With `O_TRUNC`, also the opened file's fresh stat (taken
+    /// for the set-ID check; it spares the caller another fstat).
+    pub fn open(
+        &self,
+        ino: u64,
+        flags: i32,
+        pid: u32,
+    ) -> OpResult<(Arc<Inode>, OwnedFd, Option<libc::stat>)> {
         let inode = self.inode(ino)?;
         if inode.is_dir() && wants_write(flags) {
             return Err(errno(libc::EISDIR));
         }
         let fd = self.open_real(&inode, flags)?;
         // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::setid`).
+        let mut known = None;
         if flags & libc::O_TRUNC != 0 && !inode.is_dir() {
-            crate::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?;
+            known = Some(crate::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?.0);
         }
-        Ok((inode, fd))
+        Ok((inode, fd, known))
     }
 
     /// FUSE read.

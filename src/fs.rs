@@ -76,9 +76,16 @@ impl OverlayFs {
         (fh, flags, backing)
     }
 
-    fn reply_open(&self, inode: Arc<Inode>, fd: OwnedFd, read_only: bool, reply: ReplyOpen) {
+    fn reply_open(
+        &self,
+        inode: Arc<Inode>,
+        fd: OwnedFd,
+        read_only: bool,
+        known: Option<&libc::stat>,
+        reply: ReplyOpen,
+    ) {
         let ino = inode.ino;
-        match self.open_mode(ino, &fd, read_only, None, |fd| reply.open_backing(fd)) {
+        match self.open_mode(ino, &fd, read_only, known, |fd| reply.open_backing(fd)) {
             Ok(mode) => match self.insert(inode, fd, mode) {
                 (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
                 (fh, flags, None) => reply.opened(fh, flags),
@@ -299,12 +306,12 @@ impl Filesystem for OverlayFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (inode, fd) = match self.0.open(ino.0, flags.0, req.pid()) {
+        let (inode, fd, known) = match self.0.open(ino.0, flags.0, req.pid()) {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
         let read_only = !crate::file::wants_write(flags.0);
-        self.reply_open(inode, fd, read_only, reply);
+        self.reply_open(inode, fd, read_only, known.as_ref(), reply);
     }
 
     fn read(

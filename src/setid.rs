@@ -76,12 +76,17 @@ pub fn kill_after_write(fd: BorrowedFd<'_>) -> OpResult<bool> {
 }
 
 /// As [`kill_after_write`] for a truncate or `O_TRUNC` open by process `pid`: only when the
-/// file has a set-ID bit to lose is the caller's capability looked up.
-pub fn kill_after_truncate(fd: BorrowedFd<'_>, pid: u32) -> OpResult<bool> {
-    let st = sys::fstat(fd)?;
+/// file has a set-ID bit to lose is the caller's capability looked up. Returns the file's
+/// stat as it is afterwards (callers reuse it) and whether the mode changed.
+pub fn kill_after_truncate(fd: BorrowedFd<'_>, pid: u32) -> OpResult<(libc::stat, bool)> {
+    let mut st = sys::fstat(fd)?;
     match killed_mode(st.st_mode) {
-        Some(m) if !caller_has_fsetid(pid) => sys::fchmod_fd(fd, m).map(|_| true),
-        _ => Ok(false),
+        Some(m) if !caller_has_fsetid(pid) => {
+            sys::fchmod_fd(fd, m)?;
+            st.st_mode = (st.st_mode & libc::S_IFMT) | m;
+            Ok((st, true))
+        }
+        _ => Ok((st, false)),
     }
 }
 

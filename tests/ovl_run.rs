@@ -391,6 +391,14 @@ fn as_user(w: &World, bin: &Path, args: &[&str]) -> Command {
     c
 }
 
+/// As the user: `ovl-run --lower LOWER OPTS... -- sh -c SCRIPT`.
+fn user_sh(w: &World, bin: &Path, opts: &[&str], script: &str) -> Out {
+    let mut args = vec!["--lower", w.lower.to_str().unwrap()];
+    args.extend_from_slice(opts);
+    args.extend_from_slice(&["--", "sh", "-c", script]);
+    run(as_user(w, bin, &args))
+}
+
 /// A small busybox root filesystem at `root/rootfs`.
 const OS_RELEASE: &str = "NAME=\"ovl test\"\nID=ovltest\nVERSION_ID=1\n";
 
@@ -913,18 +921,7 @@ fn non_root_user_runs_a_command() {
     }
     let w = World::new();
     let (bin, uid, gid) = user_world(&w);
-    let o = run(as_user(
-        &w,
-        &bin,
-        &[
-            "--lower",
-            w.lower.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "id -u; cat f; echo mine > mine",
-        ],
-    ));
+    let o = user_sh(&w, &bin, &[], "id -u; cat f; echo mine > mine");
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(o.stdout, format!("{uid}\nlower\n"));
     assert_eq!(
@@ -953,18 +950,8 @@ fn non_root_user_with_files_of_a_foreign_group() {
     fs::write(w.lower.join("mine/g"), "g\n").unwrap();
     chown_tree(&w.lower, uid, 0);
     chown_tree(&w.lower.join("mine"), uid, gid);
-    let o = run(as_user(
-        &w,
-        &bin,
-        &[
-            "--lower",
-            w.lower.to_str().unwrap(),
-            "--",
-            "sh",
-            "-c",
-            "cat f; echo more >> mine/g; cat mine/g; echo x >> f 2>/dev/null || echo refused",
-        ],
-    ));
+    let script = "cat f; echo more >> mine/g; cat mine/g; echo x >> f 2>/dev/null || echo refused";
+    let o = user_sh(&w, &bin, &[], script);
     assert_eq!(o.code, 0, "{o:?}");
     assert_eq!(o.stdout, "lower\ng\nmore\nrefused\n");
     assert_eq!(read(w.upper().join("mine/g")), "g\nmore\n");
@@ -1019,18 +1006,7 @@ fn non_root_user_upper_where_they_may_not_write() {
     let locked = w.p("locked");
     fs::create_dir(&locked).unwrap(); // root's, 0755
     let up = locked.join("up");
-    let o = run(as_user(
-        &w,
-        &bin,
-        &[
-            "--lower",
-            w.lower.to_str().unwrap(),
-            "--upper",
-            up.to_str().unwrap(),
-            "--",
-            "true",
-        ],
-    ));
+    let o = user_sh(&w, &bin, &["--upper", up.to_str().unwrap()], "true");
     assert_eq!(o.code, 125, "{o:?}");
     assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
     assert!(o.stderr.contains(up.to_str().unwrap()), "{o:?}");
@@ -1056,21 +1032,12 @@ fn non_root_user_writeback_cache_commits_every_write() {
     let script = "set -e; i=0; while [ $i -lt 200 ]; do printf '%05d\\n' $i >> log; i=$((i+1)); done; \
                   dd if=/dev/zero of=big bs=4k count=512 status=none; printf x > f; \
                   python3 -c \"import mmap,os; fd=os.open('m',os.O_RDWR|os.O_CREAT,0o644); os.ftruncate(fd,8192); mm=mmap.mmap(fd,8192); mm[4096:4100]=b'MMAP'; mm.close(); os.close(fd)\"";
-    let o = run(as_user(
+    let o = user_sh(
         &w,
         &bin,
-        &[
-            "--lower",
-            w.lower.to_str().unwrap(),
-            "--writeback-cache",
-            "--on-exit",
-            "commit",
-            "--",
-            "sh",
-            "-c",
-            script,
-        ],
-    ));
+        &["--writeback-cache", "--on-exit", "commit"],
+        script,
+    );
     assert_eq!(o.code, 0, "{o:?}");
     let want: String = (0..200).map(|i| format!("{i:05}\n")).collect();
     assert_eq!(read(w.lower.join("log")), want);

@@ -36,43 +36,16 @@ pub fn lremovexattr(p: &Path, name: &str) -> io::Result<()> {
     check(unsafe { libc::lremovexattr(cp.as_ptr(), cn.as_ptr()) })
 }
 
-/// All xattr names of `p` (not following symlinks).
-pub fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
-    let cp = cpath(p);
+/// Runs a size-then-fill xattr call: `call(buf)` with an empty buffer asks the size, then
+/// with a buffer that large; retried when the value grew in between (ERANGE).
+fn sized(call: impl Fn(&mut [u8]) -> isize) -> io::Result<Vec<u8>> {
     loop {
-        let n = unsafe { libc::llistxattr(cp.as_ptr(), std::ptr::null_mut(), 0) };
+        let n = call(&mut []);
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let mut buf = vec![0u8; n as usize];
-        let m = unsafe { libc::llistxattr(cp.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
-        if m < 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::ERANGE) {
-                continue;
-            }
-            return Err(e);
-        }
-        buf.truncate(m as usize);
-        return Ok(buf
-            .split(|&b| b == 0)
-            .filter(|n| !n.is_empty())
-            .map(|n| String::from_utf8_lossy(n).into_owned())
-            .collect());
-    }
-}
-
-pub fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
-    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
-    loop {
-        let n = unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), std::ptr::null_mut(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let mut buf = vec![0u8; n as usize];
-        let m = unsafe {
-            libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
+        let m = call(&mut buf);
         if m < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ERANGE) {
@@ -83,6 +56,22 @@ pub fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
         buf.truncate(m as usize);
         return Ok(buf);
     }
+}
+
+/// All xattr names of `p` (not following symlinks).
+pub fn llistxattr(p: &Path) -> io::Result<Vec<String>> {
+    let cp = cpath(p);
+    let buf = sized(|b| unsafe { libc::llistxattr(cp.as_ptr(), b.as_mut_ptr().cast(), b.len()) })?;
+    Ok(buf
+        .split(|&b| b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect())
+}
+
+pub fn lgetxattr(p: &Path, name: &str) -> io::Result<Vec<u8>> {
+    let (cp, cn) = (cpath(p), CString::new(name).unwrap());
+    sized(|b| unsafe { libc::lgetxattr(cp.as_ptr(), cn.as_ptr(), b.as_mut_ptr().cast(), b.len()) })
 }
 
 pub fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
