@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Summarises `perf script` output of the ovl-mount daemon (bench/profile.sh perf):
-CPU samples per FUSE operation (outermost ovl::fs::OverlayFs frame), per innermost ovl::
+CPU samples per FUSE operation (outermost ovl::engine::fs::OverlayFs frame), per innermost ovl::
 function, per syscall-ish kernel entry, and the share of samples resolving /proc/self/fd
 magic links.   perf script -i FILE.data | bench/perf-summary.py"""
 import collections
@@ -41,8 +41,8 @@ for line in sys.stdin:
     m = re.match(r"^\s+[0-9a-f]+\s+(.+?)\s+\(", line)
     if m:
         sym = re.sub(r"\+0x[0-9a-f]+$", "", m.group(1))
-        sym = re.sub(r"<ovl::\w+::OverlayFs as", "<OverlayFs as", sym) if "fs::OverlayFs" not in sym else sym
-        sym = re.sub(r"^ovl::(\w+)::<impl ovl::overlay::Overlay>::", r"ovl::\1::", sym)
+        sym = re.sub(r"<ovl::engine::\w+::OverlayFs as", "<OverlayFs as", sym) if "fs::OverlayFs" not in sym else sym
+        sym = re.sub(r"^ovl::engine::(\w+)::<impl ovl::engine::overlay::Overlay>::", r"ovl::\1::", sym)
         stack.append(sym)
 flush()
 

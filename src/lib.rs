@@ -14,36 +14,27 @@
 //! # Ok::<(), ovl::Error>(())
 //! ```
 //!
-//! The engine is split by operation like the kernel's fs/overlayfs: [`namei`] (lookup),
-//! `dir` (create/unlink/rename), `file` (I/O), `attr`, `xattr`, `readdir`, `copy_up`, and
-//! [`mount`]; `fs` is the thin FUSE dispatch over them.
-//!
-//! Above the engine, using only its API: [`launcher`] (`ovl-run`), [`commit`] and [`bundle`]
-//! (`app.run` files).
+//! Layers, each using only the ones below it:
+//! - [`engine`]: the filesystem, split by operation like the kernel's fs/overlayfs, and the
+//!   FUSE session that serves it.
+//! - [`commit`]: merging an upper into its lower, crash-safe (journal, recovery).
+//! - [`overlayfs`] and [`finalize`]: the library API, [`OverlayFS`] (mount, unmount) and its
+//!   finalizations (preserve, discard, commit).
+//! - [`launcher`]: `ovl-run` (namespaces, signals, running a command in the overlay).
+//! - [`bundle`]: `app.run` files (format, packing, the runtime).
+//! - `src/bin`: the command lines, parsed by [`cli`].
 
-pub mod action;
-mod attr;
 pub mod bundle;
 pub mod cli;
 pub mod commit;
-mod copy_up;
-mod dir;
+pub mod engine;
 pub mod error;
-mod file;
-mod fs;
-pub mod fusermount;
-pub mod inode;
+pub mod finalize;
 pub mod launcher;
-pub mod layers;
-pub mod mount;
-pub mod namei;
-mod overlay;
-mod readdir;
-mod setid;
-mod sys;
-mod xattr;
+pub mod overlayfs;
 
-pub use action::{OverlayAction, Report};
+pub use engine::inode::InodeMode;
+pub use engine::session::{MountHandle, MountMethod};
 pub use error::{Error, Result};
-pub use inode::InodeMode;
-pub use mount::{MountHandle, MountMethod, OverlayFS};
+pub use finalize::{OverlayAction, Report};
+pub use overlayfs::OverlayFS;

@@ -131,7 +131,7 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
 }
 
 fn main() -> ExitCode {
-    ovl::mount::tune_allocator_for_daemon();
+    ovl::engine::session::tune_allocator_for_daemon();
     let args = match ovl::cli::parse::<Args>("ovl-mount") {
         Ok(a) => a,
         Err(ovl::cli::ArgsError::Printed) => return ExitCode::SUCCESS,

@@ -73,7 +73,7 @@ fn fail(msg: impl std::fmt::Display) -> i32 {
 }
 
 fn main() -> ExitCode {
-    ovl::mount::tune_allocator_for_daemon();
+    ovl::engine::session::tune_allocator_for_daemon();
     ExitCode::from(real_main().clamp(0, 255) as u8)
 }
 
@@ -140,7 +140,7 @@ fn real_main() -> i32 {
         ));
     }
     {
-        let base = ovl::mount::mountpoint_base();
+        let base = ovl::overlayfs::mountpoint_base();
         launcher::remove_stale_mountpoints(&base);
     }
 

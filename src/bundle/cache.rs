@@ -105,7 +105,7 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
             remove_stale_temps(&root, &format!(".tmp-{id}-"));
             let tmp = root.join(format!(".tmp-{id}-{}", std::process::id()));
             if tmp.exists() {
-                crate::action::remove_dir_tree(&tmp)?;
+                crate::finalize::remove_dir_tree(&tmp)?;
             }
             fs::create_dir(&tmp).map_err(|e| Error::io("creating", &tmp, e))?;
             let res = bundle.extract_to(&tmp, 0).and_then(|()| {
@@ -119,13 +119,13 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
                     // Someone put the tree there without the lock: it is a complete tree.
                     Err(e) if tree.is_dir() => {
                         log::info!("{} appeared meanwhile ({e})", tree.display());
-                        crate::action::remove_dir_tree(&tmp)
+                        crate::finalize::remove_dir_tree(&tmp)
                     }
                     r => r.map_err(|e| Error::io("renaming into place", &tree, e)),
                 }
             });
             if let Err(e) = res {
-                let _ = crate::action::remove_dir_tree(&tmp);
+                let _ = crate::finalize::remove_dir_tree(&tmp);
                 return Err(e);
             }
             sync_dir(&root);
@@ -162,7 +162,7 @@ fn remove_stale_temps(root: &Path, prefix: &str) {
     let Ok(rd) = fs::read_dir(root) else { return };
     for e in rd.flatten() {
         if e.file_name().to_string_lossy().starts_with(prefix) {
-            let _ = crate::action::remove_dir_tree(&e.path());
+            let _ = crate::finalize::remove_dir_tree(&e.path());
         }
     }
 }
@@ -244,7 +244,7 @@ pub fn gc(keep: &str) -> Result<GcReport> {
         let trash = root.join(format!(".tmp-{id}-gc"));
         remove_stale_temps(&root, &format!(".tmp-{id}-"));
         fs::rename(&tree, &trash).map_err(|e| Error::io("removing", &tree, e))?;
-        crate::action::remove_dir_tree(&trash)?;
+        crate::finalize::remove_dir_tree(&trash)?;
         // The lock files stay: a run waiting on them must find the same files afterwards.
         let _ = fs::remove_file(root.join(format!("{id}.bundles")));
         report.removed.push(id);

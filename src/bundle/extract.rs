@@ -299,7 +299,7 @@ impl Bundle {
 /// Owner (root only), xattrs, mode, mtime, in the order that keeps each: chown clears
 /// set-id bits, so chmod comes after it.
 pub(super) fn apply_meta(p: &Path, e: &Entry, root: bool, skipped: &AtomicUsize) -> Result<()> {
-    let c = crate::sys::cstr(p.as_os_str()).map_err(|err| Error::io("naming", p, err))?;
+    let c = crate::engine::sys::cstr(p.as_os_str()).map_err(|err| Error::io("naming", p, err))?;
     let symlink = matches!(e.kind, Kind::Symlink { .. });
     if root && unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } < 0 {
         return Err(Error::io("chown", p, io::Error::last_os_error()));

@@ -232,7 +232,7 @@ pub struct Packed {
 impl Packed {
     /// Gives the new file a mode, and as root an owner (a commit keeps the old file's).
     pub fn set_mode_owner(&self, mode: u32, uid: u32, gid: u32) -> Result<()> {
-        let c = crate::sys::cstr(self.tmp.as_os_str())
+        let c = crate::engine::sys::cstr(self.tmp.as_os_str())
             .map_err(|e| Error::io("naming", &self.tmp, e))?;
         if unsafe { libc::geteuid() } == 0 && unsafe { libc::lchown(c.as_ptr(), uid, gid) } < 0 {
             return Err(Error::io("chown", &self.tmp, io::Error::last_os_error()));

@@ -119,7 +119,7 @@ fn parse(args: &[OsString]) -> Result<(Opts, Vec<OsString>), String> {
 
 /// The runtime's entry point; returns the process exit status.
 pub fn main() -> i32 {
-    crate::mount::tune_allocator_for_daemon();
+    crate::engine::session::tune_allocator_for_daemon();
     let mut args: Vec<OsString> = std::env::args_os().collect();
     let argv0 = if args.is_empty() {
         OsString::from("app.run")
@@ -277,7 +277,7 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     println!(
         "upper:    {} ({})",
         upper.display(),
-        match crate::action::count_entries(&upper) {
+        match crate::finalize::count_entries(&upper) {
             Ok(0) | Err(_) => "no changes kept".to_string(),
             Ok(n) => format!("{n} changed entries kept"),
         }
@@ -334,7 +334,7 @@ fn extract(bundle: &Bundle, dir: Option<&Path>) -> Result<i32, String> {
         .map_err(|e| e.to_string())
         .and_then(|()| fs::rename(&tmp, dir).map_err(|e| format!("{}: {e}", dir.display())));
     if let Err(e) = res {
-        let _ = crate::action::remove_dir_tree(&tmp);
+        let _ = crate::finalize::remove_dir_tree(&tmp);
         return Err(e);
     }
     eprintln!(
@@ -367,7 +367,7 @@ fn fuse_missing() -> Option<String> {
         Ok(_) => None,
         Err(e) if e.kind() == io::ErrorKind::NotFound => Some("/dev/fuse does not exist".into()),
         // Opening is the setuid helper's job for a normal user.
-        Err(e) => match crate::fusermount::find_helper() {
+        Err(e) => match crate::engine::fusermount::find_helper() {
             Some(_) => None,
             None => Some(format!("/dev/fuse: {e}, and fusermount3 is not installed")),
         },
@@ -419,7 +419,7 @@ impl Scratch {
             }
             let dir = runs.join(&name);
             if dir.exists() {
-                crate::action::remove_dir_tree(&dir).map_err(|e| e.to_string())?;
+                crate::finalize::remove_dir_tree(&dir).map_err(|e| e.to_string())?;
             }
             fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
             return Ok(Scratch {
@@ -446,7 +446,7 @@ fn remove_dead_scratch(runs: &Path) {
         };
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
             let dir = runs.join(name);
-            if !dir.exists() || crate::action::remove_dir_tree(&dir).is_ok() {
+            if !dir.exists() || crate::finalize::remove_dir_tree(&dir).is_ok() {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -456,7 +456,7 @@ fn remove_dead_scratch(runs: &Path) {
 impl Drop for Scratch {
     fn drop(&mut self) {
         // Left for the next run's cleanup if it cannot go now; the lock file goes last.
-        if crate::action::remove_dir_tree(&self.dir).is_ok() {
+        if crate::finalize::remove_dir_tree(&self.dir).is_ok() {
             let _ = fs::remove_file(&self.lock_path);
         }
     }
@@ -506,7 +506,7 @@ fn run_app(
         // Earlier runs' state stays visible (the kept upper becomes a lower); this run's
         // changes go to a scratch upper that is thrown away. An upper a crashed commit
         // already put into the bundle is not shown twice.
-        let kept = crate::action::count_entries(&upper).unwrap_or(0) > 0
+        let kept = crate::finalize::count_entries(&upper).unwrap_or(0) > 0
             && !state::upper_already_committed(bundle, &upper);
         let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
         if kept {
@@ -520,7 +520,7 @@ fn run_app(
         .mountpoint_as_home_named(&m.name);
     ofs.validate().map_err(|e| e.to_string())?;
     {
-        let base = crate::mount::mountpoint_base();
+        let base = crate::overlayfs::mountpoint_base();
         launcher::remove_stale_mountpoints(&base);
     }
     let app_args_copy = app_args.clone();
@@ -598,7 +598,7 @@ fn run_without_fuse(
     let scratch = Scratch::new()?;
     let copy = scratch.dir.join("tree");
     cache::copy_tree(&tree.path, &copy).map_err(|e| e.to_string())?;
-    if crate::action::count_entries(upper).unwrap_or(0) > 0
+    if crate::finalize::count_entries(upper).unwrap_or(0) > 0
         && !state::upper_already_committed(bundle, upper)
     {
         crate::commit::merge_keeping_upper(&copy, upper, &scratch.dir.join("work"))

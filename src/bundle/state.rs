@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use super::extract::Bundle;
 use crate::OverlayFS;
 
-use crate::mount::hidden_sibling as beside;
+use crate::overlayfs::hidden_sibling as beside;
 
 /// Use of an upper, held for the whole run: two runs writing one upper would corrupt it, so
 /// writers are exclusive; a discard run only reads it (as a lower) and shares.
@@ -94,9 +94,12 @@ pub fn finish_interrupted_commit(bundle: &Bundle, upper: &Path) -> Result<(), St
 }
 
 fn clear_upper(upper: &Path) -> Result<(), String> {
-    for p in [upper.to_path_buf(), crate::mount::default_workdir(upper)] {
+    for p in [
+        upper.to_path_buf(),
+        crate::overlayfs::default_workdir(upper),
+    ] {
         if p.symlink_metadata().is_ok() {
-            crate::action::remove_dir_tree(&p).map_err(|e| e.to_string())?;
+            crate::finalize::remove_dir_tree(&p).map_err(|e| e.to_string())?;
         }
     }
     Ok(())
@@ -109,7 +112,7 @@ fn clear_upper(upper: &Path) -> Result<(), String> {
 /// a stale entry would show one file's content under another's name). State kept from another
 /// version stays on top of this one, with a warning.
 pub fn note_lower(upper: &Path, bundle: &Bundle, tree: &Path) -> Result<(), String> {
-    let work = crate::mount::default_workdir(upper);
+    let work = crate::overlayfs::default_workdir(upper);
     let md = fs::metadata(tree).map_err(|e| format!("{}: {e}", tree.display()))?;
     let now = format!("{} {} {}\n", bundle.id(), md.dev(), md.ino());
     let record = work.join("ovl-bundle-lower");
@@ -119,9 +122,9 @@ pub fn note_lower(upper: &Path, bundle: &Bundle, tree: &Path) -> Result<(), Stri
     }
     let index = work.join("ovl-index");
     if index.exists() {
-        crate::action::remove_dir_tree(&index).map_err(|e| e.to_string())?;
+        crate::finalize::remove_dir_tree(&index).map_err(|e| e.to_string())?;
     }
-    let changes = crate::action::count_entries(upper).unwrap_or(0);
+    let changes = crate::finalize::count_entries(upper).unwrap_or(0);
     if let Some(old_id) = before.as_deref().and_then(|b| b.split(' ').next()) {
         if old_id != bundle.id() && changes > 0 {
             log::warn!(
@@ -180,7 +183,7 @@ fn lock_bundle(bundle: &Bundle) -> Result<BundleLock<'_>, String> {
 /// they were.
 pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Result<(), String> {
     let m = bundle.manifest();
-    let changes = crate::action::count_entries(upper).unwrap_or(0);
+    let changes = crate::finalize::count_entries(upper).unwrap_or(0);
     if changes == 0 {
         ofs.umount().map_err(|e| e.to_string())?;
         eprintln!("{}: no changes to commit", m.name);

@@ -154,10 +154,10 @@ pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
     };
     // In-place: the staging dir; atomic before the swap: the new tree; after: the old tree.
     if j.temp.exists() {
-        crate::action::remove_dir_tree(&j.temp)?;
+        crate::finalize::remove_dir_tree(&j.temp)?;
     }
     if done && upper.exists() {
-        crate::action::remove_dir_tree(upper)?;
+        crate::finalize::remove_dir_tree(upper)?;
     }
     remove_journal(work)?;
     Ok(true)

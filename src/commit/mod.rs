@@ -27,11 +27,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::action::{OverlayAction, Report};
-use crate::copy_up::{copy_meta, copy_xattrs};
+use crate::engine::copy_up::{copy_meta, copy_xattrs};
+use crate::engine::layers::{self, OPAQUE_MARKER, WH_PREFIX};
+use crate::engine::sys::{self, BorrowFd};
 use crate::error::{Error, Result};
-use crate::layers::{self, OPAQUE_MARKER, WH_PREFIX};
-use crate::sys::{self, BorrowFd};
+use crate::finalize::{OverlayAction, Report};
 
 /// Test hook: `OVL_COMMIT_CRASH_AFTER=N` aborts the process right after the N-th durable step,
 /// so tests can check recovery from a crash at every point.
@@ -515,7 +515,7 @@ fn commit_with(
     let mut report = Report {
         action,
         path: lower.to_path_buf(),
-        changes: crate::action::count_entries(upper)?,
+        changes: crate::finalize::count_entries(upper)?,
         ..Default::default()
     };
     let privileged = unsafe { libc::geteuid() } == 0;
@@ -531,11 +531,11 @@ fn commit_with(
     }
     // Only now does the upper go; a crash while removing it is finished by `recover`.
     if !keep_upper {
-        crate::action::remove_dir_tree(upper)?;
+        crate::finalize::remove_dir_tree(upper)?;
         step();
     }
     remove_journal(work)?;
-    crate::action::remove_dir_tree(work)?;
+    crate::finalize::remove_dir_tree(work)?;
     Ok(report)
 }
 
@@ -577,7 +577,7 @@ fn commit_in_place(
         )?;
         m.relink_indexed(names)
     });
-    let cleanup = crate::action::remove_dir_tree(&m.staging_path);
+    let cleanup = crate::finalize::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
     apply_root_meta(ufd, &lfd, lower, privileged)?;
@@ -776,7 +776,7 @@ fn commit_atomic(
                 m.relink_indexed(names)
             })
             .map_err(|e| prefix_error(e, lower))?;
-        crate::action::remove_dir_tree(&staging_path)?;
+        crate::finalize::remove_dir_tree(&staging_path)?;
         apply_root_meta(ufd, &nfd, lower, privileged)?;
         sync_tree(&new)?;
         Ok(())
@@ -784,7 +784,7 @@ fn commit_atomic(
     if let Err(e) = build() {
         // Roll back now; the journal goes only once the half-built tree is gone, so if the
         // removal fails the next mount or commit still knows the tree and removes it.
-        match crate::action::remove_dir_tree(&new).and_then(|()| remove_journal(work)) {
+        match crate::finalize::remove_dir_tree(&new).and_then(|()| remove_journal(work)) {
             Ok(()) => {}
             Err(cleanup) => log::warn!("left for recovery at the next mount: {cleanup}"),
         }
@@ -814,7 +814,7 @@ fn commit_atomic(
     sync_dir(parent)?;
     step();
     // `new` now names the old tree.
-    crate::action::remove_dir_tree(&new)
+    crate::finalize::remove_dir_tree(&new)
 }
 
 /// fsyncs every directory and regular file written under `root` (new data must be durable

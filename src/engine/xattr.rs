@@ -9,9 +9,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 
-use crate::layers::is_private_xattr;
-use crate::overlay::{OpResult, Overlay, errno};
-use crate::sys;
+use crate::engine::layers::is_private_xattr;
+use crate::engine::overlay::{OpResult, Overlay, errno};
+use crate::engine::sys;
 
 /// Result of getxattr/listxattr with the FUSE size protocol: the size alone when the caller
 /// passed 0, else the bytes.

@@ -20,7 +20,7 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use crate::sys::BorrowFd;
+use crate::engine::sys::BorrowFd;
 
 /// How st_ino values are assigned.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -46,7 +46,7 @@ pub type Kind = fuser::FileType;
 pub struct LowerEntry {
     pub layer: usize,
     pub fd: OwnedFd,
-    /// The directory is marked to hold xattr whiteouts (see [`crate::layers::DirMarks`]).
+    /// The directory is marked to hold xattr whiteouts (see [`crate::engine::layers::DirMarks`]).
     pub xwhiteouts: bool,
 }
 

@@ -1,8 +1,8 @@
 //! The overlay's shared state and the helpers every operation module uses.
 //!
 //! `Overlay` owns the three pieces of state, each with one owner: the layer stack
-//! ([`crate::layers`]), the inode store ([`crate::inode`]) and the open-file table
-//! ([`crate::file`]). The operation modules (`namei`, `dir`, `file`, `attr`, `xattr`,
+//! ([`crate::engine::layers`]), the inode store ([`crate::engine::inode`]) and the open-file table
+//! ([`crate::engine::file`]). The operation modules (`namei`, `dir`, `file`, `attr`, `xattr`,
 //! `readdir`, `copy_up`) add `impl Overlay` blocks; `fs` dispatches FUSE requests to them.
 
 use std::ffi::OsStr;
@@ -15,10 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType};
 
-use crate::file::FileTable;
-use crate::inode::{Inode, InodeMode, InodeState, InodeStore};
-use crate::layers::LayerStack;
-use crate::sys::{self, BorrowFd};
+use crate::engine::file::FileTable;
+use crate::engine::inode::{Inode, InodeMode, InodeState, InodeStore};
+use crate::engine::layers::LayerStack;
+use crate::engine::sys::{self, BorrowFd};
 
 /// Result type of the operation modules: errno-carrying I/O errors.
 pub type OpResult<T> = io::Result<T>;
@@ -60,7 +60,7 @@ pub fn check_new_name(name: &OsStr) -> OpResult<()> {
     if name.len() > NAME_MAX {
         return Err(errno(libc::ENAMETOOLONG));
     }
-    if crate::layers::is_reserved_name(name) {
+    if crate::engine::layers::is_reserved_name(name) {
         return Err(errno(libc::EINVAL));
     }
     if name.as_bytes().contains(&b'/') {
@@ -119,7 +119,7 @@ impl Overlay {
         want_passthrough: bool,
         want_writeback: bool,
     ) -> io::Result<Self> {
-        let root = crate::namei::root_entry(&layers)?;
+        let root = crate::engine::namei::root_entry(&layers)?;
         Ok(Overlay {
             layers,
             inodes: InodeStore::new(mode, root),
@@ -159,7 +159,7 @@ impl Overlay {
             return;
         }
         if let Ok(fd) = self.upper_fd(inode) {
-            use crate::sys::BorrowFd;
+            use crate::engine::sys::BorrowFd;
             if let Some(n) = self.indexed_nlink(fd.as_fd_borrowed(), attr.nlink as u64) {
                 attr.nlink = n as u32;
             }

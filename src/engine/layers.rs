@@ -11,7 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::sys::{self, BorrowFd};
+use crate::engine::sys::{self, BorrowFd};
 
 /// Prefix of whiteout marker files (the aufs-style format fuse-overlayfs also reads).
 pub const WH_PREFIX: &[u8] = b".wh.";
@@ -228,7 +228,7 @@ pub fn wh_name(name: &OsStr) -> io::Result<CString> {
 /// Does `dir` hold an aufs-style `.wh.<name>` marker? A name too long to carry the prefix
 /// cannot have one.
 pub fn has_aufs_whiteout(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<bool> {
-    if name.len() + WH_PREFIX.len() > crate::overlay::NAME_MAX {
+    if name.len() + WH_PREFIX.len() > crate::engine::overlay::NAME_MAX {
         return Ok(false);
     }
     Ok(sys::fstatat_opt(dir, &wh_name(name)?)?.is_some())

@@ -90,8 +90,8 @@ fn wait_single_threaded() {
 }
 
 fn bind(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
-    let s = crate::sys::cstr(src.as_os_str())?;
-    let d = crate::sys::cstr(dst.as_os_str())?;
+    let s = crate::engine::sys::cstr(src.as_os_str())?;
+    let d = crate::engine::sys::cstr(dst.as_os_str())?;
     check(unsafe {
         libc::mount(
             s.as_ptr(),
@@ -123,7 +123,7 @@ pub fn prepare_rootfs(root: &Path) -> io::Result<()> {
     }
     let tmp = root.join("tmp");
     if tmp.is_dir() {
-        let t = crate::sys::cstr(tmp.as_os_str())?;
+        let t = crate::engine::sys::cstr(tmp.as_os_str())?;
         check(unsafe {
             libc::mount(
                 c"tmpfs".as_ptr(),
@@ -144,7 +144,7 @@ pub fn prepare_rootfs(root: &Path) -> io::Result<()> {
 /// Detaches what [`prepare_rootfs`] mounted, so the overlay itself can be unmounted.
 pub fn unprepare_rootfs(root: &Path) {
     for d in ["etc/resolv.conf", "tmp", "sys", "dev", "proc"] {
-        if let Ok(c) = crate::sys::cstr(root.join(d).as_os_str()) {
+        if let Ok(c) = crate::engine::sys::cstr(root.join(d).as_os_str()) {
             // Not mounted (skipped in prepare) is fine: EINVAL.
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
@@ -258,8 +258,8 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
     cmd.args(args).envs(launch.env.iter().cloned());
     match &launch.chroot {
         Some(root) => {
-            let root = crate::sys::cstr(root.as_os_str())?;
-            let cwd = crate::sys::cstr(launch.cwd.as_os_str())?;
+            let root = crate::engine::sys::cstr(root.as_os_str())?;
+            let cwd = crate::engine::sys::cstr(launch.cwd.as_os_str())?;
             unsafe {
                 cmd.pre_exec(move || {
                     check(libc::chroot(root.as_ptr()))?;
@@ -406,7 +406,7 @@ pub fn serve(ofs: &mut crate::OverlayFS) -> Result<i32, String> {
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
-            if let Err(e) = crate::fusermount::unmount_path(&stop) {
+            if let Err(e) = crate::engine::fusermount::unmount_path(&stop) {
                 eprintln!("unmounting {}: {e}", stop.display());
             }
         }
@@ -442,7 +442,7 @@ pub fn remove_stale_mountpoints(base: &Path) {
         let path = e.path();
         if let Err(err) = std::fs::metadata(&path) {
             if err.raw_os_error() == Some(libc::ENOTCONN) {
-                let _ = crate::fusermount::unmount_path(&path);
+                let _ = crate::engine::fusermount::unmount_path(&path);
             }
         }
         if std::fs::remove_dir(&path).is_ok() {

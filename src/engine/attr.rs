@@ -7,8 +7,8 @@ use std::time::UNIX_EPOCH;
 
 use fuser::{FileAttr, TimeOrNow};
 
-use crate::overlay::{OpResult, Overlay, errno};
-use crate::sys::{self, BorrowFd};
+use crate::engine::overlay::{OpResult, Overlay, errno};
+use crate::engine::sys::{self, BorrowFd};
 
 /// The changes one setattr asks for.
 #[derive(Debug, Default)]
@@ -76,7 +76,7 @@ impl Overlay {
         if let Some(fh) = fh {
             if let Ok(f) = self.files.file(fh) {
                 let st = sys::fstat(self.read_fd(&f)?)?;
-                let mut attr = crate::overlay::attr_from_stat(ino, &st);
+                let mut attr = crate::engine::overlay::attr_from_stat(ino, &st);
                 let st = inode.read();
                 if st.unlinked && !st.has_upper() {
                     attr.nlink = 0;
@@ -93,7 +93,7 @@ impl Overlay {
         // Truncating to zero needs none of the old data.
         let need_data = req.size != Some(0);
         self.copy_up_with(&inode, need_data)?;
-        if req.mode.is_some() && inode.kind == crate::inode::Kind::Symlink {
+        if req.mode.is_some() && inode.kind == crate::engine::inode::Kind::Symlink {
             return Err(errno(libc::EOPNOTSUPP));
         }
         let handle = req.fh.and_then(|fh| self.files.file(fh).ok());
@@ -141,16 +141,16 @@ impl Overlay {
         let attr = self.stat_inode(&inode)?;
         // A truncate, or a SETATTR that changes nothing: the kernel sends that for a write
         // through passthrough (and for `chown(-1, -1)`) where it would drop set-ID bits
-        // itself without HANDLE_KILLPRIV_V2 (see `crate::setid`). Only a file that has such
+        // itself without HANDLE_KILLPRIV_V2 (see `crate::engine::setid`). Only a file that has such
         // a bit costs more than the stat above.
         let mode = attr.perm as u32 | libc::S_IFREG;
         if (req.size.is_some() || req.changes_nothing())
             && req.mode.is_none()
             && attr.kind == fuser::FileType::RegularFile
-            && crate::setid::killed_mode(mode).is_some()
+            && crate::engine::setid::killed_mode(mode).is_some()
         {
             let fd = self.upper_fd(&inode)?;
-            if crate::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid)?.1 {
+            if crate::engine::setid::kill_after_truncate(fd.as_fd_borrowed(), req.pid)?.1 {
                 return self.stat_inode(&inode);
             }
         }
@@ -160,9 +160,9 @@ impl Overlay {
     /// setattr through an `O_PATH` handle (directories, pinned files).
     fn setattr_fd(
         &self,
-        inode: &crate::inode::Inode,
+        inode: &crate::engine::inode::Inode,
         req: &SetAttr,
-        handle: Option<&crate::file::OpenFile>,
+        handle: Option<&crate::engine::file::OpenFile>,
     ) -> OpResult<()> {
         let fd = self.upper_fd(inode)?;
         let fd = fd.as_fd_borrowed();
@@ -186,7 +186,11 @@ impl Overlay {
         }
         if req.atime.is_some() || req.mtime.is_some() {
             let times = [timespec(req.atime), timespec(req.mtime)];
-            sys::futimens_fd(fd, &times, inode.kind == crate::inode::Kind::Symlink)?;
+            sys::futimens_fd(
+                fd,
+                &times,
+                inode.kind == crate::engine::inode::Kind::Symlink,
+            )?;
         }
         Ok(())
     }

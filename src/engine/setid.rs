@@ -10,8 +10,8 @@
 
 use std::os::fd::BorrowedFd;
 
-use crate::overlay::OpResult;
-use crate::sys;
+use crate::engine::overlay::OpResult;
+use crate::engine::sys;
 
 /// CAP_FSETID: keeps set-ID bits across writes.
 const CAP_FSETID: u32 = 4;

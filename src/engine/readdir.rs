@@ -11,11 +11,11 @@ use std::sync::Arc;
 
 use fuser::FileType;
 
-use crate::file::OpenDir;
-use crate::inode::Inode;
-use crate::layers::{OPAQUE_MARKER, WH_PREFIX};
-use crate::overlay::{OpResult, Overlay, errno, kind_of};
-use crate::sys::{self, BorrowFd};
+use crate::engine::file::OpenDir;
+use crate::engine::inode::Inode;
+use crate::engine::layers::{OPAQUE_MARKER, WH_PREFIX};
+use crate::engine::overlay::{OpResult, Overlay, errno, kind_of};
+use crate::engine::sys::{self, BorrowFd};
 
 /// One visible entry of a merged directory.
 #[derive(Debug, Clone)]

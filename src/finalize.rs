@@ -5,8 +5,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::engine::sys::{self, BorrowFd};
 use crate::error::{Error, Result};
-use crate::sys::{self, BorrowFd};
 
 /// What to do with the upper layer after unmounting.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,4 +115,54 @@ pub fn remove_dir_tree(path: &Path) -> Result<()> {
     .map_err(|e| Error::io("opening", parent, e))?;
     let cname = sys::cstr(name).map_err(|e| Error::io("removing", path, e))?;
     sys::remove_tree(pfd.as_fd_borrowed(), &cname).map_err(|e| Error::io("removing", path, e))
+}
+
+impl crate::OverlayFS {
+    /// Unmounts (if mounted) and applies a finalization to the upper layer.
+    pub fn overlay_action(&mut self, action: OverlayAction) -> Result<Report> {
+        self.umount()?;
+        let upper = self
+            .upper()
+            .map(Path::to_path_buf)
+            .ok_or_else(|| Error::bad("", "no upper layer: there is nothing to finalize"))?;
+        let changes = count_entries(&upper)?;
+        let mut report = Report {
+            action,
+            path: upper.clone(),
+            changes,
+            ..Default::default()
+        };
+        match action {
+            OverlayAction::Preserve => {}
+            OverlayAction::Discard => {
+                if upper.exists() {
+                    remove_dir_tree(&upper)?;
+                }
+                if let Some(w) = self.workdir().filter(|w| w.exists()) {
+                    remove_dir_tree(&w)?;
+                }
+            }
+            OverlayAction::Commit | OverlayAction::CommitAtomic => {
+                if self.lowers().len() > 1 {
+                    return Err(Error::bad(
+                        &self.lowers()[0],
+                        "commit needs a single lower directory: merge the lowers first",
+                    ));
+                }
+                let work = self
+                    .workdir()
+                    .unwrap_or_else(|| crate::overlayfs::default_workdir(&upper));
+                let lower = self.lowers()[0]
+                    .canonicalize()
+                    .map_err(|e| Error::io("resolving", &self.lowers()[0], e))?;
+                report = crate::commit::commit(
+                    &lower,
+                    &upper,
+                    &work,
+                    action == OverlayAction::CommitAtomic,
+                )?;
+            }
+        }
+        Ok(report)
+    }
 }

@@ -10,10 +10,10 @@ use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
-use crate::inode::Inode;
-use crate::overlay::{OpResult, Overlay, errno};
-use crate::readdir::DirEntry;
-use crate::sys::{self, BorrowFd};
+use crate::engine::inode::Inode;
+use crate::engine::overlay::{OpResult, Overlay, errno};
+use crate::engine::readdir::DirEntry;
+use crate::engine::sys::{self, BorrowFd};
 
 /// An open regular file.
 #[derive(Debug)]
@@ -303,10 +303,10 @@ impl Overlay {
             return Err(errno(libc::EISDIR));
         }
         let fd = self.open_real(&inode, flags)?;
-        // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::setid`).
+        // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::engine::setid`).
         let mut known = None;
         if flags & libc::O_TRUNC != 0 && !inode.is_dir() {
-            known = Some(crate::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?.0);
+            known = Some(crate::engine::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?.0);
         }
         Ok((inode, fd, known))
     }
@@ -330,11 +330,11 @@ impl Overlay {
     }
 
     /// FUSE write: writes all of `data` unless the filesystem fails (short writes retried).
-    /// `kill_setid`: the kernel says the writer lacks CAP_FSETID (see [`crate::setid`]).
+    /// `kill_setid`: the kernel says the writer lacks CAP_FSETID (see [`crate::engine::setid`]).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_setid: bool) -> OpResult<u32> {
         let f = self.files.file(fh)?;
         if kill_setid {
-            crate::setid::kill_after_write(f.fd.as_fd_borrowed())?;
+            crate::engine::setid::kill_after_write(f.fd.as_fd_borrowed())?;
         }
         let mut done = 0usize;
         while done < data.len() {

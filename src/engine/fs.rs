@@ -16,12 +16,12 @@ use fuser::{
     ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::attr::SetAttr;
-use crate::dir::Creator;
-use crate::file::{OpenDir, OpenFile, OpenMode};
-use crate::inode::Inode;
-use crate::overlay::Overlay;
-use crate::xattr::XattrReply;
+use crate::engine::attr::SetAttr;
+use crate::engine::dir::Creator;
+use crate::engine::file::{OpenDir, OpenFile, OpenMode};
+use crate::engine::inode::Inode;
+use crate::engine::overlay::Overlay;
+use crate::engine::xattr::XattrReply;
 
 const GEN: Generation = Generation(0);
 
@@ -138,7 +138,8 @@ impl Filesystem for OverlayFs {
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
             // through us, and the kernel replaces the negative dentry itself.
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let mut attr = crate::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
+                let mut attr =
+                    crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
                 attr.kind = fuser::FileType::RegularFile;
                 reply.entry(&self.0.ttl, &attr, GEN)
             }
@@ -310,7 +311,7 @@ impl Filesystem for OverlayFs {
             Ok(x) => x,
             Err(e) => return reply.error(err(e)),
         };
-        let read_only = !crate::file::wants_write(flags.0);
+        let read_only = !crate::engine::file::wants_write(flags.0);
         self.reply_open(inode, fd, read_only, known.as_ref(), reply);
     }
 
@@ -482,7 +483,7 @@ impl Filesystem for OverlayFs {
                 s.f_files,
                 s.f_ffree,
                 s.f_bsize as u32,
-                crate::overlay::NAME_MAX as u32,
+                crate::engine::overlay::NAME_MAX as u32,
                 s.f_frsize as u32,
             ),
             Err(e) => reply.error(err(e)),

@@ -215,7 +215,7 @@ impl HelperMount {
 /// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3.
 pub fn unmount_path(mountpoint: &Path) -> io::Result<()> {
     if unsafe { libc::geteuid() } == 0 {
-        let c = crate::sys::cstr(mountpoint.as_os_str())?;
+        let c = crate::engine::sys::cstr(mountpoint.as_os_str())?;
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
             return Ok(());
         }

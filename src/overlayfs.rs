@@ -1,4 +1,6 @@
-//! Mounting: validating the layers, building the overlay and running the FUSE session.
+//! The library's entry point: [`OverlayFS`] checks the paths, prepares the upper, finishes an
+//! interrupted commit, then starts the engine's session ([`crate::engine::session`]).
+//! Finalization (`overlay_action`) is in [`crate::finalize`].
 //!
 //! # Example
 //! ```no_run
@@ -15,16 +17,11 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
-
-use crate::action::{OverlayAction, Report};
+use crate::engine::inode::InodeMode;
+use crate::engine::layers::LayerStack;
+use crate::engine::session::{self, MountHandle, MountMethod, SessionOptions};
 use crate::error::{Error, Result};
-use crate::fs::OverlayFs;
-use crate::inode::InodeMode;
-use crate::layers::LayerStack;
-use crate::overlay::Overlay;
 
 /// An overlay to mount: lower layers, optional upper, mount point and options.
 #[derive(Debug, Default)]
@@ -47,135 +44,6 @@ pub struct OverlayFS {
     /// removed after unmount.
     own_mountpoint: bool,
     handle: Option<MountHandle>,
-}
-
-/// How the FUSE mount is made.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum MountMethod {
-    /// `mount(2)` as root, the fusermount3 helper otherwise.
-    #[default]
-    Auto,
-    /// `mount(2)`: needs root or a user namespace of our own (see [`crate::launcher`]).
-    Direct,
-    /// The setuid fusermount3 helper.
-    Helper,
-}
-
-/// A live mount. Unmounts when dropped.
-#[derive(Debug)]
-pub struct MountHandle {
-    session: Option<BackgroundSession>,
-    /// Set when fusermount3 mounted for us (unprivileged); it also unmounts.
-    helper: Option<crate::fusermount::HelperMount>,
-    mountpoint: PathBuf,
-    overlay: Arc<Overlay>,
-}
-
-impl MountHandle {
-    /// Where the merged tree is visible.
-    pub fn mount_point(&self) -> &Path {
-        &self.mountpoint
-    }
-
-    /// Number of inodes the kernel currently holds (memory grows with this, not the tree).
-    pub fn live_inodes(&self) -> usize {
-        self.overlay.inodes.len()
-    }
-
-    /// Unmounts and waits for the FUSE session to end.
-    pub fn umount(mut self) -> Result<()> {
-        self.do_umount()
-    }
-
-    /// Waits until the filesystem is unmounted by someone else (`umount`, `fusermount3 -u`).
-    pub fn join(mut self) -> Result<()> {
-        self.wait_unmounted()
-    }
-
-    /// Like [`MountHandle::join`], keeping the handle.
-    pub fn wait_unmounted(&mut self) -> Result<()> {
-        if let Some(s) = self.session.take() {
-            match s.join() {
-                Err(e) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
-                    return Err(Error::io("serving", self.mountpoint.clone(), e));
-                }
-                _ => {}
-            }
-        }
-        if let Some(h) = self.helper.as_mut() {
-            h.release();
-        }
-        self.helper = None;
-        Ok(())
-    }
-
-    /// Pids of helper processes that live as long as the mount (fusermount3 auto_unmount,
-    /// the unmount watchdog).
-    pub fn helper_pids(&self) -> Vec<i32> {
-        self.helper.as_ref().map(|h| h.pids()).unwrap_or_default()
-    }
-
-    fn do_umount(&mut self) -> Result<()> {
-        if self.session.is_none() {
-            return Ok(());
-        }
-        // Unmount first and keep the session if that fails (busy: a process still uses the
-        // mount), so the caller can retry and nothing is finalized under a live mount.
-        let unmounted = match self.helper.as_mut() {
-            Some(h) => h.unmount(&self.mountpoint),
-            None => {
-                let c = crate::sys::cstr(self.mountpoint.as_os_str())
-                    .map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))?;
-                if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                }
-            }
-        };
-        if let Err(e) = unmounted {
-            let busy = e.raw_os_error() == Some(libc::EBUSY);
-            return Err(Error::io(
-                if busy {
-                    "unmounting (still in use: close what uses it and retry)"
-                } else {
-                    "unmounting"
-                },
-                self.mountpoint.clone(),
-                e,
-            ));
-        }
-        let s = self.session.take().expect("checked above");
-        let res = s.join();
-        // The kernel aborting the connection as the mount goes away is the session's end,
-        // not a failure (fuser only treats ENODEV so).
-        let res = match res {
-            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-            r => r,
-        };
-        self.helper = None;
-        res.map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))
-    }
-}
-
-impl Drop for MountHandle {
-    fn drop(&mut self) {
-        // An explicit `umount` refuses a busy mount; a dropped handle has nobody to retry, so
-        // it detaches lazily rather than leave the mount and its session behind.
-        if let Err(e) = self.do_umount() {
-            log::warn!("{e}; detaching lazily");
-            if let Err(e) = crate::fusermount::unmount_path(&self.mountpoint) {
-                log::error!("detaching {}: {e}", self.mountpoint.display());
-                return;
-            }
-            if let Some(s) = self.session.take() {
-                let _ = s.join();
-            }
-            if let Some(h) = self.helper.as_mut() {
-                h.release();
-            }
-        }
-    }
 }
 
 fn canonical(what: &str, p: &Path) -> Result<PathBuf> {
@@ -375,52 +243,6 @@ impl OverlayFS {
         self.mountpoint.as_deref()
     }
 
-    /// Unmounts (if mounted) and applies a finalization to the upper layer.
-    pub fn overlay_action(&mut self, action: OverlayAction) -> Result<Report> {
-        self.umount()?;
-        let upper = self
-            .upper
-            .clone()
-            .ok_or_else(|| Error::bad("", "no upper layer: there is nothing to finalize"))?;
-        let changes = crate::action::count_entries(&upper)?;
-        let mut report = Report {
-            action,
-            path: upper.clone(),
-            changes,
-            ..Default::default()
-        };
-        match action {
-            OverlayAction::Preserve => {}
-            OverlayAction::Discard => {
-                if upper.exists() {
-                    crate::action::remove_dir_tree(&upper)?;
-                }
-                if let Some(w) = self.workdir().filter(|w| w.exists()) {
-                    crate::action::remove_dir_tree(&w)?;
-                }
-            }
-            OverlayAction::Commit | OverlayAction::CommitAtomic => {
-                if self.lowers.len() > 1 {
-                    return Err(Error::bad(
-                        &self.lowers[0],
-                        "commit needs a single lower directory: merge the lowers first",
-                    ));
-                }
-                let work = self.workdir().unwrap_or_else(|| default_workdir(&upper));
-                let lower = self.lowers[0]
-                    .canonicalize()
-                    .map_err(|e| Error::io("resolving", &self.lowers[0], e))?;
-                report = crate::commit::commit(
-                    &lower,
-                    &upper,
-                    &work,
-                    action == OverlayAction::CommitAtomic,
-                )?;
-            }
-        }
-        Ok(report)
-    }
-
     /// Number of FUSE worker threads (default: one per CPU).
     pub fn set_threads(&mut self, n: usize) -> &mut Self {
         self.threads = Some(n.max(1));
@@ -592,12 +414,20 @@ impl OverlayFS {
                 // root's owner, mode, times and xattrs, as a copy-up would, so the mount looks
                 // like the lower and a commit carries only real changes of the root.
                 let copy = || -> io::Result<()> {
-                    use crate::sys::BorrowFd;
-                    let lfd = crate::sys::open_dir_path(&lowers[0])?;
-                    let ufd = crate::sys::open_dir_path(u)?;
-                    let st = crate::sys::fstat(lfd.as_fd_borrowed())?;
-                    crate::copy_up::copy_xattrs(lfd.as_fd_borrowed(), ufd.as_fd_borrowed(), false)?;
-                    crate::copy_up::copy_meta(ufd.as_fd_borrowed(), &st, initial_userns_root())
+                    use crate::engine::sys::BorrowFd;
+                    let lfd = crate::engine::sys::open_dir_path(&lowers[0])?;
+                    let ufd = crate::engine::sys::open_dir_path(u)?;
+                    let st = crate::engine::sys::fstat(lfd.as_fd_borrowed())?;
+                    crate::engine::copy_up::copy_xattrs(
+                        lfd.as_fd_borrowed(),
+                        ufd.as_fd_borrowed(),
+                        false,
+                    )?;
+                    crate::engine::copy_up::copy_meta(
+                        ufd.as_fd_borrowed(),
+                        &st,
+                        session::initial_userns_root(),
+                    )
                 };
                 copy().map_err(|e| {
                     // Nothing is left behind: a directory made just now goes again.
@@ -611,79 +441,23 @@ impl OverlayFS {
         if let Some(w) = &work {
             std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
         }
-        crate::sys::raise_nofile_limit();
+        crate::engine::sys::raise_nofile_limit();
 
         let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
             .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
-        let overlay = Arc::new(
-            Overlay::new(
-                stack,
-                self.inode_mode,
-                self.passthrough && initial_userns_root(),
-                self.writeback,
-            )
-            .map_err(|e| Error::io("reading layer roots of", lowers[0].clone(), e))?,
-        );
-        let root = unsafe { libc::geteuid() } == 0;
-        let mut opts = vec![
-            MountOption::FSName(self.fsname.clone().unwrap_or_else(|| "ovl".into())),
-            MountOption::Subtype("ovl".into()),
-            MountOption::DefaultPermissions,
-        ];
-        if self.upper.is_none() {
-            opts.push(MountOption::RO);
-        }
-        if self.suid_dev && root {
-            opts.push(MountOption::Suid);
-            opts.push(MountOption::Dev);
-        }
-        let mut config = Config::default();
-        config.mount_options = opts;
-        config.acl = if self.allow_other {
-            SessionACL::All
-        } else {
-            SessionACL::Owner
+        let opts = SessionOptions {
+            inode_mode: self.inode_mode,
+            read_only: self.upper.is_none(),
+            allow_other: self.allow_other,
+            suid_dev: self.suid_dev,
+            passthrough: self.passthrough,
+            writeback: self.writeback,
+            fsname: self.fsname.clone().unwrap_or_else(|| "ovl".into()),
+            threads: self.threads,
+            auto_unmount: self.auto_unmount,
+            method: self.method,
         };
-        config.n_threads = Some(
-            self.threads
-                .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        );
-        config.clone_fd = true;
-        let fs = OverlayFs(overlay.clone());
-        let direct = match self.method {
-            MountMethod::Auto => root,
-            MountMethod::Direct => true,
-            MountMethod::Helper => false,
-        };
-        let (session, helper) = if direct {
-            let s = fuser::Session::new(fs, &mountpoint, &config)
-                .and_then(|s| s.spawn())
-                .map_err(|e| mount_error(&mountpoint, e))?;
-            (s, None)
-        } else {
-            // Without privileges fusermount3 mounts for us (it works even where /dev/fuse is
-            // not open to users).
-            let mut o = format!(
-                "fsname={},subtype=ovl,default_permissions,{}",
-                self.fsname.as_deref().unwrap_or("ovl"),
-                if self.upper.is_none() { "ro" } else { "rw" }
-            );
-            if self.allow_other {
-                o.push_str(",allow_other");
-            }
-            let (fd, helper) = crate::fusermount::mount(&mountpoint, &o, self.auto_unmount)
-                .map_err(|e| mount_error(&mountpoint, e))?;
-            let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
-                .and_then(|s| s.spawn())
-                .map_err(|e| mount_error(&mountpoint, e))?;
-            (s, Some(helper))
-        };
-        self.handle = Some(MountHandle {
-            session: Some(session),
-            helper,
-            mountpoint,
-            overlay,
-        });
+        self.handle = Some(session::start(stack, &mountpoint, &opts)?);
         Ok(())
     }
 
@@ -709,35 +483,6 @@ impl OverlayFS {
     }
 }
 
-fn mount_error(mountpoint: &Path, e: io::Error) -> Error {
-    let fuse_dev_closed = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/fuse")
-        .is_err_and(|e| e.kind() == io::ErrorKind::PermissionDenied);
-    let hint = match e.raw_os_error() {
-        _ if fuse_dev_closed => {
-            " (/dev/fuse is not open to this user: as root run `chmod 0666 /dev/fuse`, the mode udev gives it on Debian)"
-        }
-        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => {
-            " (no /dev/fuse: load the fuse module or run where FUSE is available)"
-        }
-        Some(libc::EPERM) | Some(libc::EACCES) => {
-            " (not allowed to mount: run as root, or install fuse3 for fusermount3)"
-        }
-        _ => "",
-    };
-    Error::Io {
-        what: if hint.is_empty() {
-            "mounting"
-        } else {
-            "mounting (see hint)"
-        },
-        path: mountpoint.to_path_buf(),
-        source: io::Error::new(e.kind(), format!("{e}{hint}")),
-    }
-}
-
 /// Where [`OverlayFS::mountpoint_as_home`] makes mount points: `$XDG_CACHE_HOME` (else
 /// `~/.cache`) when it exists or could be made, else the temporary directory (a user without
 /// a home, as system accounts often are). Nothing is created here.
@@ -751,27 +496,7 @@ pub fn mountpoint_base() -> PathBuf {
 fn could_create_in(dir: &Path) -> bool {
     let existing = dir.ancestors().find(|a| a.exists());
     existing.is_some_and(|a| {
-        crate::sys::cstr(a.as_os_str())
+        crate::engine::sys::cstr(a.as_os_str())
             .is_ok_and(|c| unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0)
     })
-}
-
-/// For a process that will serve a mount: at most two malloc arenas (unless the user set
-/// `MALLOC_ARENA_MAX`). The request threads each allocate from their own arena by default,
-/// which made the daemon's peak memory with 200 000 live inodes vary from 55 to 60 MiB between
-/// runs; with two it stays near 55 MiB, no slower. Call it first thing in `main`, before threads
-/// exist; a library user's allocator is left alone.
-pub fn tune_allocator_for_daemon() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only changes glibc's allocator settings.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
-    }
-}
-
-/// Root in the initial user namespace: what FUSE passthrough needs (CAP_SYS_ADMIN there).
-fn initial_userns_root() -> bool {
-    let euid = unsafe { libc::geteuid() };
-    euid == 0
-        && std::fs::read_to_string("/proc/self/uid_map")
-            .is_ok_and(|m| m.split_whitespace().collect::<Vec<_>>() == ["0", "0", "4294967295"])
 }

@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use fuser::FileAttr;
 
-use crate::inode::{Found, Inode, InodeState};
-use crate::layers;
-use crate::overlay::{OpResult, Overlay, attr_from_stat, check_new_name, errno, kind_of};
-use crate::sys::{self, BorrowFd};
+use crate::engine::inode::{Found, Inode, InodeState};
+use crate::engine::layers;
+use crate::engine::overlay::{OpResult, Overlay, attr_from_stat, check_new_name, errno, kind_of};
+use crate::engine::sys::{self, BorrowFd};
 
 /// A lookup reference taken for the duration of one operation, given back on drop.
 struct Held<'a> {
@@ -508,7 +508,7 @@ impl Overlay {
 
     /// Removing this name deletes the real upper file (its only link): from then on the upper
     /// filesystem may give its inode number to a new file, which must not be taken for this
-    /// one while the kernel still holds it (see [`crate::inode::InodeStore::forget_real_file`]).
+    /// one while the kernel still holds it (see [`crate::engine::inode::InodeStore::forget_real_file`]).
     /// Directories keep their real directory open while the kernel holds them, so their
     /// number cannot be reused meanwhile.
     fn frees_real_file(held: &Held<'_>, has_upper: bool) -> bool {
@@ -751,7 +751,11 @@ impl Overlay {
                         sys::mkdirat(work, &tmp, 0o700)?;
                         let nfd = sys::open_path(work, &tmp)?;
                         let meta = sys::fstat(ufd.as_fd_borrowed())?;
-                        crate::copy_up::copy_meta(nfd.as_fd_borrowed(), &meta, self.privileged)?;
+                        crate::engine::copy_up::copy_meta(
+                            nfd.as_fd_borrowed(),
+                            &meta,
+                            self.privileged,
+                        )?;
                         self.layers.set_opaque(nfd.as_fd_borrowed())?;
                         sys::renameat2(work, &tmp, npupper, cnew, libc::RENAME_EXCHANGE)?;
                         if let Err(e) = sys::remove_tree(work, &tmp) {

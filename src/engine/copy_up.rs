@@ -11,14 +11,14 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
 
-use crate::inode::{Inode, Kind};
-use crate::layers::{self, LayerStack};
+use crate::engine::inode::{Inode, Kind};
+use crate::engine::layers::{self, LayerStack};
 
 /// Private xattr on an indexed copy: "LINKED TOTAL", how many of the lower file's names are
 /// linked up to it, and how many names the lower file has.
 const LINKED_XATTR: &str = "ovl-linked";
-use crate::overlay::{OpResult, Overlay, errno};
-use crate::sys::{self, BorrowFd};
+use crate::engine::overlay::{OpResult, Overlay, errno};
+use crate::engine::sys::{self, BorrowFd};
 
 /// Copies every user-visible xattr from `src` to `dst`.
 pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, symlink: bool) -> io::Result<()> {

@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use fuser::FileAttr;
 
-use crate::inode::{Found, Inode, InodeState, Kind, LowerEntry};
-use crate::layers::{self, LayerStack};
-use crate::overlay::{NAME_MAX, OpResult, Overlay, attr_from_stat, errno, kind_of};
-use crate::sys::{self, BorrowFd};
+use crate::engine::inode::{Found, Inode, InodeState, Kind, LowerEntry};
+use crate::engine::layers::{self, LayerStack};
+use crate::engine::overlay::{NAME_MAX, OpResult, Overlay, attr_from_stat, errno, kind_of};
+use crate::engine::sys::{self, BorrowFd};
 
 /// Builds the root entry: the upper root and every lower root, merged.
 pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {

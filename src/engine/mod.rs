@@ -1,0 +1,28 @@
+//! The overlay filesystem engine, split by operation like the kernel's fs/overlayfs.
+//!
+//! - [`layers`]: the layer stack and the on-disk format (whiteouts, opaque marks, xattrs).
+//! - [`inode`]: the inode store (one owner, refcounts tied to FUSE lookup/forget).
+//! - [`namei`]: name lookup through the layers.
+//! - `dir`: create, unlink, rename; `file`: open files and I/O; `attr`, `xattr`, `readdir`.
+//! - `copy_up`: bringing a lower entry into the upper (temp file + fsync + rename).
+//! - `overlay`: the state every operation shares; `fs`: the thin FUSE dispatch over them.
+//! - [`session`]: mounting and serving a layer stack; [`fusermount`]: unprivileged mounts.
+//!
+//! Nothing here knows about commit, the launcher or bundles: those layers sit above and use
+//! [`crate::OverlayFS`].
+
+mod attr;
+pub(crate) mod copy_up;
+mod dir;
+mod file;
+mod fs;
+pub mod fusermount;
+pub mod inode;
+pub mod layers;
+pub mod namei;
+pub(crate) mod overlay;
+mod readdir;
+pub mod session;
+mod setid;
+pub(crate) mod sys;
+mod xattr;
