@@ -31,9 +31,9 @@ fn which_in_path(name: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
+/// The suite's configuration, carried in the repository (a clone with nothing beside it runs).
 fn config() -> PathBuf {
-    let here = Path::new(env!("CARGO_MANIFEST_DIR"));
-    here.join("../shared/pjdfstest/overlay.toml")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/pjdfstest-overlay.toml")
 }
 
 /// Runs the suite in `dir`; returns (failed case names, summary line).
