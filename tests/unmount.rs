@@ -207,3 +207,44 @@ fn handle_never_unmounts_a_mount_that_is_not_its_own() {
     ofs.umount().unwrap();
     assert_eq!(fstype_at(&mnt), None);
 }
+
+/// Issue 11 item 2: `umount merged && umount lower` succeeds at once, as with the kernel's
+/// overlay (ovl's descriptors pin a private clone of the lower mount, not the user's mount).
+#[test]
+fn lower_unmounts_right_after_merged() {
+    if !is_root() {
+        eprintln!("skipped: mounting tmpfs needs root");
+        return;
+    }
+    let l = Layers::new();
+    let lower = l.t.path().join("lower");
+    let mnt = l.mnt();
+    for i in 0..15 {
+        run("mount", &["-t", "tmpfs", "lowerfs"], &lower);
+        fs::create_dir(lower.join("d")).unwrap();
+        for j in 0..300 {
+            fs::write(lower.join(format!("d/f{j}")), "x").unwrap();
+        }
+        fs::write(lower.join("a"), "lower\n").unwrap();
+        let out = Command::new(BIN)
+            .args(["-o", &l.opts])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        for e in fs::read_dir(mnt.join("d")).unwrap() {
+            fs::metadata(e.unwrap().path()).unwrap();
+        }
+        fs::write(mnt.join("d/f1"), "changed").unwrap();
+        umount_retrying(&mnt);
+        let out = Command::new("umount").arg(&lower).output().unwrap();
+        assert!(
+            out.status.success(),
+            "try {i}: umount lower right after umount merged: {out:?}"
+        );
+        assert_eq!(
+            fs::read_to_string(l.t.path().join("upper/d/f1")).unwrap(),
+            "changed"
+        );
+    }
+}

@@ -209,14 +209,18 @@ fn serve(mut ofs: OverlayFS, ready: Option<std::fs::File>) -> ExitCode {
         }
         return ExitCode::from(1);
     }
-    let handle = ofs.take_handle().expect("mounted");
-    match handle.join() {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut handle = ofs.take_handle().expect("mounted");
+    let code = match handle.wait_unmounted() {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("ovl-mount: {e}");
-            ExitCode::from(1)
+            1
         }
-    }
+    };
+    // The session is over and nothing is left to write: exit without freeing the inode table
+    // one descriptor at a time (the kernel drops them all at exit), so the layers are let go
+    // as soon as possible after `umount`.
+    std::process::exit(code)
 }
 
 /// Forks: the child mounts and serves; the parent exits once the child says the mount is live

@@ -21,6 +21,7 @@ pub mod inode;
 pub mod layers;
 pub mod namei;
 pub(crate) mod overlay;
+mod private_mount;
 mod readdir;
 pub mod session;
 mod setid;
