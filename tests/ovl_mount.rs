@@ -173,3 +173,44 @@ fn usage_errors_are_one_line() {
         assert!(err.contains("(see ovl-mount --help)"), "{err}");
     }
 }
+
+/// Issue 11 item 6: relative paths mean the caller's working directory (the kernel and
+/// fuse-overlayfs agree), for every layer and the mount point, in both the daemon and `-f`.
+#[test]
+fn relative_paths_resolve_against_the_working_directory() {
+    let t = tempfile::tempdir().unwrap();
+    // Names unique to this test: nothing of that name may appear at / either.
+    let tag = t.path().file_name().unwrap().to_str().unwrap().to_string();
+    let [l1, l2, up, wk, mnt] = ["l1", "l2", "up", "wk", "mnt"].map(|n| format!("{n}{tag}"));
+    for d in [&l1, &l2, &up, &wk, &mnt] {
+        fs::create_dir(t.path().join(d)).unwrap();
+    }
+    fs::write(t.path().join(&l1).join("a"), "1").unwrap();
+    fs::write(t.path().join(&l2).join("b"), "2").unwrap();
+    let abs_l1 = t.path().join(&l1).display().to_string();
+    for lowers in [format!("{l1}:{l2}"), format!("{abs_l1}:./{l2}")] {
+        let out = Command::new(BIN)
+            .current_dir(t.path())
+            .args([
+                "-o",
+                &format!("lowerdir={lowers},upperdir={up},workdir={wk}"),
+            ])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{lowers}: {out:?}");
+        let m = t.path().join(&mnt);
+        assert!(is_mounted(&m), "{lowers}: not mounted at {}", m.display());
+        assert_eq!(fs::read_to_string(m.join("a")).unwrap(), "1");
+        assert_eq!(fs::read_to_string(m.join("b")).unwrap(), "2");
+        fs::write(m.join("c"), lowers.as_bytes()).unwrap();
+        unmount_retrying("umount", &[], &m);
+        assert_eq!(
+            fs::read_to_string(t.path().join(&up).join("c")).unwrap(),
+            lowers
+        );
+        for d in [&up, &wk, &mnt] {
+            assert!(!Path::new("/").join(d).exists(), "/{d} was created");
+        }
+    }
+}

@@ -154,7 +154,23 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mountpoint = args.paths.last().cloned().expect("clap requires one path");
+    // Relative paths mean the caller's working directory, as for the kernel and fuse-overlayfs;
+    // the daemon works from / after forking, so they are made absolute now.
+    let cwd = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("ovl-mount: the current directory: {e} (give absolute paths)");
+            return ExitCode::from(1);
+        }
+    };
+    let abs = |p: &PathBuf| cwd.join(p);
+    let mountpoint = abs(args.paths.last().expect("clap requires one path"));
+    let opts = Opts {
+        lowers: opts.lowers.iter().map(abs).collect(),
+        upper: opts.upper.as_ref().map(abs),
+        work: opts.work.as_ref().map(abs),
+        ..opts
+    };
     let root = unsafe { libc::geteuid() } == 0;
 
     let mut ofs = OverlayFS::new(opts.lowers[0].clone());
