@@ -133,7 +133,7 @@ impl Filesystem for OverlayFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.0.lookup(parent.0, name) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN),
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
             // through us, and the kernel replaces the negative dentry itself.
@@ -141,7 +141,7 @@ impl Filesystem for OverlayFs {
                 let mut attr =
                     crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
                 attr.kind = fuser::FileType::RegularFile;
-                reply.entry(&self.0.ttl, &attr, GEN)
+                reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN)
             }
             Err(e) => reply.error(err(e)),
         }
@@ -153,7 +153,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.0.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.ttl, &self.0.idmap.show(attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -178,8 +178,8 @@ impl Filesystem for OverlayFs {
     ) {
         let req = SetAttr {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| self.0.idmap.uid_to_disk(u)),
+            gid: gid.map(|g| self.0.idmap.gid_to_disk(g)),
             size,
             atime,
             mtime,
@@ -187,7 +187,7 @@ impl Filesystem for OverlayFs {
             pid: req.pid(),
         };
         match self.0.setattr(ino.0, req) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.ttl, &self.0.idmap.show(attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -210,12 +210,12 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.mknod(parent.0, name, who, rdev) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -230,12 +230,12 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.mkdir(parent.0, name, who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -263,12 +263,12 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode: 0,
         };
         match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -301,7 +301,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         match self.0.link(ino.0, newparent.0, newname) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &self.0.idmap.show(attr), GEN),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -386,6 +386,9 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.0.no_sync {
+            return reply.ok();
+        }
         match self.0.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -437,10 +440,11 @@ impl Filesystem for OverlayFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.0.ttl;
+        let idmap = &self.0.idmap;
         let res = self
             .0
             .readdirplus_entries(fh.0, offset, &mut |off, name, attr| {
-                reply.add(attr.ino, off, name, &ttl, attr, GEN)
+                reply.add(attr.ino, off, name, &ttl, &idmap.show(*attr), GEN)
             });
         match res {
             Ok(()) => reply.ok(),
@@ -468,6 +472,9 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.0.no_sync {
+            return reply.ok();
+        }
         match self.0.fsyncdir(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -548,8 +555,8 @@ impl Filesystem for OverlayFs {
         reply: ReplyCreate,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.create(parent.0, name, who, flags) {
@@ -560,8 +567,15 @@ impl Filesystem for OverlayFs {
                     Ok(mode) => {
                         let (fh, flags, id) = self.insert(inode, fd, mode);
                         match id {
-                            Some(id) => reply.created_passthrough(&ttl, &attr, GEN, fh, flags, &id),
-                            None => reply.created(&ttl, &attr, GEN, fh, flags),
+                            Some(id) => reply.created_passthrough(
+                                &ttl,
+                                &self.0.idmap.show(attr),
+                                GEN,
+                                fh,
+                                flags,
+                                &id,
+                            ),
+                            None => reply.created(&ttl, &self.0.idmap.show(attr), GEN, fh, flags),
                         }
                     }
                     Err(e) => reply.error(err(e)),

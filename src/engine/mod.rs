@@ -17,6 +17,7 @@ mod dir;
 mod file;
 mod fs;
 pub mod fusermount;
+pub mod idmap;
 pub mod inode;
 pub mod layers;
 pub mod namei;

@@ -45,6 +45,10 @@ pub struct Overlay {
     /// land in the page cache and reach us in large batches, and the kernel may read a page
     /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
     pub writeback: AtomicBool,
+    /// Owner translation at the FUSE boundary (`uidmapping=`, `squash_*`; identity by default).
+    pub idmap: crate::engine::idmap::IdMap,
+    /// `fsync=0` / `volatile`: fsync requests and copy-up skip syncing (faster, not crash-safe).
+    pub no_sync: bool,
 }
 
 /// Returns the error for a raw errno.
@@ -130,6 +134,8 @@ impl Overlay {
             want_passthrough,
             want_writeback,
             writeback: AtomicBool::new(false),
+            idmap: Default::default(),
+            no_sync: false,
         })
     }
 

@@ -32,21 +32,42 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     pub auto_unmount: bool,
     pub method: MountMethod,
+    pub container: ContainerOptions,
+}
+
+/// The options container engines pass (fuse-overlayfs 1.10's); the default changes nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerOptions {
+    /// `uidmapping=`, `gidmapping=`, `squash_to_*`, `static_nlink`.
+    pub idmap: super::idmap::IdMap,
+    /// `fsync=0` or `volatile`: no syncing for fsync requests or copy-up.
+    pub no_sync: bool,
+    /// `userxattr`: the overlay's own marks go to `user.overlay.*` even as root (the kernel's
+    /// option of that name; read either way).
+    pub userxattr: bool,
+    /// `context=LABEL`: the SELinux label of every file, given to the kernel with the mount.
+    pub context: Option<String>,
 }
 
 /// Mounts `stack` at `mountpoint` and serves it on background threads; returns when the mount
 /// is live.
-pub fn start(stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result<MountHandle> {
+pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result<MountHandle> {
     let lower0 = mountpoint.to_path_buf();
-    let overlay = Arc::new(
-        Overlay::new(
-            stack,
-            o.inode_mode,
-            o.passthrough && initial_userns_root(),
-            o.writeback,
-        )
-        .map_err(|e| Error::io("reading layer roots for", lower0, e))?,
-    );
+    // trusted.* needs CAP_SYS_ADMIN in the initial user namespace: root in a user namespace
+    // (rootless podman) writes the marks in user.overlay.*, as the kernel's userxattr.
+    if o.container.userxattr || !initial_userns_root() {
+        stack.xattr_prefix = "user.";
+    }
+    let mut overlay = Overlay::new(
+        stack,
+        o.inode_mode,
+        o.passthrough && initial_userns_root(),
+        o.writeback,
+    )
+    .map_err(|e| Error::io("reading layer roots for", lower0, e))?;
+    overlay.idmap = o.container.idmap.clone();
+    overlay.no_sync = o.container.no_sync;
+    let overlay = Arc::new(overlay);
     let root = unsafe { libc::geteuid() } == 0;
     let mut config = Config::default();
     config.acl = if o.allow_other {
@@ -122,6 +143,9 @@ fn helper_session(
     if o.allow_other {
         opt.push_str(",allow_other");
     }
+    if let Some(c) = selinux_context(o) {
+        opt.push_str(&format!(",context=\"{c}\""));
+    }
     let (fd, helper) = super::fusermount::mount(mountpoint, &opt, o.auto_unmount)
         .map_err(|e| mount_error(mountpoint, e))?;
     let conn = fd.try_clone().map_err(|e| mount_error(mountpoint, e))?;
@@ -129,6 +153,18 @@ fn helper_session(
         .and_then(|s| s.spawn())
         .map_err(|e| mount_error(mountpoint, e))?;
     Ok((s, Some(helper), conn))
+}
+
+/// The `context=` label to give the kernel: only where SELinux is on. Elsewhere the kernel
+/// refuses the option, and mount(8) drops it too (libmount does so without SELinux).
+fn selinux_context(o: &SessionOptions) -> Option<&str> {
+    let c = o.container.context.as_deref()?;
+    if Path::new("/sys/fs/selinux/enforce").exists() {
+        Some(c)
+    } else {
+        log::info!("SELinux is not enabled: context={c} has no effect");
+        None
+    }
 }
 
 /// `mount(2)` of a fresh /dev/fuse connection at `mountpoint` (root, or a user namespace with
@@ -150,6 +186,9 @@ fn mount_direct(mountpoint: &Path, o: &SessionOptions) -> io::Result<OwnedFd> {
     );
     if o.allow_other {
         data.push_str(",allow_other");
+    }
+    if let Some(c) = selinux_context(o) {
+        data.push_str(&format!(",context=\"{c}\""));
     }
     let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
     if o.suid_dev && unsafe { libc::geteuid() } == 0 {
