@@ -3,8 +3,9 @@
 set -euo pipefail
 if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
-# libc6-dev: libc.a, for the static bundle runtime.
-for pkg in fuse3 fuse-overlayfs attr busybox-static strace libc6-dev; do
+# libc6-dev: libc.a, for the static bundle runtime. podman: tests/podman.rs runs it on
+# ovl-mount (skipped without it; about 20 packages, 25 s to install here).
+for pkg in fuse3 fuse-overlayfs attr busybox-static strace libc6-dev podman; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
