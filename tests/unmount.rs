@@ -248,3 +248,45 @@ fn lower_unmounts_right_after_merged() {
         );
     }
 }
+
+/// The detach helpers other threads use (ovl-run's signal handler, stale mount clean-up):
+/// `Unmounter` detaches only its own mount, `unmount_path` only a FUSE mount.
+#[test]
+fn detach_helpers_leave_other_mounts_alone() {
+    if !is_root() {
+        eprintln!("skipped: mounting tmpfs needs root");
+        return;
+    }
+    let l = Layers::new();
+    let mnt = l.mnt();
+    let mut ofs = OverlayFS::new(l.t.path().join("lower"));
+    ofs.set_upper(l.t.path().join("upper"))
+        .set_workdir(l.t.path().join("work"))
+        .set_mountpoint(&mnt);
+    ofs.mount().unwrap();
+    let unmounter = ofs.handle().unwrap().unmounter();
+    umount_retrying(&mnt);
+    run("mount", &["-t", "tmpfs", "t"], &mnt);
+    unmounter.detach().unwrap();
+    assert_eq!(fstype_at(&mnt).as_deref(), Some("tmpfs"));
+    ovl::engine::fusermount::unmount_path(&mnt).unwrap();
+    assert_eq!(fstype_at(&mnt).as_deref(), Some("tmpfs"));
+    run("umount", &[], &mnt);
+    drop(ofs);
+
+    // While ours is live at the path, both detach it.
+    for by_path in [false, true] {
+        let mut ofs = OverlayFS::new(l.t.path().join("lower"));
+        ofs.set_upper(l.t.path().join("upper"))
+            .set_workdir(l.t.path().join("work"))
+            .set_mountpoint(&mnt);
+        ofs.mount().unwrap();
+        if by_path {
+            ovl::engine::fusermount::unmount_path(&mnt).unwrap();
+        } else {
+            ofs.handle().unwrap().unmounter().detach().unwrap();
+        }
+        assert_eq!(fstype_at(&mnt), None, "by_path={by_path}");
+        ofs.handle_mut().unwrap().wait_unmounted().unwrap();
+    }
+}

@@ -217,10 +217,24 @@ impl HelperMount {
     }
 }
 
-/// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3.
+/// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3. Only a FUSE
+/// mount (live or dead) is unmounted: anything else at the path cannot be ours. (fusermount3
+/// checks that itself for normal users.) [`crate::engine::session::MountHandle::unmounter`]
+/// also checks it is our own FUSE mount.
 pub fn unmount_path(mountpoint: &Path) -> io::Result<()> {
     if unsafe { libc::geteuid() } == 0 {
+        let mut sfs = std::mem::MaybeUninit::<libc::statfs>::zeroed();
         let c = crate::engine::sys::cstr(mountpoint.as_os_str())?;
+        // A dead FUSE mount answers ENOTCONN; a live one its magic number.
+        const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+        if unsafe { libc::statfs(c.as_ptr(), sfs.as_mut_ptr()) } == 0 {
+            // f_type's integer type differs between architectures.
+            #[allow(clippy::unnecessary_cast)]
+            let kind = unsafe { sfs.assume_init() }.f_type as i64;
+            if kind != FUSE_SUPER_MAGIC {
+                return Ok(());
+            }
+        }
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
             return Ok(());
         }
