@@ -97,9 +97,10 @@ pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Re
                     .map_err(|e| mount_error(mountpoint, e))?;
                 (s, None, conn)
             }
-            // Not allowed here (e.g. a user namespace without its own mount namespace):
+            // Not allowed here (e.g. a user namespace without its own mount namespace, or a
+            // container that filters mount(2)):
             // fusermount3 may still mount for us, as fuser and libfuse fall back.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) && !root => {
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
                 helper_session(fs, mountpoint, o, &config)?
             }
             Err(e) => return Err(mount_error(mountpoint, e)),
