@@ -8,7 +8,7 @@ triple=x86_64-unknown-linux-gnu
 # RUSTFLAGS with an explicit --target apply to the runtime and its dependencies, not to
 # build scripts and proc macros (which must stay dynamic to be loaded by the compiler).
 RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --quiet --profile runtime --target "$triple" -p ovl-runtime
+    cargo build --profile runtime --target "$triple" -p ovl-runtime
 target_dir=$(realpath "${CARGO_TARGET_DIR:-target}")
 bin="$target_dir/$triple/runtime/ovl-runtime"
 # ldd says "statically linked" (static-pie) or "not a dynamic executable" (static).
