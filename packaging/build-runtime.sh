@@ -16,4 +16,6 @@ if ! ldd "$bin" 2>&1 | grep -qE "statically linked|not a dynamic executable"; th
     echo "build-runtime.sh: $bin is dynamically linked; is libc6-dev installed?" >&2
     exit 1
 fi
+size=$(stat -c %s "$bin")
+echo "build-runtime.sh: $bin: $size bytes ($(awk "BEGIN{printf \"%.2f\", $size/1048576}") MiB, static)" >&2
 echo "$bin"
