@@ -37,8 +37,6 @@ if [ -c /dev/fuse ] && [ "$(stat -c %a /dev/fuse)" != 666 ]; then
   step "opening /dev/fuse to users (chmod 0666, as udev does)"
   $SUDO chmod 0666 /dev/fuse
 fi
-step "building ovl (cargo build --release)"
+step "building ovl and the static bundle runtime ovl-pack carries (cargo build --release)"
 cargo build --release
-step "building the static bundle runtime (packaging/build-runtime.sh)"
-packaging/build-runtime.sh
 step "done"
