@@ -73,3 +73,60 @@ fn a_runtime_given_with_runtime_that_is_not_an_executable_is_refused() {
     assert!(err.contains("junk: not an executable"), "{err}");
     assert!(!out.exists(), "nothing is written on bad input");
 }
+
+/// Man pages and completions come from the binaries' own clap definitions
+/// (`packaging/gen-docs.sh`): every binary writes them, and they name its real options.
+#[test]
+fn man_pages_and_completions_are_generated_from_the_command_lines() {
+    let t = tempfile::tempdir().unwrap();
+    // An option each man page must describe, and one its bash completion must offer.
+    for (prog, bin, option, completed) in [
+        (
+            "ovl-run",
+            env!("CARGO_BIN_EXE_ovl-run"),
+            "--on-exit",
+            "--on-exit",
+        ),
+        (
+            "ovl-mount",
+            env!("CARGO_BIN_EXE_ovl-mount"),
+            "lowerdir",
+            "--help",
+        ),
+        (
+            "ovl-pack",
+            env!("CARGO_BIN_EXE_ovl-pack"),
+            "--entry",
+            "--entry",
+        ),
+    ] {
+        let st = Command::new(bin)
+            .env("OVL_GENERATE_DOCS", t.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "{prog}");
+        let man = fs::read_to_string(t.path().join(format!("share/man/man1/{prog}.1"))).unwrap();
+        // roff writes a literal hyphen as \-.
+        let man = man.replace("\\-", "-");
+        assert!(
+            man.starts_with(".ie") || man.contains(".TH"),
+            "{prog}: not roff"
+        );
+        assert!(man.contains(option), "{prog}.1 lacks {option}");
+        let bash = t
+            .path()
+            .join(format!("share/bash-completion/completions/{prog}"));
+        let syntax = Command::new("bash").arg("-n").arg(&bash).status().unwrap();
+        assert!(syntax.success(), "{prog}: bash completion does not parse");
+        assert!(
+            fs::read_to_string(&bash).unwrap().contains(completed),
+            "{prog}: completion lacks {completed}"
+        );
+        for f in [
+            format!("share/zsh/site-functions/_{prog}"),
+            format!("share/fish/vendor_completions.d/{prog}.fish"),
+        ] {
+            assert!(fs::metadata(t.path().join(&f)).unwrap().len() > 0, "{f}");
+        }
+    }
+}
