@@ -132,7 +132,13 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.0.lookup(parent.0, name) {
+        // "." is how the kernel asks for a node it forgot when a file handle names it.
+        let found = if name == "." {
+            self.0.lookup_handle(parent.0)
+        } else {
+            self.0.lookup(parent.0, name)
+        };
+        match found {
             Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
