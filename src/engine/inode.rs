@@ -250,6 +250,9 @@ fn id_atomics((dev, ino): (u64, u64)) -> [AtomicU64; 2] {
     [AtomicU64::new(dev), AtomicU64::new(ino)]
 }
 
+/// At most this many forgotten inodes are remembered (about 120 MB).
+const MAX_GHOSTS: usize = 1 << 20;
+
 /// Root inode number, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
 const FALLBACK_BASE: u64 = 1 << 63;
@@ -474,15 +477,33 @@ impl InodeStore {
             // re-keys the inode); rather than wait, keep no ghost (its handles go stale).
             let ghost = inode.state.try_read().ok().and_then(|st| {
                 let parent = st.parent.as_ref()?.ino;
+                // A weak link only to an inode held elsewhere: it would keep the allocation
+                // of one held by nobody (most files) alive for nothing.
+                let held = Arc::strong_count(&inode) > 1;
                 (!st.unlinked).then(|| Ghost {
                     kind: inode.kind,
-                    inode: Arc::downgrade(&inode),
+                    inode: if held {
+                        Arc::downgrade(&inode)
+                    } else {
+                        Weak::new()
+                    },
                     parent,
                     name: st.name.clone(),
                 })
             });
             match ghost {
                 Some(g) if t.by_id.get(&id) == Some(&ino) => {
+                    if t.ghosts.len() >= MAX_GHOSTS {
+                        // Bounded memory: forget every ghost at once (amortised over as many
+                        // forgets). Their files get new numbers and their handles go stale.
+                        let Tables {
+                            by_ino,
+                            by_id,
+                            ghosts,
+                        } = &mut *t;
+                        ghosts.clear();
+                        by_id.retain(|_, n| by_ino.contains_key(n));
+                    }
                     t.ghosts.insert(ino, g);
                 }
                 _ => {
