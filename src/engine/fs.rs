@@ -60,12 +60,13 @@ impl OverlayFs {
         inode: Arc<Inode>,
         fd: OwnedFd,
         mode: OpenMode,
+        writable: bool,
     ) -> (FileHandle, FopenFlags, Option<Arc<fuser::BackingId>>) {
         let backing = match mode {
             OpenMode::Passthrough(id) => Some(id),
             OpenMode::Cached => None,
         };
-        let f = OpenFile::new(inode, fd, backing.clone());
+        let f = OpenFile::new(inode, fd, backing.clone(), writable);
         let fh = FileHandle(self.0.files.insert_file(f));
         // The mount owns its layers, so cached pages stay valid across opens.
         let flags = if backing.is_some() {
@@ -86,8 +87,15 @@ impl OverlayFs {
     ) {
         let ino = inode.ino;
         match self.open_mode(ino, &fd, read_only, known, |fd| reply.open_backing(fd)) {
-            Ok(mode) => match self.insert(inode, fd, mode) {
-                (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
+            Ok(mode) => match self.insert(inode, fd, mode, !read_only) {
+                (fh, flags, Some(id)) => {
+                    if !read_only {
+                        // Attributes the kernel cached before this open would stay valid
+                        // through writes to a shared mapping: drop them (see `attr_ttl`).
+                        self.0.invalidate_attrs(ino);
+                    }
+                    reply.opened_passthrough(fh, flags, &id)
+                }
                 (fh, flags, None) => reply.opened(fh, flags),
             },
             Err(e) => reply.error(err(e)),
@@ -139,7 +147,9 @@ impl Filesystem for OverlayFs {
             self.0.lookup(parent.0, name)
         };
         match found {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => {
+                reply.entry_with_ttls(&self.0.attr_ttl(&attr), &self.0.ttl, &attr, GEN)
+            }
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
             // through us, and the kernel replaces the negative dentry itself.
@@ -159,7 +169,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.0.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -193,7 +203,7 @@ impl Filesystem for OverlayFs {
             pid: req.pid(),
         };
         match self.0.setattr(ino.0, req) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -307,7 +317,9 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         match self.0.link(ino.0, newparent.0, newname) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => {
+                reply.entry_with_ttls(&self.0.attr_ttl(&attr), &self.0.ttl, &attr, GEN)
+            }
             Err(e) => reply.error(err(e)),
         }
     }
@@ -446,6 +458,11 @@ impl Filesystem for OverlayFs {
         let res = self
             .0
             .readdirplus_entries(fh.0, offset, &mut |off, name, attr| {
+                let ttl = if attr.kind == fuser::FileType::RegularFile {
+                    self.0.attr_ttl(attr)
+                } else {
+                    ttl
+                };
                 reply.add(attr.ino, off, name, &ttl, attr, GEN)
             });
         match res {
@@ -560,11 +577,12 @@ impl Filesystem for OverlayFs {
         };
         match self.0.create(parent.0, name, who, flags) {
             Ok((inode, attr, fd, st)) => {
-                let ttl = self.0.ttl;
                 let ino = inode.ino;
+                let writable = crate::engine::file::wants_write(flags);
                 match self.open_mode(ino, &fd, false, Some(&st), |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
-                        let (fh, flags, id) = self.insert(inode, fd, mode);
+                        let (fh, flags, id) = self.insert(inode, fd, mode, writable);
+                        let ttl = self.0.attr_ttl(&attr);
                         match id {
                             Some(id) => reply.created_passthrough(&ttl, &attr, GEN, fh, flags, &id),
                             None => reply.created(&ttl, &attr, GEN, fh, flags),

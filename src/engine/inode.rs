@@ -216,6 +216,10 @@ pub struct Inode {
     /// for before writes. Set only by a getxattr that found none, with the state read-locked;
     /// cleared by setxattr with it write-locked, after its change: see `Overlay::getxattr`.
     pub no_file_caps: AtomicBool,
+    /// Writable handles open through FUSE passthrough. While there are any, the real file can
+    /// change behind the kernel's cached attributes (a write through a shared mapping goes
+    /// straight to it), so attributes are replied with no cache time (see `fs.rs`).
+    pub passthrough_writers: AtomicU64,
     /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up. Only read and
     /// written with the tables' lock held, so two atomics need no lock of their own.
     id: [AtomicU64; 2],
@@ -313,6 +317,7 @@ impl InodeStore {
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
             no_file_caps: AtomicBool::new(false),
+            passthrough_writers: AtomicU64::new(0),
             id: id_atomics(root.id),
         });
         let mut t = Tables::default();
@@ -390,6 +395,7 @@ impl InodeStore {
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
             no_file_caps: AtomicBool::new(false),
+            passthrough_writers: AtomicU64::new(0),
             id: id_atomics(found.id),
         });
         t.by_ino.insert(ino, inode.clone());

@@ -45,6 +45,8 @@ pub struct Overlay {
     /// land in the page cache and reach us in large batches, and the kernel may read a page
     /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
     pub writeback: AtomicBool,
+    /// Sends notifications to the kernel (set by the session once it runs).
+    pub notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 /// Returns the error for a raw errno.
@@ -130,7 +132,39 @@ impl Overlay {
             want_passthrough,
             want_writeback,
             writeback: AtomicBool::new(false),
+            notifier: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Makes the kernel drop its cached attributes of `ino` (not its cached data), so the
+    /// next stat asks us. Failure is harmless: the kernel may not hold the inode.
+    pub fn invalidate_attrs(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                log::debug!("invalidating the attributes of inode {ino}: {e}");
+            }
+        }
+    }
+
+    /// How long the kernel may cache these attributes: not at all while the file is open for
+    /// writing through passthrough, where a write through a shared mapping changes the real
+    /// file's times without any request reaching us (the kernel's overlay always asks the
+    /// real inode); else [`Overlay::ttl`].
+    pub fn attr_ttl(&self, attr: &FileAttr) -> Duration {
+        if attr.kind == FileType::RegularFile
+            && self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(inode) = self.inodes.get(attr.ino.0) {
+                if inode
+                    .passthrough_writers
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                {
+                    return Duration::ZERO;
+                }
+            }
+        }
+        self.ttl
     }
 
     /// Access mode for opening a real file: with the writeback cache, the kernel fills
