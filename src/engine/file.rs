@@ -274,13 +274,7 @@ impl Overlay {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
         let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
-        let (flags, fallback) = self.write_open_flags(flags);
-        match self.open_real_as(inode, flags) {
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) && fallback.is_some() => {
-                self.open_real_as(inode, fallback.unwrap_or(flags))
-            }
-            r => r,
-        }
+        self.open_real_as(inode, flags)
     }
 
     fn open_real_as(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {

@@ -123,16 +123,14 @@ impl Filesystem for OverlayFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.0.passthrough.store(true, Ordering::Relaxed);
-        } else if self.0.want_writeback
-            && config
-                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-                .is_ok()
-        {
-            // Without passthrough every write is ours to serve: the kernel may gather them in
-            // its page cache (one request per megabyte instead of one per write call). Dirty
-            // pages are written back at the latest on the last close (the kernel waits for
-            // them before RELEASE), so a finalization after the command exits sees them all.
-            self.0.writeback.store(true, Ordering::Relaxed);
+        } else if self.0.want_writeback {
+            // Refused: with the kernel's writeback cache write() succeeds as soon as the data
+            // is in the page cache, and a full upper fails only the later write-back (the
+            // error shows at fsync or close, the data is gone). ENOSPC must come from
+            // write(), so every write is served synchronously instead.
+            log::warn!(
+                "the writeback cache is not used: it cannot report a full upper from write()"
+            );
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);

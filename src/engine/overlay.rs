@@ -39,12 +39,9 @@ pub struct Overlay {
     pub passthrough: AtomicBool,
     /// Passthrough was asked for (it is still only used when the kernel agrees).
     pub want_passthrough: bool,
-    /// The writeback cache was asked for (used only when passthrough is not).
+    /// The writeback cache was asked for: refused (it cannot report ENOSPC from write()),
+    /// which `init` says once.
     pub want_writeback: bool,
-    /// The kernel's writeback cache was negotiated (when passthrough is not in use): writes
-    /// land in the page cache and reach us in large batches, and the kernel may read a page
-    /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
-    pub writeback: AtomicBool,
     /// Sends notifications to the kernel (set by the session once it runs).
     pub notifier: std::sync::OnceLock<fuser::Notifier>,
 }
@@ -131,7 +128,6 @@ impl Overlay {
             passthrough: AtomicBool::new(false),
             want_passthrough,
             want_writeback,
-            writeback: AtomicBool::new(false),
             notifier: std::sync::OnceLock::new(),
         })
     }
@@ -165,20 +161,6 @@ impl Overlay {
             }
         }
         self.ttl
-    }
-
-    /// Access mode for opening a real file: with the writeback cache, the kernel fills
-    /// partly written pages by reading through whatever handle wrote them, so a write-only
-    /// open becomes read-write. `fallback` is the mode to retry with when that is refused
-    /// (a file the daemon may write but not read).
-    pub fn write_open_flags(&self, flags: i32) -> (i32, Option<i32>) {
-        if flags & libc::O_ACCMODE == libc::O_WRONLY
-            && self.writeback.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            ((flags & !libc::O_ACCMODE) | libc::O_RDWR, Some(flags))
-        } else {
-            (flags, None)
-        }
     }
 
     /// The live inode `ino`, or ENOENT/ESTALE when the kernel sends a number we never gave.
