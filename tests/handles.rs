@@ -125,3 +125,37 @@ fn handles_open_live_files_after_caches_drop() {
         }
     }
 }
+
+/// A handle from an earlier mount never opens another file: virtual inode numbers start over
+/// on every mount, so its number may now name a different file; the mount's generation, which
+/// the kernel checks, differs.
+#[test]
+fn handles_from_an_earlier_mount_are_stale() {
+    if !is_root() {
+        eprintln!("open_by_handle_at needs CAP_DAC_READ_SEARCH; run the suite as root");
+        return;
+    }
+    let mut m = Mounted::with_mode(InodeMode::Virtual, |l| {
+        fs::write(l.join("a"), "a").unwrap();
+        fs::write(l.join("b"), "b").unwrap();
+    });
+    fs::metadata(m.p("b")).unwrap();
+    let h = handle_of(&m.p("b")).unwrap();
+    // The root's handle keeps working: the kernel made the root itself.
+    let root = handle_of(&m.mnt).unwrap();
+    m.remount();
+    // `a` now gets the number `b` had.
+    let ino_a = fs::metadata(m.p("a")).unwrap().ino();
+    let mnt = fs::File::open(&m.mnt).unwrap();
+    match open_handle(&mnt, &h) {
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::ESTALE), "{e}"),
+        Ok(f) => panic!(
+            "opened inode {} (a is {ino_a}) through b's handle from the earlier mount",
+            f.metadata().unwrap().ino()
+        ),
+    }
+    let r = open_handle(&mnt, &root).unwrap();
+    assert_eq!(r.metadata().unwrap().ino(), 1);
+    // Every name still resolves after the root was handed out again.
+    assert_eq!(fs::read_to_string(m.p("b")).unwrap(), "b");
+}

@@ -23,8 +23,6 @@ use crate::engine::inode::Inode;
 use crate::engine::overlay::Overlay;
 use crate::engine::xattr::XattrReply;
 
-const GEN: Generation = Generation(0);
-
 fn err(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -34,6 +32,17 @@ fn err(e: io::Error) -> Errno {
 pub struct OverlayFs(pub Arc<Overlay>);
 
 impl OverlayFs {
+    /// The generation of the node id in `attr` (see [`Overlay::generation`]); 0 for the
+    /// root, which the kernel made itself with generation 0 (another one would make it take
+    /// the root for a reused node id and mark it bad).
+    fn generation(&self, attr: &fuser::FileAttr) -> Generation {
+        if attr.ino.0 == crate::engine::inode::ROOT_INO {
+            Generation(0)
+        } else {
+            Generation(self.0.generation.into())
+        }
+    }
+
     fn passthrough(&self) -> bool {
         self.0.passthrough.load(Ordering::Relaxed)
     }
@@ -145,9 +154,12 @@ impl Filesystem for OverlayFs {
             self.0.lookup(parent.0, name)
         };
         match found {
-            Ok((_, attr)) => {
-                reply.entry_with_ttls(&self.0.attr_ttl(&attr), &self.0.ttl, &attr, GEN)
-            }
+            Ok((_, attr)) => reply.entry_with_ttls(
+                &self.0.attr_ttl(&attr),
+                &self.0.ttl,
+                &attr,
+                self.generation(&attr),
+            ),
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
             // through us, and the kernel replaces the negative dentry itself.
@@ -155,7 +167,7 @@ impl Filesystem for OverlayFs {
                 let mut attr =
                     crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
                 attr.kind = fuser::FileType::RegularFile;
-                reply.entry(&self.0.ttl, &attr, GEN)
+                reply.entry(&self.0.ttl, &attr, self.generation(&attr))
             }
             Err(e) => reply.error(err(e)),
         }
@@ -229,7 +241,7 @@ impl Filesystem for OverlayFs {
             mode,
         };
         match self.0.mknod(parent.0, name, who, rdev) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -249,7 +261,7 @@ impl Filesystem for OverlayFs {
             mode,
         };
         match self.0.mkdir(parent.0, name, who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -282,7 +294,7 @@ impl Filesystem for OverlayFs {
             mode: 0,
         };
         match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -315,9 +327,12 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         match self.0.link(ino.0, newparent.0, newname) {
-            Ok((_, attr)) => {
-                reply.entry_with_ttls(&self.0.attr_ttl(&attr), &self.0.ttl, &attr, GEN)
-            }
+            Ok((_, attr)) => reply.entry_with_ttls(
+                &self.0.attr_ttl(&attr),
+                &self.0.ttl,
+                &attr,
+                self.generation(&attr),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -461,7 +476,7 @@ impl Filesystem for OverlayFs {
                 } else {
                     ttl
                 };
-                reply.add(attr.ino, off, name, &ttl, attr, GEN)
+                reply.add(attr.ino, off, name, &ttl, attr, self.generation(attr))
             });
         match res {
             Ok(()) => reply.ok(),
@@ -582,8 +597,15 @@ impl Filesystem for OverlayFs {
                         let (fh, flags, id) = self.insert(inode, fd, mode, writable);
                         let ttl = self.0.attr_ttl(&attr);
                         match id {
-                            Some(id) => reply.created_passthrough(&ttl, &attr, GEN, fh, flags, &id),
-                            None => reply.created(&ttl, &attr, GEN, fh, flags),
+                            Some(id) => reply.created_passthrough(
+                                &ttl,
+                                &attr,
+                                self.generation(&attr),
+                                fh,
+                                flags,
+                                &id,
+                            ),
+                            None => reply.created(&ttl, &attr, self.generation(&attr), fh, flags),
                         }
                     }
                     Err(e) => reply.error(err(e)),

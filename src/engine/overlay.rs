@@ -42,6 +42,11 @@ pub struct Overlay {
     /// The writeback cache was asked for: refused (it cannot report ENOSPC from write()),
     /// which `init` says once.
     pub want_writeback: bool,
+    /// The generation of every node id this mount gives, different on every mount: the
+    /// kernel puts it in file handles and refuses a handle whose generation differs, so a
+    /// handle from an earlier mount (whose numbers may now name other files) gives ESTALE
+    /// instead of opening another file.
+    pub generation: u32,
     /// Sends notifications to the kernel (set by the session once it runs).
     pub notifier: std::sync::OnceLock<fuser::Notifier>,
 }
@@ -110,6 +115,17 @@ pub fn attr_from_stat(ino: u64, st: &libc::stat) -> FileAttr {
     }
 }
 
+/// A generation number unlikely to repeat between mounts: the clock's nanoseconds mixed with
+/// the process id, never 0 (what a mount without it would have used).
+fn mount_generation() -> u32 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let x = (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) as u32) | 1
+}
+
 impl Overlay {
     /// Creates the overlay over an opened layer stack.
     pub fn new(
@@ -128,6 +144,7 @@ impl Overlay {
             passthrough: AtomicBool::new(false),
             want_passthrough,
             want_writeback,
+            generation: mount_generation(),
             notifier: std::sync::OnceLock::new(),
         })
     }
