@@ -112,6 +112,7 @@ pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Re
     // unmount first checks the mount at the path is still this one.
     let id =
         MountId::at(mountpoint).map_err(|e| Error::io("checking the new mount", mountpoint, e))?;
+    let _ = overlay.notifier.set(session.notifier());
     Ok(MountHandle {
         session: Some(session),
         helper,
