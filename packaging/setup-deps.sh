@@ -11,9 +11,10 @@ if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
 # fuse3: fusermount3. libc6-dev: libc.a, for the static bundle runtime. The rest serve tests:
 # attr (getfattr/setfattr), busybox-static (a tiny rootfs for --root), strace (crash tests kill
-# a commit at chosen system calls), fuse-overlayfs (a reference).
+# a commit at chosen system calls), fuse-overlayfs (a reference), podman (tests/podman.rs runs
+# it on ovl-mount; skipped without it; about 20 packages, 25 s to install here).
 pkgs=(fuse3 libc6-dev)
-[ $tests = 1 ] && pkgs+=(fuse-overlayfs attr busybox-static strace)
+[ $tests = 1 ] && pkgs+=(fuse-overlayfs attr busybox-static strace podman)
 for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

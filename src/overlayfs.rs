@@ -39,6 +39,7 @@ pub struct OverlayFS {
     threads: Option<usize>,
     auto_unmount: bool,
     method: MountMethod,
+    container: crate::engine::session::ContainerOptions,
     require_empty: bool,
     /// The mount point was chosen by [`OverlayFS::mountpoint_as_home`]: created on mount and
     /// removed after unmount.
@@ -176,6 +177,16 @@ impl OverlayFS {
     /// serves every write itself and `write()` reports ENOSPC.
     pub fn set_writeback_cache(&mut self, on: bool) -> &mut Self {
         self.writeback = on;
+        self
+    }
+
+    /// Options container engines pass (id mappings, squashing, `fsync=0`, `userxattr`,
+    /// `context=`): see [`crate::engine::session::ContainerOptions`].
+    pub fn set_container_options(
+        &mut self,
+        o: crate::engine::session::ContainerOptions,
+    ) -> &mut Self {
+        self.container = o;
         self
     }
 
@@ -456,6 +467,7 @@ impl OverlayFS {
             threads: self.threads,
             auto_unmount: self.auto_unmount,
             method: self.method,
+            container: self.container.clone(),
         };
         self.handle = Some(session::start(stack, &mountpoint, &opts)?);
         Ok(())

@@ -13,6 +13,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use ovl::engine::idmap;
+use ovl::engine::session::ContainerOptions;
 use ovl::{InodeMode, OverlayFS};
 
 #[derive(Parser, Debug)]
@@ -26,7 +28,11 @@ use ovl::{InodeMode, OverlayFS};
                   Options: lowerdir=, upperdir=, workdir=, inode_mode=virtual|persistent,\n  \
                   passthrough, nopassthrough, writeback, nowriteback, allow_other, allow_root, default_permissions,\n  \
                   suid, nosuid, dev, nodev, exec, noexec, ro, rw, atime, noatime, relatime,\n  \
-                  fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU)"
+                  fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU)\n\n\
+                  Container options (fuse-overlayfs 1.10): uidmapping=DISK:SHOWN:LEN[:...],\n  \
+                  gidmapping=..., squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,\n  \
+                  fsync=0|1, volatile, userxattr, context=LABEL; accepted with no effect: noacl,\n  \
+                  xattr_permissions=, redirect_dir=, index=, metacopy=, timeout=, threaded="
 )]
 struct Args {
     /// Stay in the foreground.
@@ -55,6 +61,32 @@ struct Opts {
     fsname: Option<String>,
     threads: Option<usize>,
     writeback: bool,
+    container: ContainerOptions,
+    squash_to_root: bool,
+}
+
+/// Splits `-o` lists at commas outside double quotes (an SELinux `context="a:b:c:s0:c1,c2"`
+/// holds commas).
+fn split_options(list: &str) -> Vec<&str> {
+    let mut out = Vec::new();
+    let (mut start, mut quoted) = (0, false);
+    for (i, c) in list.char_indices() {
+        match c {
+            '"' => quoted = !quoted,
+            ',' if !quoted => {
+                out.push(&list[start..i]);
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    out.push(&list[start..]);
+    out
+}
+
+fn parse_id(k: &str, v: &str) -> Result<u32, String> {
+    v.parse()
+        .map_err(|_| format!("{k}={v}: give a numeric id (e.g. {k}=1000)"))
 }
 
 fn parse_opts(list: &[String]) -> Result<Opts, String> {
@@ -64,7 +96,7 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
     };
     for opt in list
         .iter()
-        .flat_map(|s| s.split(','))
+        .flat_map(|s| split_options(s))
         .filter(|s| !s.is_empty())
     {
         let (k, v) = match opt.split_once('=') {
@@ -99,6 +131,40 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
                     ));
                 }
             },
+            ("uidmapping", Some(v)) => {
+                o.container.idmap.uids =
+                    idmap::parse_mapping(v).map_err(|e| format!("uidmapping={e}"))?
+            }
+            ("gidmapping", Some(v)) => {
+                o.container.idmap.gids =
+                    idmap::parse_mapping(v).map_err(|e| format!("gidmapping={e}"))?
+            }
+            ("squash_to_root", None) => o.squash_to_root = true,
+            ("squash_to_uid", Some(v)) => o.container.idmap.squash_uid = Some(parse_id(k, v)?),
+            ("squash_to_gid", Some(v)) => o.container.idmap.squash_gid = Some(parse_id(k, v)?),
+            ("static_nlink", None) => o.container.idmap.static_nlink = true,
+            ("fsync", Some("0")) | ("volatile", None) => o.container.no_sync = true,
+            ("fsync", Some("1")) => o.container.no_sync = false,
+            ("fsync", Some(v)) => return Err(format!("fsync={v}: give fsync=0 or fsync=1")),
+            ("userxattr", None) => o.container.userxattr = true,
+            ("context", Some(v)) => {
+                let v = v.trim_matches('"');
+                if v.is_empty() || v.contains('"') {
+                    return Err(format!("context={v}: give one SELinux label"));
+                }
+                o.container.context = Some(v.to_string());
+            }
+            // Accepted as fuse-overlayfs accepts them, with no effect: POSIX ACLs are stored
+            // as the xattrs they are either way (noacl), xattrs are always checked by the
+            // kernel's own rules (xattr_permissions=), ovl always follows the kernel's index=on
+            // semantics for hard links and decides redirects and metacopy itself
+            // (redirect_dir=, index=, metacopy=), entry caching is ovl's own (timeout=), and
+            // it always serves on several threads (threaded=; threads=N sets how many).
+            (
+                "noacl" | "xattr_permissions" | "redirect_dir" | "index" | "metacopy" | "timeout"
+                | "threaded",
+                _,
+            ) => {}
             // Accepted for compatibility: these are what ovl does anyway, or are decided by
             // the kernel mount flags mount(8) passes separately.
             (
@@ -120,6 +186,12 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
                 ));
             }
         }
+    }
+    if o.squash_to_root {
+        // squash_to_uid=/squash_to_gid= take precedence, as in fuse-overlayfs.
+        let m = &mut o.container.idmap;
+        m.squash_uid.get_or_insert(0);
+        m.squash_gid.get_or_insert(0);
     }
     if o.lowers.is_empty() {
         return Err("no lowerdir= given: pass -o lowerdir=DIR[:DIR...]".into());
@@ -154,7 +226,23 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let mountpoint = args.paths.last().cloned().expect("clap requires one path");
+    // Relative paths mean the caller's working directory, as for the kernel and fuse-overlayfs;
+    // the daemon works from / after forking, so they are made absolute now.
+    let cwd = match std::env::current_dir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("ovl-mount: the current directory: {e} (give absolute paths)");
+            return ExitCode::from(1);
+        }
+    };
+    let abs = |p: &PathBuf| cwd.join(p);
+    let mountpoint = abs(args.paths.last().expect("clap requires one path"));
+    let opts = Opts {
+        lowers: opts.lowers.iter().map(abs).collect(),
+        upper: opts.upper.as_ref().map(abs),
+        work: opts.work.as_ref().map(abs),
+        ..opts
+    };
     let root = unsafe { libc::geteuid() } == 0;
 
     let mut ofs = OverlayFS::new(opts.lowers[0].clone());
@@ -176,7 +264,8 @@ fn main() -> ExitCode {
         .set_allow_other(opts.allow_other.unwrap_or(root))
         .set_suid_dev(opts.suid_dev.unwrap_or(root))
         .set_passthrough(opts.passthrough)
-        .set_writeback_cache(opts.writeback);
+        .set_writeback_cache(opts.writeback)
+        .set_container_options(opts.container.clone());
     if let Some(n) = opts.threads {
         ofs.set_threads(n);
     }
@@ -209,14 +298,18 @@ fn serve(mut ofs: OverlayFS, ready: Option<std::fs::File>) -> ExitCode {
         }
         return ExitCode::from(1);
     }
-    let handle = ofs.take_handle().expect("mounted");
-    match handle.join() {
-        Ok(()) => ExitCode::SUCCESS,
+    let mut handle = ofs.take_handle().expect("mounted");
+    let code = match handle.wait_unmounted() {
+        Ok(()) => 0,
         Err(e) => {
             eprintln!("ovl-mount: {e}");
-            ExitCode::from(1)
+            1
         }
-    }
+    };
+    // The session is over and nothing is left to write: exit without freeing the inode table
+    // one descriptor at a time (the kernel drops them all at exit), so the layers are let go
+    // as soon as possible after `umount`.
+    std::process::exit(code)
 }
 
 /// Forks: the child mounts and serves; the parent exits once the child says the mount is live

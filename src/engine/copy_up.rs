@@ -316,8 +316,11 @@ impl Overlay {
                     )?;
                     // The data must be durable before the copy is renamed into place, or a
                     // crash could show an empty file where the lower one had data. (An empty
-                    // copy has nothing to lose: as the kernel, no fsync then.)
-                    sys::fsync(dst.as_fd_borrowed(), false)?;
+                    // copy has nothing to lose: as the kernel, no fsync then. `volatile` asks
+                    // for no syncing at all, as the kernel's option of that name.)
+                    if !self.no_sync {
+                        sys::fsync(dst.as_fd_borrowed(), false)?;
+                    }
                 }
             }
             Kind::Symlink => {

@@ -157,7 +157,7 @@ impl Filesystem for OverlayFs {
             Ok((_, attr)) => reply.entry_with_ttls(
                 &self.0.attr_ttl(&attr),
                 &self.0.ttl,
-                &attr,
+                &self.0.idmap.show(attr),
                 self.generation(&attr),
             ),
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
@@ -167,7 +167,11 @@ impl Filesystem for OverlayFs {
                 let mut attr =
                     crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
                 attr.kind = fuser::FileType::RegularFile;
-                reply.entry(&self.0.ttl, &attr, self.generation(&attr))
+                reply.entry(
+                    &self.0.ttl,
+                    &self.0.idmap.show(attr),
+                    self.generation(&attr),
+                )
             }
             Err(e) => reply.error(err(e)),
         }
@@ -179,7 +183,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.0.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &self.0.idmap.show(attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -204,8 +208,8 @@ impl Filesystem for OverlayFs {
     ) {
         let req = SetAttr {
             mode,
-            uid,
-            gid,
+            uid: uid.map(|u| self.0.idmap.uid_to_disk(u)),
+            gid: gid.map(|g| self.0.idmap.gid_to_disk(g)),
             size,
             atime,
             mtime,
@@ -213,7 +217,7 @@ impl Filesystem for OverlayFs {
             pid: req.pid(),
         };
         match self.0.setattr(ino.0, req) {
-            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &self.0.idmap.show(attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -236,12 +240,16 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.mknod(parent.0, name, who, rdev) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
+            Ok((_, attr)) => reply.entry(
+                &self.0.ttl,
+                &self.0.idmap.show(attr),
+                self.generation(&attr),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -256,12 +264,16 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.mkdir(parent.0, name, who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
+            Ok((_, attr)) => reply.entry(
+                &self.0.ttl,
+                &self.0.idmap.show(attr),
+                self.generation(&attr),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -289,12 +301,16 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode: 0,
         };
         match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
+            Ok((_, attr)) => reply.entry(
+                &self.0.ttl,
+                &self.0.idmap.show(attr),
+                self.generation(&attr),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -330,7 +346,7 @@ impl Filesystem for OverlayFs {
             Ok((_, attr)) => reply.entry_with_ttls(
                 &self.0.attr_ttl(&attr),
                 &self.0.ttl,
-                &attr,
+                &self.0.idmap.show(attr),
                 self.generation(&attr),
             ),
             Err(e) => reply.error(err(e)),
@@ -417,6 +433,9 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.0.no_sync {
+            return reply.ok();
+        }
         match self.0.fsync(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -468,6 +487,7 @@ impl Filesystem for OverlayFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         let ttl = self.0.ttl;
+        let idmap = &self.0.idmap;
         let res = self
             .0
             .readdirplus_entries(fh.0, offset, &mut |off, name, attr| {
@@ -476,7 +496,14 @@ impl Filesystem for OverlayFs {
                 } else {
                     ttl
                 };
-                reply.add(attr.ino, off, name, &ttl, attr, self.generation(attr))
+                reply.add(
+                    attr.ino,
+                    off,
+                    name,
+                    &ttl,
+                    &idmap.show(*attr),
+                    self.generation(attr),
+                )
             });
         match res {
             Ok(()) => reply.ok(),
@@ -504,6 +531,9 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
+        if self.0.no_sync {
+            return reply.ok();
+        }
         match self.0.fsyncdir(fh.0, datasync) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -584,8 +614,8 @@ impl Filesystem for OverlayFs {
         reply: ReplyCreate,
     ) {
         let who = Creator {
-            uid: req.uid(),
-            gid: req.gid(),
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
             mode,
         };
         match self.0.create(parent.0, name, who, flags) {
@@ -599,13 +629,19 @@ impl Filesystem for OverlayFs {
                         match id {
                             Some(id) => reply.created_passthrough(
                                 &ttl,
-                                &attr,
+                                &self.0.idmap.show(attr),
                                 self.generation(&attr),
                                 fh,
                                 flags,
                                 &id,
                             ),
-                            None => reply.created(&ttl, &attr, self.generation(&attr), fh, flags),
+                            None => reply.created(
+                                &ttl,
+                                &self.0.idmap.show(attr),
+                                self.generation(&attr),
+                                fh,
+                                flags,
+                            ),
                         }
                     }
                     Err(e) => reply.error(err(e)),

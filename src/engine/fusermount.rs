@@ -48,7 +48,9 @@ pub struct HelperMount {
 /// fusermount3 before libfuse 3.16 cannot auto-unmount a mount made without `allow_other` for
 /// an unprivileged user (it checks access as root and is refused), so a SIGKILLed server left
 /// a dead mount. This guard runs as the user, in its own session (terminal signals do not
-/// reach it), blocks reading a pipe whose only writer is us, and unmounts once it reads EOF.
+/// reach it), blocks reading a pipe whose only writer is us, and once it reads EOF unmounts the
+/// path if the mount there is dead (a live one, which `stat` answers, is somebody else's: ours
+/// died with us). On a normal end we kill it first ([`HelperMount::release`]).
 fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)> {
     let mut fds = [0i32; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -57,7 +59,7 @@ fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)>
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
-        .arg("read _; exec \"$0\" -u -z -- \"$1\"")
+        .arg("read _; stat -- \"$1\" >/dev/null 2>&1 || exec \"$0\" -u -z -- \"$1\"")
         .arg(bin)
         .arg(mountpoint)
         .stdin(Stdio::from(r))
@@ -186,8 +188,11 @@ impl HelperMount {
             let _ = child.wait();
         }
         if let Some((mut child, pipe)) = self.watchdog.take() {
-            drop(pipe);
+            // Killed before its pipe closes: the mount is gone already, and the path may hold
+            // somebody else's mount by now, which the guard must not unmount.
+            let _ = child.kill();
             let _ = child.wait();
+            drop(pipe);
         }
     }
 
@@ -212,10 +217,24 @@ impl HelperMount {
     }
 }
 
-/// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3.
+/// Unmounts `mountpoint` lazily, as root directly, otherwise through fusermount3. Only a FUSE
+/// mount (live or dead) is unmounted: anything else at the path cannot be ours. (fusermount3
+/// checks that itself for normal users.) [`crate::engine::session::MountHandle::unmounter`]
+/// also checks it is our own FUSE mount.
 pub fn unmount_path(mountpoint: &Path) -> io::Result<()> {
     if unsafe { libc::geteuid() } == 0 {
+        let mut sfs = std::mem::MaybeUninit::<libc::statfs>::zeroed();
         let c = crate::engine::sys::cstr(mountpoint.as_os_str())?;
+        // A dead FUSE mount answers ENOTCONN; a live one its magic number.
+        const FUSE_SUPER_MAGIC: i64 = 0x6573_5546;
+        if unsafe { libc::statfs(c.as_ptr(), sfs.as_mut_ptr()) } == 0 {
+            // f_type's integer type differs between architectures.
+            #[allow(clippy::unnecessary_cast)]
+            let kind = unsafe { sfs.assume_init() }.f_type as i64;
+            if kind != FUSE_SUPER_MAGIC {
+                return Ok(());
+            }
+        }
         if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
             return Ok(());
         }

@@ -45,7 +45,10 @@ pub struct Layer {
 
 impl Layer {
     fn open(path: &Path) -> io::Result<Layer> {
-        let root = sys::open_dir_path(path)?;
+        Self::with_root(path, crate::engine::private_mount::open_layer_dir(path)?)
+    }
+
+    fn with_root(path: &Path, root: OwnedFd) -> io::Result<Layer> {
         let st = sys::fstat(root.as_fd_borrowed())?;
         Ok(Layer {
             path: path.to_path_buf(),
@@ -100,7 +103,14 @@ impl LayerStack {
                 "too many lower directories (at most 65535)",
             ));
         }
-        let upper = upper.map(Layer::open).transpose()?;
+        // Upper and work in one private mount: renames between them must stay on one mount.
+        let (upper, mut wdir) = match (upper, work) {
+            (Some(u), Some(w)) => {
+                let (ufd, wfd) = crate::engine::private_mount::open_upper_work(u, w)?;
+                (Some(Layer::with_root(u, ufd)?), Some(wfd))
+            }
+            (u, _) => (u.map(Layer::open).transpose()?, None),
+        };
         let root = unsafe { libc::geteuid() } == 0;
         let mut stack = LayerStack {
             lowers,
@@ -111,8 +121,7 @@ impl LayerStack {
             xattr_prefix: if root { "trusted." } else { "user." },
             whiteout_dev: true,
         };
-        if let (Some(upper), Some(work)) = (&stack.upper, work) {
-            let wdir = sys::open_dir_path(work)?;
+        if let (Some(upper), Some(work), Some(wdir)) = (&stack.upper, work, wdir.take()) {
             let wst = sys::fstat(wdir.as_fd_borrowed())?;
             if wst.st_dev != upper.dev {
                 return Err(io::Error::other(format!(

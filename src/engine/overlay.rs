@@ -49,6 +49,10 @@ pub struct Overlay {
     pub generation: u32,
     /// Sends notifications to the kernel (set by the session once it runs).
     pub notifier: std::sync::OnceLock<fuser::Notifier>,
+    /// Owner translation at the FUSE boundary (`uidmapping=`, `squash_*`; identity by default).
+    pub idmap: crate::engine::idmap::IdMap,
+    /// `fsync=0` / `volatile`: fsync requests and copy-up skip syncing (faster, not crash-safe).
+    pub no_sync: bool,
 }
 
 /// Returns the error for a raw errno.
@@ -146,6 +150,8 @@ impl Overlay {
             want_writeback,
             generation: mount_generation(),
             notifier: std::sync::OnceLock::new(),
+            idmap: Default::default(),
+            no_sync: false,
         })
     }
 

@@ -5,10 +5,11 @@
 //! upper initialisation, commit recovery).
 
 use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, SessionACL};
 
 use super::fs::OverlayFs;
 use super::inode::InodeMode;
@@ -31,36 +32,44 @@ pub struct SessionOptions {
     pub threads: Option<usize>,
     pub auto_unmount: bool,
     pub method: MountMethod,
+    pub container: ContainerOptions,
+}
+
+/// The options container engines pass (fuse-overlayfs 1.10's); the default changes nothing.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerOptions {
+    /// `uidmapping=`, `gidmapping=`, `squash_to_*`, `static_nlink`.
+    pub idmap: super::idmap::IdMap,
+    /// `fsync=0` or `volatile`: no syncing for fsync requests or copy-up.
+    pub no_sync: bool,
+    /// `userxattr`: the overlay's own marks go to `user.overlay.*` even as root (the kernel's
+    /// option of that name; read either way).
+    pub userxattr: bool,
+    /// `context=LABEL`: the SELinux label of every file, given to the kernel with the mount.
+    pub context: Option<String>,
 }
 
 /// Mounts `stack` at `mountpoint` and serves it on background threads; returns when the mount
 /// is live.
-pub fn start(stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result<MountHandle> {
+pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result<MountHandle> {
     let lower0 = mountpoint.to_path_buf();
-    let overlay = Arc::new(
-        Overlay::new(
-            stack,
-            o.inode_mode,
-            o.passthrough && initial_userns_root(),
-            o.writeback,
-        )
-        .map_err(|e| Error::io("reading layer roots for", lower0, e))?,
-    );
+    // trusted.* needs CAP_SYS_ADMIN in the initial user namespace: root in a user namespace
+    // (rootless podman) writes the marks in user.overlay.*, as the kernel's userxattr.
+    if o.container.userxattr || !initial_userns_root() {
+        stack.xattr_prefix = "user.";
+    }
+    let mut overlay = Overlay::new(
+        stack,
+        o.inode_mode,
+        o.passthrough && initial_userns_root(),
+        o.writeback,
+    )
+    .map_err(|e| Error::io("reading layer roots for", lower0, e))?;
+    overlay.idmap = o.container.idmap.clone();
+    overlay.no_sync = o.container.no_sync;
+    let overlay = Arc::new(overlay);
     let root = unsafe { libc::geteuid() } == 0;
-    let mut opts = vec![
-        MountOption::FSName(o.fsname.clone()),
-        MountOption::Subtype("ovl".into()),
-        MountOption::DefaultPermissions,
-    ];
-    if o.read_only {
-        opts.push(MountOption::RO);
-    }
-    if o.suid_dev && root {
-        opts.push(MountOption::Suid);
-        opts.push(MountOption::Dev);
-    }
     let mut config = Config::default();
-    config.mount_options = opts;
     config.acl = if o.allow_other {
         SessionACL::All
     } else {
@@ -77,36 +86,172 @@ pub fn start(stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result
         MountMethod::Direct => true,
         MountMethod::Helper => false,
     };
-    let (session, helper) = if direct {
-        let s = fuser::Session::new(fs, mountpoint, &config)
-            .and_then(|s| s.spawn())
-            .map_err(|e| mount_error(mountpoint, e))?;
-        (s, None)
-    } else {
-        // Without privileges fusermount3 mounts for us (it works even where /dev/fuse is
-        // not open to users).
-        let mut opt = format!(
-            "fsname={},subtype=ovl,default_permissions,{}",
-            o.fsname,
-            if o.read_only { "ro" } else { "rw" }
-        );
-        if o.allow_other {
-            opt.push_str(",allow_other");
+    let (session, helper, conn) = if direct {
+        match mount_direct(mountpoint, o) {
+            Ok(fd) => {
+                let conn = fd.try_clone().map_err(|e| mount_error(mountpoint, e))?;
+                // A session made from a descriptor never unmounts by path on its own (fuser's
+                // own mount would, after the kernel already ended it: see `MountHandle`).
+                let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
+                    .and_then(|s| s.spawn())
+                    .map_err(|e| mount_error(mountpoint, e))?;
+                (s, None, conn)
+            }
+            // Not allowed here (e.g. a user namespace without its own mount namespace, or a
+            // container that filters mount(2)):
+            // fusermount3 may still mount for us, as fuser and libfuse fall back.
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                helper_session(fs, mountpoint, o, &config)?
+            }
+            Err(e) => return Err(mount_error(mountpoint, e)),
         }
-        let (fd, helper) = super::fusermount::mount(mountpoint, &opt, o.auto_unmount)
-            .map_err(|e| mount_error(mountpoint, e))?;
-        let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
-            .and_then(|s| s.spawn())
-            .map_err(|e| mount_error(mountpoint, e))?;
-        (s, Some(helper))
+    } else {
+        helper_session(fs, mountpoint, o, &config)?
     };
+    // Recorded now, while nothing else can have been mounted over ours yet: every later
+    // unmount first checks the mount at the path is still this one.
+    let id =
+        MountId::at(mountpoint).map_err(|e| Error::io("checking the new mount", mountpoint, e))?;
     let _ = overlay.notifier.set(session.notifier());
     Ok(MountHandle {
         session: Some(session),
         helper,
         mountpoint: mountpoint.to_path_buf(),
         overlay,
+        id,
+        conn: Some(conn),
     })
+}
+
+type Started = (
+    BackgroundSession,
+    Option<super::fusermount::HelperMount>,
+    OwnedFd,
+);
+
+/// Mounts through fusermount3 (without privileges it mounts for us; it works even where
+/// /dev/fuse is not open to users) and starts serving.
+fn helper_session(
+    fs: OverlayFs,
+    mountpoint: &Path,
+    o: &SessionOptions,
+    config: &Config,
+) -> Result<Started> {
+    let mut opt = format!(
+        "fsname={},subtype=ovl,default_permissions,{}",
+        o.fsname,
+        if o.read_only { "ro" } else { "rw" }
+    );
+    if o.allow_other {
+        opt.push_str(",allow_other");
+    }
+    if let Some(c) = selinux_context(o) {
+        opt.push_str(&format!(",context=\"{c}\""));
+    }
+    let (fd, helper) = super::fusermount::mount(mountpoint, &opt, o.auto_unmount)
+        .map_err(|e| mount_error(mountpoint, e))?;
+    let conn = fd.try_clone().map_err(|e| mount_error(mountpoint, e))?;
+    let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
+        .and_then(|s| s.spawn())
+        .map_err(|e| mount_error(mountpoint, e))?;
+    Ok((s, Some(helper), conn))
+}
+
+/// The `context=` label to give the kernel: only where SELinux is on. Elsewhere the kernel
+/// refuses the option, and mount(8) drops it too (libmount does so without SELinux).
+fn selinux_context(o: &SessionOptions) -> Option<&str> {
+    let c = o.container.context.as_deref()?;
+    if Path::new("/sys/fs/selinux/enforce").exists() {
+        Some(c)
+    } else {
+        log::info!("SELinux is not enabled: context={c} has no effect");
+        None
+    }
+}
+
+/// `mount(2)` of a fresh /dev/fuse connection at `mountpoint` (root, or a user namespace with
+/// its own mount namespace); returns the connection.
+fn mount_direct(mountpoint: &Path, o: &SessionOptions) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::MetadataExt;
+    let rootmode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    let dev = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")?;
+    let fd = OwnedFd::from(dev);
+    let mut data = format!(
+        "fd={},rootmode={:o},user_id={},group_id={},default_permissions",
+        fd.as_raw_fd(),
+        rootmode,
+        unsafe { libc::getuid() },
+        unsafe { libc::getgid() },
+    );
+    if o.allow_other {
+        data.push_str(",allow_other");
+    }
+    if let Some(c) = selinux_context(o) {
+        data.push_str(&format!(",context=\"{c}\""));
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if o.suid_dev && unsafe { libc::geteuid() } == 0 {
+        flags = 0;
+    }
+    if o.read_only {
+        flags |= libc::MS_RDONLY;
+    }
+    let src = super::sys::cstr(std::ffi::OsStr::new(&o.fsname))?;
+    let target = super::sys::cstr(mountpoint.as_os_str())?;
+    let data = std::ffi::CString::new(data).expect("no NUL");
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            c"fuse.ovl".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Which mount is ours: the FUSE connection's device number and the kernel's mount id. While
+/// our connection is alive its device number is taken, so a mount showing it at our path is
+/// ours; the mount id (never reused where the kernel has `STATX_MNT_ID_UNIQUE`, 6.8+) tells a
+/// bind mount of it apart too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MountId {
+    dev: u64,
+    mnt: u64,
+}
+
+impl MountId {
+    /// The topmost mount at `path`, the one `umount2(path)` would remove. Asks the kernel's
+    /// cache only (`AT_STATX_DONT_SYNC`): on our own mount a FUSE request from the serving
+    /// process itself could wait for a thread that is not serving yet.
+    fn at(path: &Path) -> io::Result<MountId> {
+        let c = super::sys::cstr(path.as_os_str())?;
+        let mut stx = std::mem::MaybeUninit::<libc::statx>::zeroed();
+        let r = unsafe {
+            libc::statx(
+                libc::AT_FDCWD,
+                c.as_ptr(),
+                libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT | libc::AT_STATX_DONT_SYNC,
+                libc::STATX_MNT_ID_UNIQUE | libc::STATX_MNT_ID,
+                stx.as_mut_ptr(),
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let stx = unsafe { stx.assume_init() };
+        Ok(MountId {
+            dev: libc::makedev(stx.stx_dev_major, stx.stx_dev_minor),
+            mnt: stx.stx_mnt_id,
+        })
+    }
 }
 
 /// How the FUSE mount is made.
@@ -122,6 +267,10 @@ pub enum MountMethod {
 }
 
 /// A live mount. Unmounts when dropped.
+///
+/// Only ever unmounts its own mount: once the kernel has ended the session (someone ran
+/// `umount`) the path may already hold somebody else's mount, so nothing is unmounted then, and
+/// before any unmount the mount at the path is checked to be still ours ([`MountId`]).
 #[derive(Debug)]
 pub struct MountHandle {
     session: Option<BackgroundSession>,
@@ -129,6 +278,10 @@ pub struct MountHandle {
     helper: Option<super::fusermount::HelperMount>,
     mountpoint: PathBuf,
     overlay: Arc<Overlay>,
+    id: MountId,
+    /// A duplicate of the session's /dev/fuse descriptor, to see whether the kernel still
+    /// holds the connection (it reports an error on it once the mount is gone).
+    conn: Option<OwnedFd>,
 }
 
 impl MountHandle {
@@ -154,19 +307,29 @@ impl MountHandle {
 
     /// Like [`MountHandle::join`], keeping the handle.
     pub fn wait_unmounted(&mut self) -> Result<()> {
-        if let Some(s) = self.session.take() {
-            match s.join() {
-                Err(e) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
-                    return Err(Error::io("serving", self.mountpoint.clone(), e));
-                }
-                _ => {}
+        let res = match self.session.take().map(|s| s.join()) {
+            Some(Err(e)) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
+                Err(Error::io("serving", self.mountpoint.clone(), e))
             }
+            _ => Ok(()),
+        };
+        // Serving stopped on an error while the kernel still holds the mount: it is dead now,
+        // detach it (ours only) rather than leave ENOTCONN behind.
+        if res.is_err() && self.connected() {
+            let _ = self.detach_if_ours();
         }
-        if let Some(h) = self.helper.as_mut() {
-            h.release();
+        self.finish();
+        res
+    }
+
+    /// A handle another thread can use to detach this mount (e.g. on a signal), which checks
+    /// first that the mount at the path is still this one.
+    pub fn unmounter(&self) -> Unmounter {
+        Unmounter {
+            mountpoint: self.mountpoint.clone(),
+            id: self.id,
+            conn: self.conn.as_ref().and_then(|c| c.try_clone().ok()),
         }
-        self.helper = None;
-        Ok(())
     }
 
     /// Pids of helper processes that live as long as the mount (fusermount3 auto_unmount,
@@ -175,9 +338,43 @@ impl MountHandle {
         self.helper.as_ref().map(|h| h.pids()).unwrap_or_default()
     }
 
+    /// Whether the kernel still holds our FUSE connection (the mount exists, maybe detached).
+    fn connected(&self) -> bool {
+        self.conn.as_ref().is_some_and(fuse_connected)
+    }
+
+    /// Lazily detaches the mount at our path if it is ours.
+    fn detach_if_ours(&mut self) -> io::Result<()> {
+        self.unmounter().detach()
+    }
+
+    /// The session is over: the helpers go, and so does our hold on the connection.
+    fn finish(&mut self) {
+        if let Some(h) = self.helper.as_mut() {
+            h.release();
+        }
+        self.helper = None;
+        self.conn = None;
+    }
+
     pub(crate) fn do_umount(&mut self) -> Result<()> {
         if self.session.is_none() {
             return Ok(());
+        }
+        // The kernel already ended the session (someone unmounted us): nothing of ours is
+        // mounted any more, and whatever is at the path now belongs to someone else.
+        if !self.connected() {
+            return self.wait_unmounted();
+        }
+        if MountId::at(&self.mountpoint).ok() != Some(self.id) {
+            return Err(Error::io(
+                "unmounting",
+                self.mountpoint.clone(),
+                io::Error::other(
+                    "the mount there is no longer ours (another was mounted over it, or ours \
+                     was moved or detached); unmount that one first",
+                ),
+            ));
         }
         // Unmount first and keep the session if that fails (busy: a process still uses the
         // mount), so the caller can retry and nothing is finalized under a live mount.
@@ -186,7 +383,7 @@ impl MountHandle {
             None => {
                 let c = super::sys::cstr(self.mountpoint.as_os_str())
                     .map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))?;
-                if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+                if unsafe { libc::umount2(c.as_ptr(), libc::UMOUNT_NOFOLLOW) } == 0 {
                     Ok(())
                 } else {
                     Err(io::Error::last_os_error())
@@ -207,14 +404,15 @@ impl MountHandle {
         }
         let s = self.session.take().expect("checked above");
         let res = s.join();
+        self.finish();
         // The kernel aborting the connection as the mount goes away is the session's end,
         // not a failure (fuser only treats ENODEV so).
-        let res = match res {
-            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-            r => r,
-        };
-        self.helper = None;
-        res.map_err(|e| Error::io("unmounting", self.mountpoint.clone(), e))
+        match res {
+            Err(e) if e.raw_os_error() != Some(libc::ECONNABORTED) => {
+                Err(Error::io("unmounting", self.mountpoint.clone(), e))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -224,16 +422,56 @@ impl Drop for MountHandle {
         // it detaches lazily rather than leave the mount and its session behind.
         if let Err(e) = self.do_umount() {
             log::warn!("{e}; detaching lazily");
-            if let Err(e) = super::fusermount::unmount_path(&self.mountpoint) {
+            if let Err(e) = self.detach_if_ours() {
                 log::error!("detaching {}: {e}", self.mountpoint.display());
                 return;
             }
             if let Some(s) = self.session.take() {
                 let _ = s.join();
             }
-            if let Some(h) = self.helper.as_mut() {
-                h.release();
-            }
+            self.finish();
+        }
+    }
+}
+
+/// Detaches one mount, from any thread, only while it is still the one at its path (see
+/// [`MountHandle::unmounter`]).
+#[derive(Debug)]
+pub struct Unmounter {
+    mountpoint: PathBuf,
+    id: MountId,
+    conn: Option<OwnedFd>,
+}
+
+impl Unmounter {
+    /// Lazily detaches the mount (`umount -l`; `fusermount3 -u -z` without privileges).
+    /// Does nothing when the session already ended or the mount at the path is another one.
+    pub fn detach(&self) -> io::Result<()> {
+        if !self.conn.as_ref().is_some_and(fuse_connected) {
+            return Ok(());
+        }
+        if MountId::at(&self.mountpoint)? != self.id {
+            return Ok(());
+        }
+        super::fusermount::unmount_path(&self.mountpoint)
+    }
+}
+
+/// Whether the kernel still holds the FUSE connection behind `fd`: it reports POLLERR on the
+/// device once the connection is aborted (the mount is gone).
+fn fuse_connected(fd: &OwnedFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: 0,
+        revents: 0,
+    };
+    loop {
+        let r = unsafe { libc::poll(&mut p, 1, 0) };
+        if r >= 0 {
+            return p.revents & libc::POLLERR == 0;
+        }
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return false;
         }
     }
 }

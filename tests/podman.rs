@@ -1,0 +1,103 @@
+//! podman as a real client of ovl-mount (issue 11, item 7): `mount_program` in storage.conf,
+//! an image imported from a local tarball, `podman run` and `podman build` with RUN steps that
+//! write, delete and replace a directory; as root and rootless. Skipped, saying why, where
+//! podman (`apt-get install podman`), busybox-static or root is missing.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ovl-mount");
+const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/podman-smoke.sh");
+/// The unprivileged test user (made by the other non-root tests the same way).
+const USER: &str = "ovl-test";
+
+fn has(prog: &str) -> bool {
+    Command::new(prog).arg("--version").output().is_ok()
+}
+
+fn ensure_user() -> bool {
+    let exists = |u: &str| {
+        Command::new("id")
+            .arg(u)
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if !exists(USER) {
+        let _ = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", USER])
+            .status();
+    }
+    let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    exists(USER) && subuids.lines().any(|l| l.starts_with(&format!("{USER}:")))
+}
+
+/// Runs the smoke script, as `user` if given. crun refuses a hybrid cgroup layout (v1
+/// controllers beside v2), so where /sys/fs/cgroup is not cgroup2 alone, podman runs in a
+/// private mount namespace with cgroup2 mounted there (containers run with cgroups disabled).
+fn smoke(dir: &Path, user: Option<&str>) -> String {
+    let mut argv: Vec<String> = Vec::new();
+    if let Some(u) = user {
+        argv.extend(["runuser", "-u", u, "--"].map(String::from));
+    }
+    argv.extend([
+        "sh".into(),
+        SCRIPT.into(),
+        BIN.into(),
+        dir.display().to_string(),
+    ]);
+    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let out = if unified {
+        Command::new(&argv[0]).args(&argv[1..]).output().unwrap()
+    } else {
+        Command::new("unshare")
+            .args(["-m", "sh", "-c"])
+            .arg("mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"")
+            .arg("sh")
+            .args(&argv)
+            .output()
+            .unwrap()
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "podman smoke test ({}) failed:\n{stdout}\n{}",
+        user.unwrap_or("root"),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn podman_runs_and_builds_on_ovl_mount() {
+    if !has("podman") {
+        eprintln!("skipped: podman is not installed (apt-get install podman)");
+        return;
+    }
+    if !is_root() {
+        eprintln!("skipped: the podman test runs as root (it also makes the rootless run)");
+        return;
+    }
+    if !Path::new("/bin/busybox").exists() {
+        eprintln!("skipped: busybox-static is needed for the test image");
+        return;
+    }
+    let want = "run: written\nroot fs: fuse.ovl\nbuilt: built only vi-gone \n";
+    let t = tempfile::tempdir().unwrap();
+    assert_eq!(smoke(t.path(), None), want, "root");
+
+    if !ensure_user() {
+        eprintln!("skipped rootless: no user {USER} with subordinate ids in /etc/subuid");
+        return;
+    }
+    let t = tempfile::tempdir().unwrap();
+    let st = Command::new("chown")
+        .arg(USER)
+        .arg(t.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_eq!(smoke(t.path(), Some(USER)), want, "rootless");
+}
