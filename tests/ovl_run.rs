@@ -8,7 +8,7 @@
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -322,6 +322,63 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, u32, u64)> {
     out
 }
 
+/// The names in `dir` (hidden ones included).
+fn names(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every entry below `dir` with its metadata, content, link target and xattrs: to check a
+/// tree is exactly as it was.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    fn walk(d: &Path, base: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        for e in fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let m = p.symlink_metadata().unwrap();
+            let mut xattrs: Vec<String> = xattr::list(&p)
+                .unwrap()
+                .map(|n| {
+                    let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
+                    format!("{}={v:?}", n.to_string_lossy())
+                })
+                .collect();
+            xattrs.sort();
+            let content = if m.is_file() {
+                format!("{:?}", fs::read(&p).unwrap())
+            } else if m.file_type().is_symlink() {
+                fs::read_link(&p).unwrap().display().to_string()
+            } else {
+                String::new()
+            };
+            let desc = format!(
+                "{:o} {}:{} {} rdev={} mtime={}.{} ino={} {content} {xattrs:?}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                m.rdev(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ino()
+            );
+            out.insert(p.strip_prefix(base).unwrap().to_path_buf(), desc);
+            if m.is_dir() {
+                walk(&p, base, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 fn read(p: impl AsRef<Path>) -> String {
     let p = p.as_ref();
     fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
@@ -445,6 +502,79 @@ fn command_not_found_is_127() {
     assert!(o.stderr.contains("ovl-no-such-command-xyz"), "{o:?}");
     // Nothing was left mounted or lying around.
     assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn a_command_that_never_started_leaves_nothing_on_disk() {
+    // No upper, work dir, mount point, cache dir or lock file appears: with the defaults, with
+    // directories given that do not exist yet, for --root, and for every finalization.
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    let before = snapshot(&w.root);
+    let lower = w.lower.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--lower", lower, "--", "/nonexistent"],
+        vec!["--lower", lower, "--", "/etc/passwd"],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "discard",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "commit",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "discard-all",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--upper",
+            "new/deep/up",
+            "--mountpoint",
+            "mnt/deep",
+            "--",
+            "/nonexistent",
+        ],
+        vec!["--root", "--lower", "rootfs", "--", "/nonexistent"],
+    ];
+    for args in cases {
+        let o = run({
+            let mut c = w.ovl();
+            c.args(&args);
+            c
+        });
+        let want = if args.contains(&"/etc/passwd") {
+            126
+        } else {
+            127
+        };
+        assert_eq!(o.code, want, "{args:?}: {o:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {o:?}");
+        assert_eq!(snapshot(&w.root), before, "{args:?}: left something: {o:?}");
+        assert!(!w.cache.exists(), "{args:?}");
+    }
+    // An existing upper stays exactly as it was.
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let before = (snapshot(&w.root), tree(&w.upper()));
+    let o = run(w.ovl_lower(&["--", "/nonexistent"]));
+    assert_eq!(o.code, 127, "{o:?}");
+    assert_eq!((snapshot(&w.root), tree(&w.upper())), before, "{o:?}");
+    assert!(rootfs.is_dir());
 }
 
 #[test]
@@ -573,13 +703,7 @@ fn command_exiting_125_is_still_finalized() {
         "echo x > x; exit 125",
     ]));
     assert_eq!(o.code, 125, "{o:?}");
-    assert_eq!(
-        o.stderr,
-        format!(
-            "ovl-run: discarded 1 changes from {}\n",
-            w.upper().display()
-        )
-    );
+    assert_eq!(o.stderr, "ovl-run: discarded 1 changes\n");
     assert!(!w.upper().exists(), "upper left after discard");
     assert!(!w.work().exists(), "work dir left after discard");
     assert_eq!(w.mount_dirs(), Vec::<String>::new());
@@ -759,7 +883,7 @@ fn defaults_upper_beside_lower_mountpoint_removed_and_report() {
 }
 
 #[test]
-fn preserve_keeps_changes_for_the_next_run_and_discard_drops_them() {
+fn preserve_keeps_changes_for_the_next_run_and_discard_drops_only_its_own() {
     let w = World::new();
     // Run 1: a new file and a deletion, preserved (the default, and explicitly).
     let o = run(w.ovl_lower(&[
@@ -778,31 +902,155 @@ fn preserve_keeps_changes_for_the_next_run_and_discard_drops_them() {
     assert!(w.upper().is_dir() && w.work().is_dir());
     assert_eq!(read(w.upper().join("a")), "a\n");
     assert_eq!(read(w.lower.join("f")), "lower\n");
+    let kept = tree(&w.upper());
 
-    // Run 2 sees them, and discards everything afterwards.
+    // A run that changes nothing reports 0 changes, not the upper's.
+    let o = run(w.ovl_lower(&["--", "cat", "a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 0 changes in {}\n", w.upper().display())
+    );
+    assert_eq!(tree(&w.upper()), kept);
+
+    // Run 2 sees them, changes and deletes things, and discards what it did: only that.
     let o = run(w.ovl_lower(&[
         "--on-exit",
         "discard",
         "--",
         "sh",
         "-c",
-        "cat a; test -e f && echo f-exists; echo b > b",
+        "cat a; test -e f && echo f-exists; echo b > b; rm a; echo lower2 > sub/g",
     ]));
     assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
     assert_eq!(
         o.stderr,
         format!(
-            "ovl-run: discarded 3 changes from {}\n",
+            "ovl-run: discarded 4 changes of this run; {} is as it was\n",
             w.upper().display()
         )
     );
-    assert!(!w.upper().exists(), "upper left after discard");
-    assert!(!w.work().exists(), "work dir left after discard");
+    assert_eq!(tree(&w.upper()), kept, "the kept upper was changed");
 
-    // Run 3: back to the pristine lower.
+    // Run 3: the preserved state, not the discarded one; this run's change is counted.
+    let o = run(w.ovl_lower(&["--", "sh", "-c", "cat a sub/g; ls; touch a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\ng\na\nsub\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+
+    // A discard run with no upper yet leaves none behind.
+    let w2 = World::new();
+    let o = run(w2.ovl_lower(&["--on-exit", "discard", "--", "sh", "-c", "echo x > x"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stderr, "ovl-run: discarded 1 changes\n");
+    assert!(!w2.upper().exists() && !w2.work().exists());
+    assert_eq!(names(&w2.root), set(&["cache", "lower"]));
+}
+
+#[test]
+fn discard_all_drops_the_kept_upper_and_says_so() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a; rm f"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = run(w.ovl_lower(&[
+        "--on-exit",
+        "discard-all",
+        "--",
+        "sh",
+        "-c",
+        "cat a; echo b > b",
+    ]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded everything in {} (3 entries, 1 changes of this run) and its \
+             work dir {}\n",
+            w.upper().display(),
+            w.work().display()
+        )
+    );
+    assert!(!w.upper().exists(), "upper left after discard-all");
+    assert!(!w.work().exists(), "work dir left after discard-all");
+    assert_eq!(names(&w.root), set(&["cache", "lower"]));
     let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "cat f; ls"]));
     assert_eq!((o.code, o.stdout.as_str()), (0, "lower\nf\nsub\n"), "{o:?}");
-    assert_eq!(read(w.lower.join("f")), "lower\n");
+}
+
+#[test]
+fn sigkill_of_a_discard_run_keeps_the_preserved_state() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a; rm f; mkdir d"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let kept = tree(&w.upper());
+    let work = tree(&w.work());
+    // The discard run writes, deletes and renames over the kept state, then is killed.
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "echo b > b; rm a; rmdir d; mv sub sub2; echo ready; exec sleep 30",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    let scratch: Vec<String> = names(&w.root)
+        .into_iter()
+        .filter(|n| n.starts_with(".lower_upper.ovl-scratch-"))
+        .collect();
+    assert_eq!(scratch.len(), 2, "a scratch dir and its lock: {scratch:?}");
+    let pid = r.pid();
+    let sleep = wait_for("the command", DEADLINE, || find_descendant(pid, "sleep"));
+    r.signal(libc::SIGKILL);
+    unsafe { libc::kill(sleep, libc::SIGKILL) };
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 137, "{o:?}");
+    assert_eq!(tree(&w.upper()), kept, "the kept upper was changed");
+    assert_eq!(tree(&w.work()), work, "the kept work dir was changed");
+    // The next run sees the preserved state and removes the dead run's scratch dir.
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "cat a; ls"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\na\nd\nsub\n"), "{o:?}");
+    assert_eq!(
+        names(&w.root),
+        set(&["cache", "lower", "lower_upper", ".lower_upper.ovl-work"])
+    );
+}
+
+#[test]
+fn a_discard_run_and_a_writer_exclude_each_other() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 30",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    // Another discard run shares the upper; a writer is refused, naming it.
+    let o = run(w.ovl_lower(&["-q", "--on-exit", "discard", "--", "cat", "a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    let o = run(w.ovl_lower(&["--", "sh", "-c", "echo b > b"]));
+    assert_eq!(o.code, 125, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: {}: another ovl-run is using this upper; wait for it to finish, or give \
+             this run another --upper DIR or --on-exit discard\n",
+            w.upper().display()
+        )
+    );
+    assert!(!w.upper().join("b").exists());
+    r.signal(libc::SIGTERM);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 143, "{o:?}");
 }
 
 #[test]

@@ -15,6 +15,8 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
+pub mod upper;
+
 /// Exit status when the launcher itself failed (docker/env convention).
 pub const EXIT_FAILURE: i32 = 125;
 /// Exit status when the command exists but cannot be executed.
@@ -245,10 +247,28 @@ pub fn forward_signals(target: Arc<Target>) -> io::Result<signal_hook::iterator:
     Ok(handle)
 }
 
+/// How a command run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The exit status to report (see [`run`]).
+    pub code: i32,
+    /// Whether the command started at all (126/127: it did not).
+    pub started: bool,
+}
+
 /// Runs the command and waits for it **and every process it left behind** (we are their
 /// subreaper), so a daemonizing child never finds the overlay gone. Returns the exit status
 /// to report: the command's own, 128+N if it died of signal N, 126/127 if it could not start.
 pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Result<i32> {
+    run_outcome(launch, target, keep_waiting_for).map(|o| o.code)
+}
+
+/// [`run`], telling also whether the command started.
+pub fn run_outcome(
+    launch: &Launch,
+    target: &Target,
+    keep_waiting_for: &[i32],
+) -> io::Result<Outcome> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
     let (prog, args) = launch
         .argv
@@ -291,7 +311,10 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
                 })
                 .unwrap_or_else(|| "ovl-run".into());
             eprintln!("{me}: {}: {e}", prog.to_string_lossy());
-            return Ok(code);
+            return Ok(Outcome {
+                code,
+                started: false,
+            });
         }
     };
     let main = child.id() as i32;
@@ -317,13 +340,21 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
         }
     }
     let st = status.ok_or_else(|| io::Error::other("lost the command's exit status"))?;
-    Ok(if libc::WIFEXITED(st) {
+    Ok(Outcome {
+        code: exit_code(st),
+        started: true,
+    })
+}
+
+/// The status to report for a wait status: the exit code, or 128+N for death by signal N.
+fn exit_code(st: libc::c_int) -> i32 {
+    if libc::WIFEXITED(st) {
         libc::WEXITSTATUS(st)
     } else if libc::WIFSIGNALED(st) {
         128 + libc::WTERMSIG(st)
     } else {
         EXIT_FAILURE
-    })
+    }
 }
 
 /// True when every child of ours is one of `helpers` (e.g. fusermount3 in auto_unmount mode,
@@ -355,6 +386,15 @@ pub fn run_in_overlay(
     root: bool,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<i32, String> {
+    run_in_overlay_outcome(ofs, root, make).map(|o| o.code)
+}
+
+/// [`run_in_overlay`], telling also whether the command started.
+pub fn run_in_overlay_outcome(
+    ofs: &mut crate::OverlayFS,
+    root: bool,
+    make: impl FnOnce(&Path) -> Launch,
+) -> Result<Outcome, String> {
     match enter_private_namespace() {
         Ok(ns) => {
             log::info!("running in {ns:?} namespace");
@@ -383,7 +423,7 @@ pub fn run_in_overlay(
     let fwd =
         forward_signals(target.clone()).map_err(|e| format!("installing signal handlers: {e}"))?;
     let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
-    let res = run(&launch, &target, &helpers);
+    let res = run_outcome(&launch, &target, &helpers);
     fwd.close();
     if launch.chroot.is_some() {
         unprepare_rootfs(&mnt);
