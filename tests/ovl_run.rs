@@ -709,6 +709,72 @@ fn command_exiting_125_is_still_finalized() {
     assert_eq!(w.mount_dirs(), Vec::<String>::new());
 }
 
+/// Starts `cmd` (an ovl-run whose command writes `x`, starts two background sleeps and prints
+/// `ready`), SIGKILLs the ovl-run process (`name`d `ovl-run`, maybe below a runuser) and
+/// checks that the command and everything it started end within a second.
+fn sigkill_ends_everything(cmd: Command) {
+    let mut r = Running::start(cmd);
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    let top = r.pid();
+    let ovl = if comm(top) == "ovl-run" {
+        top
+    } else {
+        find_descendant(top, "ovl-run").expect("ovl-run")
+    };
+    let procs = wait_for("the sleeps", DEADLINE, || {
+        let d = descendants(ovl);
+        (d.iter().filter(|&&p| comm(p) == "sleep").count() == 2).then_some(d)
+    });
+    unsafe { libc::kill(ovl, libc::SIGKILL) };
+    let o = r.wait(DEADLINE);
+    assert!(o.code == 137 || top != ovl, "{o:?}");
+    let t = Instant::now();
+    wait_for(
+        "the command's processes to end",
+        Duration::from_secs(1),
+        || procs.iter().all(|&p| is_gone(p)).then_some(()),
+    );
+    eprintln!("all ended {:?} after the SIGKILL", t.elapsed());
+}
+
+#[test]
+fn sigkill_of_ovl_run_ends_everything_the_command_started() {
+    let script = "echo x > x; sleep 100 & sleep 100 & echo ready; wait";
+    // A plain command, committing: nothing is committed, the upper is kept for the next run.
+    let w = World::new();
+    sigkill_ends_everything(w.ovl_lower(&["-q", "--on-exit", "commit", "--", "sh", "-c", script]));
+    assert!(!w.lower.join("x").exists(), "committed after SIGKILL");
+    assert_eq!(read(w.upper().join("x")), "x\n");
+    let o = run(w.ovl_lower(&["-q", "--", "cat", "x"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "x\n"), "{o:?}");
+    assert_eq!(fuse_mounts_under(&w.root), Vec::<String>::new());
+
+    // A --root session (its own PID namespace), discarding everything: nothing discarded.
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
+    let mut c = w.ovl();
+    c.args(["-q", "--on-exit", "discard-all", "--root", "--lower"])
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c", script]);
+    sigkill_ends_everything(c);
+    assert_eq!(read(w.p("rootfs_upper/x")), "x\n");
+
+    // A normal user (a user namespace) with a plain command.
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let lower = w.lower.to_str().unwrap().to_string();
+    sigkill_ends_everything(as_user(
+        &w,
+        &bin,
+        &["-q", "--lower", &lower, "--", "sh", "-c", script],
+    ));
+    assert_eq!(read(w.upper().join("x")), "x\n");
+}
+
 #[test]
 fn sigkill_leaves_no_dead_mount_and_the_next_run_cleans_up() {
     let w = World::new();
@@ -1002,10 +1068,7 @@ fn sigkill_of_a_discard_run_keeps_the_preserved_state() {
         .filter(|n| n.starts_with(".lower_upper.ovl-scratch-"))
         .collect();
     assert_eq!(scratch.len(), 2, "a scratch dir and its lock: {scratch:?}");
-    let pid = r.pid();
-    let sleep = wait_for("the command", DEADLINE, || find_descendant(pid, "sleep"));
     r.signal(libc::SIGKILL);
-    unsafe { libc::kill(sleep, libc::SIGKILL) };
     let o = r.wait(DEADLINE);
     assert_eq!(o.code, 137, "{o:?}");
     assert_eq!(tree(&w.upper()), kept, "the kept upper was changed");

@@ -15,6 +15,7 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
+pub mod pidns;
 pub mod upper;
 
 /// Exit status when the launcher itself failed (docker/env convention).
@@ -117,6 +118,27 @@ fn bind(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
 pub fn prepare_rootfs(root: &Path) -> io::Result<()> {
     for d in ["proc", "dev", "sys"] {
         let target = root.join(d);
+        if d == "proc" && target.is_dir() && pidns::is_namespace_init() {
+            // The /proc of the session's PID namespace, so its pids mean what they say.
+            let t = crate::engine::sys::cstr(target.as_os_str())?;
+            let r = unsafe {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    t.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                )
+            };
+            if r == 0 {
+                continue;
+            }
+            log::warn!(
+                "cannot mount a /proc for the session ({}): the host's is used, whose \
+                 process ids differ from the session's",
+                io::Error::last_os_error()
+            );
+        }
         if target.is_dir() {
             bind(Path::new("/").join(d).as_path(), &target, libc::MS_REC)?;
         } else {
@@ -199,7 +221,10 @@ struct TargetState {
 impl Target {
     fn deliver(&self, sig: i32) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.exited {
+        if st.exited && pidns::is_namespace_init() {
+            // Everyone else in the namespace (the pids /proc shows are the host's).
+            unsafe { libc::kill(-1, sig) };
+        } else if st.exited {
             for p in children() {
                 if !st.helpers.contains(&p) {
                     unsafe { libc::kill(p, sig) };
@@ -276,6 +301,19 @@ pub fn run_outcome(
         .ok_or_else(|| io::Error::other("no command given"))?;
     let mut cmd = Command::new(prog);
     cmd.args(args).envs(launch.env.iter().cloned());
+    unsafe {
+        // A killed launcher takes the command with it (without a PID namespace, its own
+        // children may stay).
+        cmd.pre_exec(|| {
+            check(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))
+        });
+    }
     match &launch.chroot {
         Some(root) => {
             let root = crate::engine::sys::cstr(root.as_os_str())?;
@@ -395,10 +433,16 @@ pub fn run_in_overlay_outcome(
     root: bool,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<Outcome, String> {
+    let mut guardian = None;
     match enter_private_namespace() {
         Ok(ns) => {
             log::info!("running in {ns:?} namespace");
             ofs.set_mount_method(crate::MountMethod::Direct);
+            // A root filesystem session gets its own PID namespace (its own /proc); a plain
+            // command keeps seeing the host's processes.
+            if !(root && pidns::enter_pid_namespace()) {
+                guardian = pidns::spawn_guardian();
+            }
         }
         Err(e) if root => {
             return Err(format!(
@@ -422,7 +466,8 @@ pub fn run_in_overlay_outcome(
     let target = Arc::new(Target::default());
     let fwd =
         forward_signals(target.clone()).map_err(|e| format!("installing signal handlers: {e}"))?;
-    let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
+    let mut helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
+    helpers.extend(guardian);
     let res = run_outcome(&launch, &target, &helpers);
     fwd.close();
     if launch.chroot.is_some() {
