@@ -4,7 +4,8 @@ set -euo pipefail
 if [ "$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi
 need=()
 # libc6-dev: libc.a, for the static bundle runtime.
-for pkg in fuse3 fuse-overlayfs attr busybox-static strace libc6-dev; do
+# uidmap: newuidmap/newgidmap, for --root sessions with subordinate ids (tests/ovl_run.rs).
+for pkg in fuse3 fuse-overlayfs attr busybox-static strace libc6-dev uidmap; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

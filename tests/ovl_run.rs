@@ -1534,6 +1534,296 @@ fn root_session_as_non_root_user() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// --root as a normal user: root inside, subordinate ids, other users
+// ---------------------------------------------------------------------------------------------
+
+/// A user without subordinate ids (a system user gets none).
+const NOSUB_USER: &str = "ovl-test-nosub";
+
+fn named_user_ids(name: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, name]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+fn ensure_nosub_user() -> (u32, u32) {
+    if named_user_ids(NOSUB_USER).is_none() {
+        let _ = Command::new("useradd")
+            .args(["-r", "-M", "-s", "/bin/sh", NOSUB_USER])
+            .status()
+            .expect("useradd");
+    }
+    let ids = wait_for("the test user", Duration::from_secs(10), || {
+        named_user_ids(NOSUB_USER)
+    });
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let t = fs::read_to_string(f).unwrap_or_default();
+        assert!(
+            !t.lines().any(|l| l.starts_with(&format!("{NOSUB_USER}:"))),
+            "{NOSUB_USER} has subordinate ids in {f}"
+        );
+    }
+    ids
+}
+
+/// The test user's first subordinate uid and gid, added if it has none.
+fn ensure_subids() -> (u32, u32) {
+    let first = |f: &str| -> Option<u32> {
+        let t = fs::read_to_string(f).ok()?;
+        let l = t.lines().find(|l| l.starts_with(&format!("{USER}:")))?;
+        let mut p = l.split(':').skip(1);
+        let (start, count) = (p.next()?.parse().ok()?, p.next()?.parse::<u32>().ok()?);
+        (count >= 65536).then_some(start)
+    };
+    if first("/etc/subuid").is_none() || first("/etc/subgid").is_none() {
+        let st = Command::new("usermod")
+            .args([
+                "--add-subuids",
+                "300000-365535",
+                "--add-subgids",
+                "300000-365535",
+                USER,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "usermod --add-subuids");
+    }
+    for tool in ["newuidmap", "newgidmap"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{tool} is missing: run packaging/setup-deps.sh (apt install uidmap)"
+        );
+    }
+    (first("/etc/subuid").unwrap(), first("/etc/subgid").unwrap())
+}
+
+/// Copies a host binary and the libraries it links into `root`.
+fn copy_with_libs(root: &Path, bin: &str) {
+    let mut files = vec![bin.to_string()];
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        files.extend(
+            l.split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(str::to_string),
+        );
+    }
+    for f in files {
+        let dst = root.join(f.trim_start_matches('/'));
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(&f, &dst).unwrap();
+    }
+}
+
+/// A small root filesystem with busybox, dpkg and setpriv, a .deb to install (`/pkgs/
+/// hello.deb`, putting `/usr/share/hello/greeting`), and a file of another user:
+/// `/var/apt/f` (0600), owned by uid/gid 42 inside. Owned as `--root` maps ids: root's files by
+/// `uid`/`gid`, those of N > 0 by `sub + N - 1` (`sub`: the first subordinate id, or None:
+/// then 42's file is owned by `other`).
+fn dpkg_rootfs(w: &World, uid: u32, gid: u32, sub: Option<(u32, u32)>, other: u32) -> PathBuf {
+    let r = w.p("rootfs");
+    for d in [
+        "bin",
+        "sbin",
+        "etc",
+        "proc",
+        "dev",
+        "sys",
+        "tmp",
+        "pkgs",
+        "var/apt",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/lib/dpkg/parts",
+        "var/lib/dpkg/alternatives",
+        "var/log",
+    ] {
+        fs::create_dir_all(r.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    for l in [
+        "sh", "cat", "ls", "id", "chown", "rm", "mkdir", "stat", "echo",
+    ] {
+        std::os::unix::fs::symlink("busybox", r.join("bin").join(l)).unwrap();
+    }
+    for b in ["/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/setpriv"] {
+        copy_with_libs(&r, b);
+    }
+    // What dpkg insists on finding in PATH.
+    fs::write(r.join("sbin/ldconfig"), "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(r.join("sbin/ldconfig"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("/bin/busybox", r.join("sbin/start-stop-daemon")).unwrap();
+    fs::write(r.join("var/lib/dpkg/status"), "").unwrap();
+    fs::write(r.join("var/lib/dpkg/parts/old"), "").unwrap();
+    fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\n_apt:x:42:42::/:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(r.join("etc/group"), "root:x:0:\n_apt:x:42:\n").unwrap();
+    let pkg = w.p("pkg");
+    fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    fs::create_dir_all(pkg.join("usr/share/hello")).unwrap();
+    fs::write(
+        pkg.join("DEBIAN/control"),
+        "Package: hello-ovl\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\n\
+         Description: test\n",
+    )
+    .unwrap();
+    fs::write(pkg.join("usr/share/hello/greeting"), "hi\n").unwrap();
+    let st = Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(&pkg)
+        .arg(r.join("pkgs/hello.deb"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "dpkg-deb --build");
+    fs::write(r.join("var/apt/f"), "apt\n").unwrap();
+    fs::set_permissions(r.join("var/apt/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    chown_tree(&r, uid, gid);
+    let (ou, og) = match sub {
+        Some((su, sg)) => (su + 41, sg + 41),
+        None => (other, other),
+    };
+    std::os::unix::fs::lchown(r.join("var/apt/f"), Some(ou), Some(og)).unwrap();
+    r
+}
+
+#[test]
+fn root_session_with_subordinate_ids_has_root_and_other_users() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    let sub = ensure_subids();
+    let rootfs = dpkg_rootfs(&w, uid, gid, Some(sub), 0);
+    let before = tree(&rootfs);
+    let nobody = "/usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let apt = "/usr/bin/setpriv --reuid=42 --regid=42 --clear-groups";
+    let script = format!(
+        "export PATH=/usr/sbin:/usr/bin:/sbin:/bin; id -u; echo x > /x; chown 1234:1234 /x; \
+         stat -c %u:%g /x; dpkg -i /pkgs/hello.deb >/dev/null && cat /usr/share/hello/greeting; \
+         echo root >> /var/apt/f; {apt} cat /var/apt/f; {nobody} ls /pkgs; \
+         {nobody} cat /var/apt/f || echo nobody-may-not-read; \
+         {nobody} sh -c 'echo > /nope' || echo nobody-may-not-write; \
+         rm -r /var/lib/dpkg/parts && mkdir /var/lib/dpkg/parts && ls -a /var/lib/dpkg/parts"
+    );
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    ));
+    assert_eq!(
+        o.stdout,
+        "0\n1234:1234\nhi\napt\nroot\nhello.deb\nnobody-may-not-read\nnobody-may-not-write\n.\n..\n",
+        "{o:?}"
+    );
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(!o.stderr.contains("warning"), "{o:?}");
+    assert_eq!(tree(&rootfs), before, "the rootfs changed");
+    // In the upper, as the namespace maps them: 1234 is the 1234th subordinate id.
+    let up = w.p("rootfs_upper");
+    let m = fs::metadata(up.join("x")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (sub.0 + 1233, sub.1 + 1233));
+    let m = fs::metadata(up.join("var/apt/f")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (sub.0 + 41, 0o600));
+    assert_eq!(read(up.join("usr/share/hello/greeting")), "hi\n");
+
+    // --keep-uid: the caller's own ids inside.
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--keep-uid",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u",
+        ],
+    ));
+    assert_eq!((o.code, o.stdout.clone()), (0, format!("{uid}\n")), "{o:?}");
+
+    // As root the mount is open to the session's other users too.
+    let mut c = w.ovl();
+    c.args(["-q", "--root", "--on-exit", "discard", "--lower"])
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c", &format!("{nobody} ls /pkgs")]);
+    let o = run(c);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "hello.deb\n"), "{o:?}");
+}
+
+#[test]
+fn root_session_without_subordinate_ids_warns_once_and_foreign_files_are_read_only() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (uid, gid) = ensure_nosub_user();
+    let bin = w.p("ovl-run");
+    fs::copy(BIN, &bin).unwrap();
+    fs::create_dir_all(&w.cache).unwrap();
+    chown_tree(&w.root, uid, gid);
+    let rootfs = dpkg_rootfs(&w, uid, gid, None, 4321);
+    let before = tree(&rootfs);
+    let mut c = Command::new("runuser");
+    c.current_dir(&w.root)
+        .env_remove("RUST_LOG")
+        .args(["-u", NOSUB_USER, "--", "env"])
+        .arg(format!("XDG_CACHE_HOME={}", w.cache.display()))
+        .arg(&bin)
+        .args(["-q", "--root", "--lower"])
+        .arg(&rootfs)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; echo x > /x && echo wrote-own; stat -c %u /var/apt/f; \
+             echo y >> /var/apt/f || echo foreign-read-only",
+        ]);
+    let o = run(c);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stdout, "0\nwrote-own\n65534\nforeign-read-only\n",
+        "{o:?}"
+    );
+    let warnings: Vec<&str> = o.stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{o:?}");
+    assert!(
+        warnings[0].starts_with("ovl-run: warning: only your own ids are mapped: ")
+            && warnings[0].contains(&format!(
+                "{NOSUB_USER} has no subordinate ids in /etc/subuid"
+            ))
+            && warnings[0].contains("files of other owners are read-only"),
+        "{o:?}"
+    );
+    assert_eq!(tree(&rootfs), before, "the rootfs changed");
+    assert_eq!(fs::metadata(w.p("rootfs_upper/x")).unwrap().uid(), uid);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Bad input: 125, one line naming the path, nothing changed on disk
 // ---------------------------------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ Examples:
   ovl-run --lower data --on-exit commit -- ./migrate
                                                keep the changes: merge them into data
   ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
+                                               (root inside; your /etc/subuid ids the others)
   ovl-run --lower rootfs                       mount, print the mount point, serve until
                                                Ctrl-C or `fusermount3 -u`, then finalize
 
@@ -79,9 +80,13 @@ struct Args {
     /// Inode numbers: virtual (assigned while mounted) or persistent (stable across mounts).
     #[arg(long = "inode-mode", value_name = "MODE", default_value = "virtual")]
     inode_mode: String,
-    /// Run the command with the merged tree as its `/` (a container-like rootfs session).
+    /// Run the command with the merged tree as its `/` (a container-like rootfs session): as
+    /// a normal user you are root inside, your subordinate ids (/etc/subuid) the other users.
     #[arg(long)]
     root: bool,
+    /// With --root as a normal user: stay your own uid and gid inside instead of root.
+    #[arg(long, requires = "root")]
+    keep_uid: bool,
     /// Keep the mount point directory afterwards.
     #[arg(long)]
     keep_mountpoint: bool,
@@ -378,7 +383,12 @@ fn default_upper(lower: &Path) -> PathBuf {
 fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let upper = ofs.upper().expect("an upper").to_path_buf();
-    launcher::run_in_overlay_outcome(ofs, args.root, |mnt| {
+    let ids = if args.root && !args.keep_uid {
+        launcher::Ids::Root
+    } else {
+        launcher::Ids::Own
+    };
+    launcher::run_in_overlay_outcome(ofs, args.root, ids, |mnt| {
         let inside = launcher::map_cwd(&cwd, &args.lowers[0], mnt);
         // Absolute paths: the command starts somewhere else.
         let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());

@@ -101,7 +101,9 @@ impl LayerStack {
             ));
         }
         let upper = upper.map(Layer::open).transpose()?;
-        let root = unsafe { libc::geteuid() } == 0;
+        // trusted.* needs root of the initial user namespace (not root of a user namespace,
+        // as in an `ovl-run --root` session of a normal user).
+        let root = crate::engine::session::initial_userns_root();
         let mut stack = LayerStack {
             lowers,
             upper,

@@ -17,6 +17,9 @@ use signal_hook::low_level::siginfo::Cause;
 
 pub mod pidns;
 pub mod upper;
+pub mod userns;
+
+pub use userns::Ids;
 
 /// Exit status when the launcher itself failed (docker/env convention).
 pub const EXIT_FAILURE: i32 = 125;
@@ -30,7 +33,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 pub enum Namespace {
     /// A private mount namespace (root): our mounts are invisible to others and die with us.
     PrivateMount,
-    /// A user + mount namespace mapping our own uid/gid (no privileges needed).
+    /// A user + mount namespace (no privileges needed), mapping ids as asked ([`Ids`]).
     User,
 }
 
@@ -40,10 +43,6 @@ fn check(r: libc::c_int) -> io::Result<()> {
     } else {
         Ok(())
     }
-}
-
-fn write_file(path: &str, data: &str) -> io::Result<()> {
-    std::fs::write(path, data).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
 /// Makes every mount below `/` private, so nothing we mount propagates out.
@@ -64,17 +63,18 @@ fn make_mounts_private() -> io::Result<()> {
 /// namespace; otherwise a user namespace mapping our own uid and gid (files keep showing up
 /// as owned by the caller). Must be called while the process is single-threaded.
 pub fn enter_private_namespace() -> io::Result<Namespace> {
+    enter_private_namespace_as(Ids::Own)
+}
+
+/// [`enter_private_namespace`], mapping a normal user's ids as `ids` says.
+pub fn enter_private_namespace_as(ids: Ids) -> io::Result<Namespace> {
     wait_single_threaded();
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if uid == 0 {
+    if unsafe { libc::geteuid() } == 0 {
         check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
         make_mounts_private()?;
         return Ok(Namespace::PrivateMount);
     }
-    check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) })?;
-    write_file("/proc/self/setgroups", "deny")?;
-    write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
-    write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+    userns::enter(ids)?;
     make_mounts_private()?;
     Ok(Namespace::User)
 }
@@ -339,16 +339,7 @@ pub fn run_outcome(
                 io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_NOT_EXECUTABLE,
             };
-            // Named as the user invoked us (ovl-run, or an app.run bundle).
-            let me = std::env::args_os()
-                .next()
-                .and_then(|a| {
-                    Path::new(&a)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                })
-                .unwrap_or_else(|| "ovl-run".into());
-            eprintln!("{me}: {}: {e}", prog.to_string_lossy());
+            eprintln!("{}: {}: {e}", program_name(), prog.to_string_lossy());
             return Ok(Outcome {
                 code,
                 started: false,
@@ -382,6 +373,18 @@ pub fn run_outcome(
         code: exit_code(st),
         started: true,
     })
+}
+
+/// Our name as the user invoked us (ovl-run, or an app.run bundle), for messages.
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "ovl-run".into())
 }
 
 /// The status to report for a wait status: the exit code, or 128+N for death by signal N.
@@ -424,20 +427,25 @@ pub fn run_in_overlay(
     root: bool,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<i32, String> {
-    run_in_overlay_outcome(ofs, root, make).map(|o| o.code)
+    run_in_overlay_outcome(ofs, root, Ids::Own, make).map(|o| o.code)
 }
 
-/// [`run_in_overlay`], telling also whether the command started.
+/// [`run_in_overlay`], with a normal user's ids inside mapped as `ids` says, telling also
+/// whether the command started.
 pub fn run_in_overlay_outcome(
     ofs: &mut crate::OverlayFS,
     root: bool,
+    ids: Ids,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<Outcome, String> {
     let mut guardian = None;
-    match enter_private_namespace() {
+    match enter_private_namespace_as(ids) {
         Ok(ns) => {
             log::info!("running in {ns:?} namespace");
-            ofs.set_mount_method(crate::MountMethod::Direct);
+            // The mount is the session's own: every id in it may use it (su, daemons, apt's
+            // sandbox user), the kernel checking permissions (default_permissions).
+            ofs.set_mount_method(crate::MountMethod::Direct)
+                .set_allow_other(true);
             // A root filesystem session gets its own PID namespace (its own /proc); a plain
             // command keeps seeing the host's processes.
             if !(root && pidns::enter_pid_namespace()) {
