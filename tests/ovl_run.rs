@@ -1,6 +1,7 @@
 //! The `ovl-run` launcher, end to end: the real binary on real mounts. Exit statuses, signal
-//! forwarding, the subreaper, no dead mounts after SIGKILL, cwd mapping and environment,
-//! defaults, finalization, serve mode, non-root runs, `--root` sessions and bad input.
+//! forwarding, the subreaper, no dead mounts and no surviving processes after SIGKILL, cwd
+//! mapping and environment, defaults, finalization (discard never touches a kept upper),
+//! serve mode, non-root runs, `--root` sessions (root inside, subordinate ids) and bad input.
 //!
 //! Every test works in its own temp dir with its own `XDG_CACHE_HOME`, so the default mount
 //! points of parallel tests never collide and stale-directory cleanup can be checked.
@@ -1765,6 +1766,34 @@ fn root_session_with_subordinate_ids_has_root_and_other_users() {
         ],
     ));
     assert_eq!((o.code, o.stdout.clone()), (0, format!("{uid}\n")), "{o:?}");
+
+    // A rootfs made where root was the first subordinate id (mmdebstrap --mode=unshare
+    // writing a directory) is named, once.
+    std::os::unix::fs::lchown(&rootfs, Some(sub.0), Some(sub.1)).unwrap();
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--on-exit",
+            "discard",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/id",
+        ],
+    ));
+    assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
+    assert!(
+        o.stderr.starts_with(&format!(
+            "ovl-run: warning: {} belongs to your first subordinate uid {}",
+            rootfs.display(),
+            sub.0
+        )),
+        "{o:?}"
+    );
+    std::os::unix::fs::lchown(&rootfs, Some(uid), Some(gid)).unwrap();
 
     // As root the mount is open to the session's other users too.
     let mut c = w.ovl();

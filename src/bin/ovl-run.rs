@@ -388,6 +388,9 @@ fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
     } else {
         launcher::Ids::Own
     };
+    if ids == launcher::Ids::Root && unsafe { libc::geteuid() } != 0 {
+        warn_other_id_convention(&args.lowers[0]);
+    }
     launcher::run_in_overlay_outcome(ofs, args.root, ids, |mnt| {
         let inside = launcher::map_cwd(&cwd, &args.lowers[0], mnt);
         // Absolute paths: the command starts somewhere else.
@@ -421,4 +424,25 @@ fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
             }
         }
     })
+}
+
+/// A root filesystem whose `/` belongs to the caller's first subordinate uid was made in a
+/// namespace mapping root there (`mmdebstrap --mode=unshare` writing a directory), not as
+/// `--root` maps ids (root is the caller, N is first + N - 1): its owners would be off by one.
+fn warn_other_id_convention(lower: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(first), Ok(md)) = (
+        launcher::userns::first_subordinate_uid(),
+        std::fs::metadata(lower),
+    ) else {
+        return;
+    };
+    if md.uid() == first {
+        eprintln!(
+            "ovl-run: warning: {} belongs to your first subordinate uid {first} (root of a \
+             namespace mapping root there, as `mmdebstrap --mode=unshare` makes): inside, its \
+             root's files show up as uid 1; unpack it as README.md's ovl-run example shows",
+            lower.display()
+        );
+    }
 }

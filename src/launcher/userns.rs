@@ -40,6 +40,12 @@ fn sub_range(file: &str, name: Option<&str>, id: u32) -> Option<Range> {
     })
 }
 
+/// The caller's first subordinate uid (from /etc/subuid), if it has a range.
+pub fn first_subordinate_uid() -> Option<u32> {
+    let uid = unsafe { libc::geteuid() };
+    sub_range("/etc/subuid", user_name(uid).as_deref(), uid).map(|r| r.start)
+}
+
 fn user_name(uid: u32) -> Option<String> {
     let mut buf = vec![0u8; 16384];
     let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
