@@ -190,9 +190,7 @@ fn real_main() -> i32 {
     let work = ovl::overlayfs::default_workdir(&upper);
     let made_work = work.symlink_metadata().is_err();
     let forget = |lock: Option<UpperLock>| {
-        if let Some(l) = lock {
-            l.release();
-        }
+        drop(lock);
         upper::remove_created(&made_mountpoint);
         upper::remove_created(&made_parent);
     };
@@ -222,8 +220,8 @@ fn real_main() -> i32 {
         scratch = Some(s);
     }
     // What the upper held before, to count this run's changes (a discard run's are all in
-    // its scratch upper).
-    let before = if action == OnExit::Discard {
+    // its scratch upper; a commit reports what it wrote).
+    let before = if !matches!(action, OnExit::Preserve | OnExit::DiscardAll) {
         Ok(Baseline::default())
     } else {
         Baseline::take(&upper)
@@ -271,7 +269,7 @@ fn real_main() -> i32 {
         }
     }
     drop(scratch);
-    lock.release();
+    drop(lock);
     if !upper.exists() {
         upper::remove_created(&made_parent);
     }

@@ -24,51 +24,52 @@ fn flock(f: &fs::File, op: libc::c_int) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), op | libc::LOCK_NB) == 0 }
 }
 
-/// Opens `path` (creating it) and locks it with `op`, making sure the lock is on the file the
-/// path names: a run that removes a lock file does so holding it exclusively, and whoever
-/// opened the removed file before finds that out here and tries again. `None`: held by others.
-fn lock_file(path: &Path, op: libc::c_int) -> io::Result<Option<fs::File>> {
+/// Opens the directory `path` and locks it with `op`, making sure the lock is on the
+/// directory the path names (a run that removes an upper does so holding it exclusively, and
+/// whoever opened the removed one first finds that out here and tries again). A writer
+/// creates the directory when missing. `Ok(None)`: held by others, or (a reader) no upper.
+fn lock_dir(path: &Path, op: libc::c_int, create: bool) -> io::Result<Option<fs::File>> {
     for _ in 0..100 {
-        let file = match fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .open(path)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                match fs::OpenOptions::new().read(true).write(true).open(path) {
-                    Ok(f) => f,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+        if create {
+            match fs::create_dir(path) {
+                Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
+            }
+        }
+        let dir = match fs::File::open(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if create {
+                    continue;
                 }
+                return Ok(None);
             }
             Err(e) => return Err(e),
         };
-        if !flock(&file, op) {
-            return Ok(None);
+        if !flock(&dir, op) {
+            return Err(io::Error::from(io::ErrorKind::WouldBlock));
         }
-        if same_file(&file, path) {
-            return Ok(Some(file));
+        if same_file(&dir, path) {
+            return Ok(Some(dir));
         }
     }
-    Err(io::Error::other("the lock file keeps being replaced"))
+    Err(io::Error::other("the directory keeps being replaced"))
 }
 
-/// A run's hold on an upper. Writers (preserve, commit, discard-all) are exclusive: two
-/// runs writing one upper would corrupt it. Discard runs only read it and share.
+/// A run's hold on an upper: a lock on the upper directory itself (nothing is added beside
+/// it, so a killed run leaves nothing). Writers (preserve, commit, discard-all) are
+/// exclusive: two runs writing one upper would corrupt it. Discard runs only read it and
+/// share.
 #[derive(Debug)]
 pub struct UpperLock {
-    file: fs::File,
-    path: PathBuf,
+    _dir: Option<fs::File>,
 }
 
 impl UpperLock {
-    /// Locks `upper` (whose parent must exist). A reader first finishes a commit a crash
-    /// interrupted in the upper's work dir (which needs the upper to itself), so that it reads
-    /// the upper as the commit left it.
+    /// Locks `upper` (whose parent must exist; a writer creates it). A reader first finishes
+    /// a commit a crash interrupted in the upper's work dir (which needs the upper to itself),
+    /// so that it reads the upper as the commit left it.
     pub fn acquire(upper: &Path, writer: bool) -> Result<UpperLock, String> {
-        let path = hidden_sibling(upper, ".ovl-lock");
         let busy = || {
             format!(
                 "{}: another ovl-run is using this upper; wait for it to finish, or give this \
@@ -77,48 +78,43 @@ impl UpperLock {
                 if writer { " or --on-exit discard" } else { "" }
             )
         };
-        let io_err = |e: io::Error| match e.kind() {
+        let err = |e: io::Error| match e.kind() {
+            io::ErrorKind::WouldBlock => busy(),
             io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => format!(
-                "{}: cannot make its lock file {} ({e}): choose an upper directory where you \
-                 may write",
-                upper.display(),
-                path.display()
+                "{}: cannot create the upper directory ({e}): choose an upper directory where \
+                 you may write",
+                upper.display()
             ),
-            _ => format!("locking {}: {e}", path.display()),
+            _ => format!("locking {}: {e}", upper.display()),
         };
-        if let Some(file) = lock_file(&path, libc::LOCK_EX).map_err(io_err)? {
-            let lock = UpperLock {
-                file,
-                path: path.clone(),
-            };
-            if writer {
-                return Ok(lock);
-            }
-            let work = crate::overlayfs::default_workdir(upper);
-            if work.is_dir() && upper.is_dir() {
-                crate::commit::recover(&work, upper).map_err(|e| e.to_string())?;
-            }
-            // Not atomic: a writer may slip in between, then this run waits for another time.
-            if !flock(&lock.file, libc::LOCK_SH) {
-                return Err(busy());
-            }
-            return Ok(lock);
-        }
         if writer {
-            return Err(busy());
+            let dir = lock_dir(upper, libc::LOCK_EX, true).map_err(err)?;
+            return Ok(UpperLock { _dir: dir });
         }
-        match lock_file(&path, libc::LOCK_SH).map_err(io_err)? {
-            Some(file) => Ok(UpperLock { file, path }),
-            None => Err(busy()),
-        }
-    }
-
-    /// Releases the lock, removing the lock file unless another run holds it (a lock file
-    /// is there only while runs are).
-    pub fn release(self) {
-        if flock(&self.file, libc::LOCK_EX) && same_file(&self.file, &self.path) {
-            let _ = fs::remove_file(&self.path);
-        }
+        // A reader: alone, it first finishes a commit a crash interrupted (recovery writes);
+        // sharing with other readers, one of them did (writers are kept out meanwhile).
+        let dir = match lock_dir(upper, libc::LOCK_EX, false) {
+            Ok(Some(dir)) => {
+                let work = crate::overlayfs::default_workdir(upper);
+                if work.is_dir() {
+                    crate::commit::recover(&work, upper).map_err(|e| e.to_string())?;
+                }
+                // Not atomic: a writer may slip in between, then this run waits for later.
+                if !flock(&dir, libc::LOCK_SH) {
+                    return Err(busy());
+                }
+                dir
+            }
+            Ok(None) => return Ok(UpperLock { _dir: None }),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                match lock_dir(upper, libc::LOCK_SH, false).map_err(err)? {
+                    Some(dir) => dir,
+                    None => return Ok(UpperLock { _dir: None }),
+                }
+            }
+            Err(e) => return Err(err(e)),
+        };
+        Ok(UpperLock { _dir: Some(dir) })
     }
 }
 
