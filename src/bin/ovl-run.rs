@@ -181,7 +181,8 @@ fn real_main() -> i32 {
         Ok(m) => m,
         Err(e) => {
             return fail(format!(
-                "{}: cannot create its parent ({e})",
+                "{}: cannot create its parent directory ({e}): choose an upper directory \
+                 where you may write",
                 upper.display()
             ));
         }
@@ -248,11 +249,12 @@ fn real_main() -> i32 {
         res => {
             let _ = ofs.umount();
             drop(scratch);
-            if made_work {
+            // An error may come after the command ran: only an empty upper goes, and its work
+            // dir (which may index hard links of files in the upper) with it.
+            let upper_gone = made_upper && std::fs::remove_dir(&upper).is_ok();
+            let never_ran = res.is_ok();
+            if made_work && (upper_gone || never_ran) {
                 let _ = ovl::finalize::remove_dir_tree(&work);
-            }
-            if made_upper {
-                let _ = std::fs::remove_dir(&upper);
             }
             forget(Some(lock));
             return match res {

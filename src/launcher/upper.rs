@@ -1,6 +1,6 @@
-//! A kept upper shared by runs: who may use it (a lock file beside it), and where a run that
-//! must not change it puts its own changes (a scratch upper beside it, on the same filesystem,
-//! removed afterwards, or by a later run if this one was killed).
+//! A kept upper shared by runs: who may use it (a lock on the upper directory), and where a
+//! run that must not change it puts its own changes (a scratch upper beside it, on the same
+//! filesystem, removed afterwards, or by a later run if this one was killed).
 //!
 //! A discard run stacks the kept upper as its topmost lower: it sees the earlier runs' work
 //! and never writes it, so however it ends (SIGKILL included) the kept upper stays as it was.
@@ -13,8 +13,9 @@ use std::path::{Path, PathBuf};
 
 use crate::overlayfs::hidden_sibling;
 
+/// Whether `path` (followed, as it was opened) still names the file `f` holds.
 fn same_file(f: &fs::File, path: &Path) -> bool {
-    match (f.metadata(), fs::symlink_metadata(path)) {
+    match (f.metadata(), fs::metadata(path)) {
         (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
         _ => false,
     }
@@ -27,7 +28,8 @@ fn flock(f: &fs::File, op: libc::c_int) -> bool {
 /// Opens the directory `path` and locks it with `op`, making sure the lock is on the
 /// directory the path names (a run that removes an upper does so holding it exclusively, and
 /// whoever opened the removed one first finds that out here and tries again). A writer
-/// creates the directory when missing. `Ok(None)`: held by others, or (a reader) no upper.
+/// creates the directory when missing. `Ok(None)`: (a reader) there is no upper; held by
+/// others: `WouldBlock`.
 fn lock_dir(path: &Path, op: libc::c_int, create: bool) -> io::Result<Option<fs::File>> {
     for _ in 0..100 {
         if create {
@@ -81,8 +83,8 @@ impl UpperLock {
         let err = |e: io::Error| match e.kind() {
             io::ErrorKind::WouldBlock => busy(),
             io::ErrorKind::PermissionDenied | io::ErrorKind::ReadOnlyFilesystem => format!(
-                "{}: cannot create the upper directory ({e}): choose an upper directory where \
-                 you may write",
+                "{}: cannot create or open the upper directory ({e}): choose an upper \
+                 directory where you may write",
                 upper.display()
             ),
             _ => format!("locking {}: {e}", upper.display()),
