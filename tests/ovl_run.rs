@@ -774,6 +774,58 @@ fn sigkill_of_ovl_run_ends_everything_the_command_started() {
         &["-q", "--lower", &lower, "--", "sh", "-c", script],
     ));
     assert_eq!(read(w.upper().join("x")), "x\n");
+
+    // A normal user's --root session with a process switched to another uid (the kernel ends
+    // the PID namespace; a signal from the caller could not reach that process).
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    let sub = ensure_subids();
+    let rootfs = dpkg_rootfs(&w, uid, gid, Some(sub), 0);
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
+    sigkill_ends_everything(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo x > x; /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups sleep 100 & \
+             sleep 100 & echo ready; wait",
+        ],
+    ));
+}
+
+#[test]
+fn non_root_user_discard_keeps_the_preserved_state() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let o = user_sh(&w, &bin, &["-q"], "echo a > a; rm f");
+    assert_eq!(o.code, 0, "{o:?}");
+    let kept = tree(&w.upper());
+    let o = user_sh(
+        &w,
+        &bin,
+        &["--on-exit", "discard"],
+        "cat a; rm a; echo b > b",
+    );
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded 2 changes of this run; {} is as it was\n",
+            w.upper().display()
+        )
+    );
+    assert_eq!(tree(&w.upper()), kept);
+    let o = user_sh(&w, &bin, &["-q"], "ls");
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\nsub\n"), "{o:?}");
 }
 
 #[test]
