@@ -12,9 +12,10 @@ need=()
 # fuse3: fusermount3. libc6-dev: libc.a, for the static bundle runtime. The rest serve tests:
 # attr (getfattr/setfattr), busybox-static (a tiny rootfs for --root), strace (crash tests kill
 # a commit at chosen system calls), fuse-overlayfs (a reference), podman (tests/podman.rs runs
-# it on ovl-mount; skipped without it; about 20 packages, 25 s to install here).
+# it on ovl-mount; skipped without it; about 20 packages, 25 s to install here), uidmap
+# (newuidmap/newgidmap: --root sessions with subordinate ids).
 pkgs=(fuse3 libc6-dev)
-[ $tests = 1 ] && pkgs+=(fuse-overlayfs attr busybox-static strace podman)
+[ $tests = 1 ] && pkgs+=(fuse-overlayfs attr busybox-static strace podman uidmap)
 for pkg in "${pkgs[@]}"; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done

@@ -43,7 +43,8 @@ pub struct Report {
     pub action: OverlayAction,
     /// Where the outcome landed (the upper for Preserve/Discard, the lower for commits).
     pub path: PathBuf,
-    /// Entries in the upper (files, directories, whiteouts) when it was finalized.
+    /// Entries in the upper (files, directories, whiteouts) when it was finalized, or, with a
+    /// [`Baseline`], the entries created, changed or removed since it was taken.
     pub changes: u64,
     /// Files written into the lower (commits).
     pub written: u64,
@@ -102,6 +103,72 @@ pub fn count_entries(dir: &Path) -> Result<u64> {
     walk(fd.as_fd_borrowed()).map_err(|e| Error::io("reading", dir, e))
 }
 
+/// The entries of an upper before a run (inode number and change time of each), so that
+/// the run's own changes can be counted afterwards: an entry whose change time moved was
+/// written (the kernel sets it on every change; nobody can set it back).
+#[derive(Debug, Default)]
+pub struct Baseline {
+    entries: std::collections::HashMap<u64, (i64, i64)>,
+}
+
+fn walk_stats(
+    fd: std::os::fd::BorrowedFd<'_>,
+    f: &mut dyn FnMut(&libc::stat),
+) -> std::io::Result<()> {
+    for e in sys::read_dir(fd)? {
+        let c = std::ffi::CString::new(e.name).map_err(std::io::Error::other)?;
+        let Some(st) = sys::fstatat_opt(fd, &c)? else {
+            continue;
+        };
+        f(&st);
+        if st.st_mode & libc::S_IFMT == libc::S_IFDIR {
+            let sub = sys::openat(fd, &c, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            walk_stats(sub.as_fd_borrowed(), f)?;
+        }
+    }
+    Ok(())
+}
+
+impl Baseline {
+    /// Records every entry below `dir` (nothing when it does not exist yet).
+    pub fn take(dir: &Path) -> Result<Baseline> {
+        let mut b = Baseline::default();
+        if !dir.exists() {
+            return Ok(b);
+        }
+        let fd = sys::open_dir_path(dir).map_err(|e| Error::io("reading", dir, e))?;
+        walk_stats(fd.as_fd_borrowed(), &mut |st| {
+            b.entries.insert(st.st_ino, (st.st_ctime, st.st_ctime_nsec));
+        })
+        .map_err(|e| Error::io("reading", dir, e))?;
+        Ok(b)
+    }
+
+    /// Entries below `dir` created or changed since the baseline, plus those removed.
+    pub fn changes(&self, dir: &Path) -> Result<u64> {
+        if !dir.exists() {
+            return Ok(self.entries.len() as u64);
+        }
+        let fd = sys::open_dir_path(dir).map_err(|e| Error::io("reading", dir, e))?;
+        let (mut changed, mut kept) = (0u64, 0u64);
+        walk_stats(
+            fd.as_fd_borrowed(),
+            &mut |st| match self.entries.get(&st.st_ino) {
+                Some(&t) if t == (st.st_ctime, st.st_ctime_nsec) => kept += 1,
+                Some(_) => {
+                    kept += 1;
+                    changed += 1
+                }
+                None => changed += 1,
+            },
+        )
+        .map_err(|e| Error::io("reading", dir, e))?;
+        // Entries still there matched one recorded each (inode numbers are unique per
+        // filesystem); the rest of the recorded ones are gone.
+        Ok(changed + (self.entries.len() as u64).saturating_sub(kept))
+    }
+}
+
 /// Removes a directory tree, never following a symlink out of it.
 pub fn remove_dir_tree(path: &Path) -> Result<()> {
     let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
@@ -120,12 +187,25 @@ pub fn remove_dir_tree(path: &Path) -> Result<()> {
 impl crate::OverlayFS {
     /// Unmounts (if mounted) and applies a finalization to the upper layer.
     pub fn overlay_action(&mut self, action: OverlayAction) -> Result<Report> {
+        self.overlay_action_since(action, None)
+    }
+
+    /// [`OverlayFS::overlay_action`], reporting as changes only what changed in the upper
+    /// since `baseline` (taken before mounting): a run's own changes on top of a kept upper.
+    pub fn overlay_action_since(
+        &mut self,
+        action: OverlayAction,
+        baseline: Option<&Baseline>,
+    ) -> Result<Report> {
         self.umount()?;
         let upper = self
             .upper()
             .map(Path::to_path_buf)
             .ok_or_else(|| Error::bad("", "no upper layer: there is nothing to finalize"))?;
-        let changes = count_entries(&upper)?;
+        let changes = match baseline {
+            Some(b) => b.changes(&upper)?,
+            None => count_entries(&upper)?,
+        };
         let mut report = Report {
             action,
             path: upper.clone(),

@@ -1,6 +1,7 @@
 //! The `ovl-run` launcher, end to end: the real binary on real mounts. Exit statuses, signal
-//! forwarding, the subreaper, no dead mounts after SIGKILL, cwd mapping and environment,
-//! defaults, finalization, serve mode, non-root runs, `--root` sessions and bad input.
+//! forwarding, the subreaper, no dead mounts and no surviving processes after SIGKILL, cwd
+//! mapping and environment, defaults, finalization (discard never touches a kept upper),
+//! serve mode, non-root runs, `--root` sessions (root inside, subordinate ids) and bad input.
 //!
 //! Every test works in its own temp dir with its own `XDG_CACHE_HOME`, so the default mount
 //! points of parallel tests never collide and stale-directory cleanup can be checked.
@@ -8,7 +9,7 @@
 mod common;
 use common::*;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -322,6 +323,63 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (u32, u32, u64)> {
     out
 }
 
+/// The names in `dir` (hidden ones included).
+fn names(dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect()
+}
+
+fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+/// Every entry below `dir` with its metadata, content, link target and xattrs: to check a
+/// tree is exactly as it was.
+fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+    fn walk(d: &Path, base: &Path, out: &mut BTreeMap<PathBuf, String>) {
+        for e in fs::read_dir(d).unwrap().flatten() {
+            let p = e.path();
+            let m = p.symlink_metadata().unwrap();
+            let mut xattrs: Vec<String> = xattr::list(&p)
+                .unwrap()
+                .map(|n| {
+                    let v = xattr::get(&p, &n).unwrap().unwrap_or_default();
+                    format!("{}={v:?}", n.to_string_lossy())
+                })
+                .collect();
+            xattrs.sort();
+            let content = if m.is_file() {
+                format!("{:?}", fs::read(&p).unwrap())
+            } else if m.file_type().is_symlink() {
+                fs::read_link(&p).unwrap().display().to_string()
+            } else {
+                String::new()
+            };
+            let desc = format!(
+                "{:o} {}:{} {} rdev={} mtime={}.{} ino={} {content} {xattrs:?}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.nlink(),
+                m.rdev(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ino()
+            );
+            out.insert(p.strip_prefix(base).unwrap().to_path_buf(), desc);
+            if m.is_dir() {
+                walk(&p, base, out);
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
 fn read(p: impl AsRef<Path>) -> String {
     let p = p.as_ref();
     fs::read_to_string(p).unwrap_or_else(|e| panic!("reading {}: {e}", p.display()))
@@ -445,6 +503,79 @@ fn command_not_found_is_127() {
     assert!(o.stderr.contains("ovl-no-such-command-xyz"), "{o:?}");
     // Nothing was left mounted or lying around.
     assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+#[test]
+fn a_command_that_never_started_leaves_nothing_on_disk() {
+    // No upper, work dir, mount point, cache dir or lock file appears: with the defaults, with
+    // directories given that do not exist yet, for --root, and for every finalization.
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    let before = snapshot(&w.root);
+    let lower = w.lower.to_str().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["--lower", lower, "--", "/nonexistent"],
+        vec!["--lower", lower, "--", "/etc/passwd"],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "discard",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "commit",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--on-exit",
+            "discard-all",
+            "--",
+            "/nonexistent",
+        ],
+        vec![
+            "--lower",
+            lower,
+            "--upper",
+            "new/deep/up",
+            "--mountpoint",
+            "mnt/deep",
+            "--",
+            "/nonexistent",
+        ],
+        vec!["--root", "--lower", "rootfs", "--", "/nonexistent"],
+    ];
+    for args in cases {
+        let o = run({
+            let mut c = w.ovl();
+            c.args(&args);
+            c
+        });
+        let want = if args.contains(&"/etc/passwd") {
+            126
+        } else {
+            127
+        };
+        assert_eq!(o.code, want, "{args:?}: {o:?}");
+        assert_eq!(o.stderr.lines().count(), 1, "{args:?}: {o:?}");
+        assert_eq!(snapshot(&w.root), before, "{args:?}: left something: {o:?}");
+        assert!(!w.cache.exists(), "{args:?}");
+    }
+    // An existing upper stays exactly as it was.
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let before = (snapshot(&w.root), tree(&w.upper()));
+    let o = run(w.ovl_lower(&["--", "/nonexistent"]));
+    assert_eq!(o.code, 127, "{o:?}");
+    assert_eq!((snapshot(&w.root), tree(&w.upper())), before, "{o:?}");
+    assert!(rootfs.is_dir());
 }
 
 #[test]
@@ -573,16 +704,128 @@ fn command_exiting_125_is_still_finalized() {
         "echo x > x; exit 125",
     ]));
     assert_eq!(o.code, 125, "{o:?}");
-    assert_eq!(
-        o.stderr,
-        format!(
-            "ovl-run: discarded 1 changes from {}\n",
-            w.upper().display()
-        )
-    );
+    assert_eq!(o.stderr, "ovl-run: discarded 1 changes\n");
     assert!(!w.upper().exists(), "upper left after discard");
     assert!(!w.work().exists(), "work dir left after discard");
     assert_eq!(w.mount_dirs(), Vec::<String>::new());
+}
+
+/// Starts `cmd` (an ovl-run whose command writes `x`, starts two background sleeps and prints
+/// `ready`), SIGKILLs the ovl-run process (`name`d `ovl-run`, maybe below a runuser) and
+/// checks that the command and everything it started end within a second.
+fn sigkill_ends_everything(cmd: Command) {
+    let mut r = Running::start(cmd);
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    let top = r.pid();
+    let ovl = if comm(top) == "ovl-run" {
+        top
+    } else {
+        find_descendant(top, "ovl-run").expect("ovl-run")
+    };
+    let procs = wait_for("the sleeps", DEADLINE, || {
+        let d = descendants(ovl);
+        (d.iter().filter(|&&p| comm(p) == "sleep").count() == 2).then_some(d)
+    });
+    unsafe { libc::kill(ovl, libc::SIGKILL) };
+    let o = r.wait(DEADLINE);
+    assert!(o.code == 137 || top != ovl, "{o:?}");
+    let t = Instant::now();
+    wait_for(
+        "the command's processes to end",
+        Duration::from_secs(1),
+        || procs.iter().all(|&p| is_gone(p)).then_some(()),
+    );
+    eprintln!("all ended {:?} after the SIGKILL", t.elapsed());
+}
+
+#[test]
+fn sigkill_of_ovl_run_ends_everything_the_command_started() {
+    let script = "echo x > x; sleep 100 & sleep 100 & echo ready; wait";
+    // A plain command, committing: nothing is committed, the upper is kept for the next run.
+    let w = World::new();
+    sigkill_ends_everything(w.ovl_lower(&["-q", "--on-exit", "commit", "--", "sh", "-c", script]));
+    assert!(!w.lower.join("x").exists(), "committed after SIGKILL");
+    assert_eq!(read(w.upper().join("x")), "x\n");
+    let o = run(w.ovl_lower(&["-q", "--", "cat", "x"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "x\n"), "{o:?}");
+    assert_eq!(fuse_mounts_under(&w.root), Vec::<String>::new());
+
+    // A --root session (its own PID namespace), discarding everything: nothing discarded.
+    let w = World::new();
+    let rootfs = make_rootfs(&w);
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
+    let mut c = w.ovl();
+    c.args(["-q", "--on-exit", "discard-all", "--root", "--lower"])
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c", script]);
+    sigkill_ends_everything(c);
+    assert_eq!(read(w.p("rootfs_upper/x")), "x\n");
+
+    // A normal user (a user namespace) with a plain command.
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let lower = w.lower.to_str().unwrap().to_string();
+    sigkill_ends_everything(as_user(
+        &w,
+        &bin,
+        &["-q", "--lower", &lower, "--", "sh", "-c", script],
+    ));
+    assert_eq!(read(w.upper().join("x")), "x\n");
+
+    // A normal user's --root session with a process switched to another uid (the kernel ends
+    // the PID namespace; a signal from the caller could not reach that process).
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    let sub = ensure_subids();
+    let rootfs = dpkg_rootfs(&w, uid, gid, Some(sub), 0);
+    std::os::unix::fs::symlink("busybox", rootfs.join("bin/sleep")).unwrap();
+    sigkill_ends_everything(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "echo x > x; /usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups sleep 100 & \
+             sleep 100 & echo ready; wait",
+        ],
+    ));
+}
+
+#[test]
+fn non_root_user_discard_keeps_the_preserved_state() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let o = user_sh(&w, &bin, &["-q"], "echo a > a; rm f");
+    assert_eq!(o.code, 0, "{o:?}");
+    let kept = tree(&w.upper());
+    let o = user_sh(
+        &w,
+        &bin,
+        &["--on-exit", "discard"],
+        "cat a; rm a; echo b > b",
+    );
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded 2 changes of this run; {} is as it was\n",
+            w.upper().display()
+        )
+    );
+    assert_eq!(tree(&w.upper()), kept);
+    let o = user_sh(&w, &bin, &["-q"], "ls");
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\nsub\n"), "{o:?}");
 }
 
 #[test]
@@ -759,7 +1002,7 @@ fn defaults_upper_beside_lower_mountpoint_removed_and_report() {
 }
 
 #[test]
-fn preserve_keeps_changes_for_the_next_run_and_discard_drops_them() {
+fn preserve_keeps_changes_for_the_next_run_and_discard_drops_only_its_own() {
     let w = World::new();
     // Run 1: a new file and a deletion, preserved (the default, and explicitly).
     let o = run(w.ovl_lower(&[
@@ -778,31 +1021,152 @@ fn preserve_keeps_changes_for_the_next_run_and_discard_drops_them() {
     assert!(w.upper().is_dir() && w.work().is_dir());
     assert_eq!(read(w.upper().join("a")), "a\n");
     assert_eq!(read(w.lower.join("f")), "lower\n");
+    let kept = tree(&w.upper());
 
-    // Run 2 sees them, and discards everything afterwards.
+    // A run that changes nothing reports 0 changes, not the upper's.
+    let o = run(w.ovl_lower(&["--", "cat", "a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 0 changes in {}\n", w.upper().display())
+    );
+    assert_eq!(tree(&w.upper()), kept);
+
+    // Run 2 sees them, changes and deletes things, and discards what it did: only that.
     let o = run(w.ovl_lower(&[
         "--on-exit",
         "discard",
         "--",
         "sh",
         "-c",
-        "cat a; test -e f && echo f-exists; echo b > b",
+        "cat a; test -e f && echo f-exists; echo b > b; rm a; echo lower2 > sub/g",
     ]));
     assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
     assert_eq!(
         o.stderr,
         format!(
-            "ovl-run: discarded 3 changes from {}\n",
+            "ovl-run: discarded 4 changes of this run; {} is as it was\n",
             w.upper().display()
         )
     );
-    assert!(!w.upper().exists(), "upper left after discard");
-    assert!(!w.work().exists(), "work dir left after discard");
+    assert_eq!(tree(&w.upper()), kept, "the kept upper was changed");
 
-    // Run 3: back to the pristine lower.
+    // Run 3: the preserved state, not the discarded one; this run's change is counted.
+    let o = run(w.ovl_lower(&["--", "sh", "-c", "cat a sub/g; ls; touch a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\ng\na\nsub\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!("ovl-run: preserved 1 changes in {}\n", w.upper().display())
+    );
+
+    // A discard run with no upper yet leaves none behind.
+    let w2 = World::new();
+    let o = run(w2.ovl_lower(&["--on-exit", "discard", "--", "sh", "-c", "echo x > x"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(o.stderr, "ovl-run: discarded 1 changes\n");
+    assert!(!w2.upper().exists() && !w2.work().exists());
+    assert_eq!(names(&w2.root), set(&["cache", "lower"]));
+}
+
+#[test]
+fn discard_all_drops_the_kept_upper_and_says_so() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a; rm f"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let o = run(w.ovl_lower(&[
+        "--on-exit",
+        "discard-all",
+        "--",
+        "sh",
+        "-c",
+        "cat a; echo b > b",
+    ]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: discarded everything in {} (3 entries, 1 changes of this run) and its \
+             work dir {}\n",
+            w.upper().display(),
+            w.work().display()
+        )
+    );
+    assert!(!w.upper().exists(), "upper left after discard-all");
+    assert!(!w.work().exists(), "work dir left after discard-all");
+    assert_eq!(names(&w.root), set(&["cache", "lower"]));
     let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "cat f; ls"]));
     assert_eq!((o.code, o.stdout.as_str()), (0, "lower\nf\nsub\n"), "{o:?}");
-    assert_eq!(read(w.lower.join("f")), "lower\n");
+}
+
+#[test]
+fn sigkill_of_a_discard_run_keeps_the_preserved_state() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a; rm f; mkdir d"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let kept = tree(&w.upper());
+    let work = tree(&w.work());
+    // The discard run writes, deletes and renames over the kept state, then is killed.
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "echo b > b; rm a; rmdir d; mv sub sub2; echo ready; exec sleep 30",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    let scratch: Vec<String> = names(&w.root)
+        .into_iter()
+        .filter(|n| n.starts_with(".lower_upper.ovl-scratch-"))
+        .collect();
+    assert_eq!(scratch.len(), 2, "a scratch dir and its lock: {scratch:?}");
+    r.signal(libc::SIGKILL);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 137, "{o:?}");
+    assert_eq!(tree(&w.upper()), kept, "the kept upper was changed");
+    assert_eq!(tree(&w.work()), work, "the kept work dir was changed");
+    // The next run sees the preserved state and removes the dead run's scratch dir.
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "cat a; ls"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\na\nd\nsub\n"), "{o:?}");
+    assert_eq!(
+        names(&w.root),
+        set(&["cache", "lower", "lower_upper", ".lower_upper.ovl-work"])
+    );
+}
+
+#[test]
+fn a_discard_run_and_a_writer_exclude_each_other() {
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-q", "--", "sh", "-c", "echo a > a"]));
+    assert_eq!(o.code, 0, "{o:?}");
+    let mut r = Running::start(w.ovl_lower(&[
+        "-q",
+        "--on-exit",
+        "discard",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 30",
+    ]));
+    assert_eq!(r.next_line(DEADLINE), "ready");
+    // Another discard run shares the upper; a writer is refused, naming it.
+    let o = run(w.ovl_lower(&["-q", "--on-exit", "discard", "--", "cat", "a"]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, "a\n"), "{o:?}");
+    let o = run(w.ovl_lower(&["--", "sh", "-c", "echo b > b"]));
+    assert_eq!(o.code, 125, "{o:?}");
+    assert_eq!(
+        o.stderr,
+        format!(
+            "ovl-run: {}: another ovl-run is using this upper; wait for it to finish, or give \
+             this run another --upper DIR or --on-exit discard\n",
+            w.upper().display()
+        )
+    );
+    assert!(!w.upper().join("b").exists());
+    r.signal(libc::SIGTERM);
+    let o = r.wait(DEADLINE);
+    assert_eq!(o.code, 143, "{o:?}");
 }
 
 #[test]
@@ -1220,6 +1584,324 @@ fn root_session_as_non_root_user() {
     let up = w.p("rootfs_upper");
     assert_eq!(read(up.join("y")), "y\n");
     assert_eq!(fs::metadata(up.join("y")).unwrap().uid(), uid);
+}
+
+// ---------------------------------------------------------------------------------------------
+// --root as a normal user: root inside, subordinate ids, other users
+// ---------------------------------------------------------------------------------------------
+
+/// A user without subordinate ids (a system user gets none).
+const NOSUB_USER: &str = "ovl-test-nosub";
+
+fn named_user_ids(name: &str) -> Option<(u32, u32)> {
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, name]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
+
+fn ensure_nosub_user() -> (u32, u32) {
+    if named_user_ids(NOSUB_USER).is_none() {
+        let _ = Command::new("useradd")
+            .args(["-r", "-M", "-s", "/bin/sh", NOSUB_USER])
+            .status()
+            .expect("useradd");
+    }
+    let ids = wait_for("the test user", Duration::from_secs(10), || {
+        named_user_ids(NOSUB_USER)
+    });
+    for f in ["/etc/subuid", "/etc/subgid"] {
+        let t = fs::read_to_string(f).unwrap_or_default();
+        assert!(
+            !t.lines().any(|l| l.starts_with(&format!("{NOSUB_USER}:"))),
+            "{NOSUB_USER} has subordinate ids in {f}"
+        );
+    }
+    ids
+}
+
+/// The test user's first subordinate uid and gid, added if it has none.
+fn ensure_subids() -> (u32, u32) {
+    let first = |f: &str| -> Option<u32> {
+        let t = fs::read_to_string(f).ok()?;
+        let l = t.lines().find(|l| l.starts_with(&format!("{USER}:")))?;
+        let mut p = l.split(':').skip(1);
+        let (start, count) = (p.next()?.parse().ok()?, p.next()?.parse::<u32>().ok()?);
+        (count >= 65536).then_some(start)
+    };
+    if first("/etc/subuid").is_none() || first("/etc/subgid").is_none() {
+        let st = Command::new("usermod")
+            .args([
+                "--add-subuids",
+                "300000-365535",
+                "--add-subgids",
+                "300000-365535",
+                USER,
+            ])
+            .status()
+            .unwrap();
+        assert!(st.success(), "usermod --add-subuids");
+    }
+    for tool in ["newuidmap", "newgidmap"] {
+        assert!(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .unwrap()
+                .status
+                .success(),
+            "{tool} is missing: run packaging/setup-deps.sh (apt install uidmap)"
+        );
+    }
+    (first("/etc/subuid").unwrap(), first("/etc/subgid").unwrap())
+}
+
+/// Copies a host binary and the libraries it links into `root`.
+fn copy_with_libs(root: &Path, bin: &str) {
+    let mut files = vec![bin.to_string()];
+    let out = Command::new("ldd").arg(bin).output().unwrap();
+    for l in String::from_utf8_lossy(&out.stdout).lines() {
+        files.extend(
+            l.split_whitespace()
+                .filter(|w| w.starts_with('/'))
+                .map(str::to_string),
+        );
+    }
+    for f in files {
+        let dst = root.join(f.trim_start_matches('/'));
+        fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        fs::copy(&f, &dst).unwrap();
+    }
+}
+
+/// A small root filesystem with busybox, dpkg and setpriv, a .deb to install (`/pkgs/
+/// hello.deb`, putting `/usr/share/hello/greeting`), and a file of another user:
+/// `/var/apt/f` (0600), owned by uid/gid 42 inside. Owned as `--root` maps ids: root's files by
+/// `uid`/`gid`, those of N > 0 by `sub + N - 1` (`sub`: the first subordinate id, or None:
+/// then 42's file is owned by `other`).
+fn dpkg_rootfs(w: &World, uid: u32, gid: u32, sub: Option<(u32, u32)>, other: u32) -> PathBuf {
+    let r = w.p("rootfs");
+    for d in [
+        "bin",
+        "sbin",
+        "etc",
+        "proc",
+        "dev",
+        "sys",
+        "tmp",
+        "pkgs",
+        "var/apt",
+        "var/lib/dpkg/info",
+        "var/lib/dpkg/updates",
+        "var/lib/dpkg/triggers",
+        "var/lib/dpkg/parts",
+        "var/lib/dpkg/alternatives",
+        "var/log",
+    ] {
+        fs::create_dir_all(r.join(d)).unwrap();
+    }
+    fs::copy("/bin/busybox", r.join("bin/busybox")).unwrap();
+    for l in [
+        "sh", "cat", "ls", "id", "chown", "rm", "mkdir", "stat", "echo",
+    ] {
+        std::os::unix::fs::symlink("busybox", r.join("bin").join(l)).unwrap();
+    }
+    for b in ["/usr/bin/dpkg", "/usr/bin/dpkg-deb", "/usr/bin/setpriv"] {
+        copy_with_libs(&r, b);
+    }
+    // What dpkg insists on finding in PATH.
+    fs::write(r.join("sbin/ldconfig"), "#!/bin/sh\nexit 0\n").unwrap();
+    fs::set_permissions(r.join("sbin/ldconfig"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("/bin/busybox", r.join("sbin/start-stop-daemon")).unwrap();
+    fs::write(r.join("var/lib/dpkg/status"), "").unwrap();
+    fs::write(r.join("var/lib/dpkg/parts/old"), "").unwrap();
+    fs::write(
+        r.join("etc/passwd"),
+        "root:x:0:0::/:/bin/sh\n_apt:x:42:42::/:/bin/sh\n",
+    )
+    .unwrap();
+    fs::write(r.join("etc/group"), "root:x:0:\n_apt:x:42:\n").unwrap();
+    let pkg = w.p("pkg");
+    fs::create_dir_all(pkg.join("DEBIAN")).unwrap();
+    fs::create_dir_all(pkg.join("usr/share/hello")).unwrap();
+    fs::write(
+        pkg.join("DEBIAN/control"),
+        "Package: hello-ovl\nVersion: 1.0\nArchitecture: all\nMaintainer: t <t@example.org>\n\
+         Description: test\n",
+    )
+    .unwrap();
+    fs::write(pkg.join("usr/share/hello/greeting"), "hi\n").unwrap();
+    let st = Command::new("dpkg-deb")
+        .args(["--build", "--root-owner-group"])
+        .arg(&pkg)
+        .arg(r.join("pkgs/hello.deb"))
+        .stdout(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success(), "dpkg-deb --build");
+    fs::write(r.join("var/apt/f"), "apt\n").unwrap();
+    fs::set_permissions(r.join("var/apt/f"), fs::Permissions::from_mode(0o600)).unwrap();
+    chown_tree(&r, uid, gid);
+    let (ou, og) = match sub {
+        Some((su, sg)) => (su + 41, sg + 41),
+        None => (other, other),
+    };
+    std::os::unix::fs::lchown(r.join("var/apt/f"), Some(ou), Some(og)).unwrap();
+    r
+}
+
+#[test]
+fn root_session_with_subordinate_ids_has_root_and_other_users() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, uid, gid) = user_world(&w);
+    let sub = ensure_subids();
+    let rootfs = dpkg_rootfs(&w, uid, gid, Some(sub), 0);
+    let before = tree(&rootfs);
+    let nobody = "/usr/bin/setpriv --reuid=65534 --regid=65534 --clear-groups";
+    let apt = "/usr/bin/setpriv --reuid=42 --regid=42 --clear-groups";
+    let script = format!(
+        "export PATH=/usr/sbin:/usr/bin:/sbin:/bin; id -u; echo x > /x; chown 1234:1234 /x; \
+         stat -c %u:%g /x; dpkg -i /pkgs/hello.deb >/dev/null && cat /usr/share/hello/greeting; \
+         echo root >> /var/apt/f; {apt} cat /var/apt/f; {nobody} ls /pkgs; \
+         {nobody} cat /var/apt/f || echo nobody-may-not-read; \
+         {nobody} sh -c 'echo > /nope' || echo nobody-may-not-write; \
+         rm -r /var/lib/dpkg/parts && mkdir /var/lib/dpkg/parts && ls -a /var/lib/dpkg/parts"
+    );
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    ));
+    assert_eq!(
+        o.stdout,
+        "0\n1234:1234\nhi\napt\nroot\nhello.deb\nnobody-may-not-read\nnobody-may-not-write\n.\n..\n",
+        "{o:?}"
+    );
+    assert_eq!(o.code, 0, "{o:?}");
+    assert!(!o.stderr.contains("warning"), "{o:?}");
+    assert_eq!(tree(&rootfs), before, "the rootfs changed");
+    // In the upper, as the namespace maps them: 1234 is the 1234th subordinate id.
+    let up = w.p("rootfs_upper");
+    let m = fs::metadata(up.join("x")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (sub.0 + 1233, sub.1 + 1233));
+    let m = fs::metadata(up.join("var/apt/f")).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (sub.0 + 41, 0o600));
+    assert_eq!(read(up.join("usr/share/hello/greeting")), "hi\n");
+
+    // --keep-uid: the caller's own ids inside.
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--keep-uid",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u",
+        ],
+    ));
+    assert_eq!((o.code, o.stdout.clone()), (0, format!("{uid}\n")), "{o:?}");
+
+    // A rootfs made where root was the first subordinate id (mmdebstrap --mode=unshare
+    // writing a directory) is named, once.
+    std::os::unix::fs::lchown(&rootfs, Some(sub.0), Some(sub.1)).unwrap();
+    let o = run(as_user(
+        &w,
+        &bin,
+        &[
+            "-q",
+            "--root",
+            "--on-exit",
+            "discard",
+            "--lower",
+            rootfs.to_str().unwrap(),
+            "--",
+            "/bin/id",
+        ],
+    ));
+    assert_eq!(o.stderr.lines().count(), 1, "{o:?}");
+    assert!(
+        o.stderr.starts_with(&format!(
+            "ovl-run: warning: {} belongs to your first subordinate uid {}",
+            rootfs.display(),
+            sub.0
+        )),
+        "{o:?}"
+    );
+    std::os::unix::fs::lchown(&rootfs, Some(uid), Some(gid)).unwrap();
+
+    // As root the mount is open to the session's other users too.
+    let mut c = w.ovl();
+    c.args(["-q", "--root", "--on-exit", "discard", "--lower"])
+        .arg(&rootfs)
+        .args(["--", "/bin/sh", "-c", &format!("{nobody} ls /pkgs")]);
+    let o = run(c);
+    assert_eq!((o.code, o.stdout.as_str()), (0, "hello.deb\n"), "{o:?}");
+}
+
+#[test]
+fn root_session_without_subordinate_ids_warns_once_and_foreign_files_are_read_only() {
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (uid, gid) = ensure_nosub_user();
+    let bin = w.p("ovl-run");
+    fs::copy(BIN, &bin).unwrap();
+    fs::create_dir_all(&w.cache).unwrap();
+    chown_tree(&w.root, uid, gid);
+    let rootfs = dpkg_rootfs(&w, uid, gid, None, 4321);
+    let before = tree(&rootfs);
+    let mut c = Command::new("runuser");
+    c.current_dir(&w.root)
+        .env_remove("RUST_LOG")
+        .args(["-u", NOSUB_USER, "--", "env"])
+        .arg(format!("XDG_CACHE_HOME={}", w.cache.display()))
+        .arg(&bin)
+        .args(["-q", "--root", "--lower"])
+        .arg(&rootfs)
+        .args([
+            "--",
+            "/bin/sh",
+            "-c",
+            "id -u; echo x > /x && echo wrote-own; stat -c %u /var/apt/f; \
+             echo y >> /var/apt/f || echo foreign-read-only",
+        ]);
+    let o = run(c);
+    assert_eq!(o.code, 0, "{o:?}");
+    assert_eq!(
+        o.stdout, "0\nwrote-own\n65534\nforeign-read-only\n",
+        "{o:?}"
+    );
+    let warnings: Vec<&str> = o.stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{o:?}");
+    assert!(
+        warnings[0].starts_with("ovl-run: warning: only your own ids are mapped: ")
+            && warnings[0].contains(&format!(
+                "{NOSUB_USER} has no subordinate ids in /etc/subuid"
+            ))
+            && warnings[0].contains("files of other owners are read-only"),
+        "{o:?}"
+    );
+    assert_eq!(tree(&rootfs), before, "the rootfs changed");
+    assert_eq!(fs::metadata(w.p("rootfs_upper/x")).unwrap().uid(), uid);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,17 +5,50 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
-use ovl::launcher::{self, EXIT_FAILURE, Launch};
+use ovl::finalize::Baseline;
+use ovl::launcher::upper::{self, Scratch, UpperLock};
+use ovl::launcher::{self, EXIT_FAILURE, Launch, Outcome};
 use ovl::{InodeMode, OverlayAction, OverlayFS};
+
+/// `--on-exit`: the library's finalizations, plus discard-all (a discard of the kept upper
+/// itself; plain discard only drops this run's changes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum OnExit {
+    Preserve,
+    Discard,
+    DiscardAll,
+    Commit(OverlayAction),
+}
+
+impl std::str::FromStr for OnExit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "preserve" => OnExit::Preserve,
+            "discard" => OnExit::Discard,
+            "discard-all" => OnExit::DiscardAll,
+            "commit" => OnExit::Commit(OverlayAction::Commit),
+            "commit-atomic" => OnExit::Commit(OverlayAction::CommitAtomic),
+            _ => {
+                return Err(format!(
+                    "unknown finalization '{s}': use preserve, discard, discard-all, commit or \
+                     commit-atomic"
+                ));
+            }
+        })
+    }
+}
 
 const EXAMPLES: &str = "\
 Examples:
   ovl-run --lower rootfs -- make install       run a build; changes land in rootfs_upper
   ovl-run --lower app --on-exit discard -- ./test.sh
-                                               try something, throw the changes away
+                                               try something, throw this run's changes away
+                                               (app_upper, if kept from earlier runs, stays)
   ovl-run --lower data --on-exit commit -- ./migrate
                                                keep the changes: merge them into data
   ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
+                                               (root inside; your /etc/subuid ids the others)
   ovl-run --lower rootfs                       mount, print the mount point, serve until
                                                Ctrl-C or `fusermount3 -u`, then finalize
 
@@ -39,15 +72,21 @@ struct Args {
     /// Where to mount (default: a fresh directory under $XDG_CACHE_HOME, removed afterwards).
     #[arg(long, value_name = "DIR")]
     mountpoint: Option<PathBuf>,
-    /// What to do with the changes afterwards: preserve, discard, commit or commit-atomic.
+    /// What to do with the changes afterwards: preserve (keep them in the upper), discard
+    /// (this run's; an existing upper stays as it was), discard-all (this run's and the
+    /// upper's), commit or commit-atomic (merge the upper into the lower).
     #[arg(long = "on-exit", value_name = "ACTION", default_value = "preserve")]
     on_exit: String,
     /// Inode numbers: virtual (assigned while mounted) or persistent (stable across mounts).
     #[arg(long = "inode-mode", value_name = "MODE", default_value = "virtual")]
     inode_mode: String,
-    /// Run the command with the merged tree as its `/` (a container-like rootfs session).
+    /// Run the command with the merged tree as its `/` (a container-like rootfs session): as
+    /// a normal user you are root inside, your subordinate ids (/etc/subuid) the other users.
     #[arg(long)]
     root: bool,
+    /// With --root as a normal user: stay your own uid and gid inside instead of root.
+    #[arg(long, requires = "root")]
+    keep_uid: bool,
     /// Keep the mount point directory afterwards.
     #[arg(long)]
     keep_mountpoint: bool,
@@ -92,7 +131,7 @@ fn real_main() -> i32 {
     };
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
 
-    let action: OverlayAction = match args.on_exit.parse() {
+    let action: OnExit = match args.on_exit.parse() {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
@@ -114,24 +153,12 @@ fn real_main() -> i32 {
 
     let lower0 = args.lowers[0].clone();
     let upper = args.upper.clone().unwrap_or_else(|| default_upper(&lower0));
-    let mut ofs = OverlayFS::new(&lower0);
-    for l in &args.lowers[1..] {
-        ofs.add_lower(l);
-    }
-    ofs.set_upper(&upper)
-        .set_inode_mode(inode_mode)
-        .set_writeback_cache(args.writeback_cache)
-        .set_require_empty_mountpoint(true);
-    match &args.mountpoint {
-        Some(m) => ofs.set_mountpoint(m),
-        None => ofs.mountpoint_as_home(),
-    };
+    let upper = std::path::absolute(&upper).unwrap_or(upper);
+    let mut ofs = overlay(&args, inode_mode, &[], &upper, None);
     if let Err(e) = ofs.validate() {
         return fail(e);
     }
-    if matches!(action, OverlayAction::Commit | OverlayAction::CommitAtomic)
-        && args.lowers.len() > 1
-    {
+    if matches!(action, OnExit::Commit(_)) && args.lowers.len() > 1 {
         // Refused before anything is mounted or written.
         return fail(format!(
             "{}: --on-exit {} needs a single --lower: commit merges into one directory",
@@ -144,25 +171,109 @@ fn real_main() -> i32 {
         launcher::remove_stale_mountpoints(&base);
     }
 
-    let res = if args.command.is_empty() {
-        launcher::serve(&mut ofs)
-    } else {
-        run_command(&mut ofs, &args, &upper)
+    // What this run makes, so that a run whose command never started can leave nothing.
+    let made_mountpoint = ofs
+        .mountpoint()
+        .map(upper::missing_dirs)
+        .unwrap_or_default();
+    let made_parent = match upper::create_dir_all_tracked(upper.parent().unwrap_or(Path::new("/")))
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return fail(format!(
+                "{}: cannot create its parent directory ({e}): choose an upper directory \
+                 where you may write",
+                upper.display()
+            ));
+        }
     };
-    // ovl-run's own failure: nothing to finalize (the command's status, even 125, is not one).
+    let made_upper = upper.symlink_metadata().is_err();
+    let work = ovl::overlayfs::default_workdir(&upper);
+    let made_work = work.symlink_metadata().is_err();
+    let forget = |lock: Option<UpperLock>| {
+        drop(lock);
+        upper::remove_created(&made_mountpoint);
+        upper::remove_created(&made_parent);
+    };
+
+    let lock = match UpperLock::acquire(&upper, action != OnExit::Discard) {
+        Ok(l) => l,
+        Err(e) => {
+            forget(None);
+            return fail(e);
+        }
+    };
+    upper::remove_dead_scratch(&upper);
+    // A discard run stacks a kept upper as its topmost lower and writes a scratch upper.
+    let mut scratch = None;
+    let mut kept = false;
+    if action == OnExit::Discard {
+        kept = std::fs::read_dir(&upper).is_ok_and(|mut d| d.next().is_some());
+        let s = match Scratch::beside(&upper) {
+            Ok(s) => s,
+            Err(e) => {
+                forget(Some(lock));
+                return fail(e);
+            }
+        };
+        let extra = if kept { vec![upper.clone()] } else { vec![] };
+        ofs = overlay(&args, inode_mode, &extra, &s.upper(), Some(&s.work()));
+        scratch = Some(s);
+    }
+    // What the upper held before, to count this run's changes (a discard run's are all in
+    // its scratch upper; a commit reports what it wrote).
+    let before = if !matches!(action, OnExit::Preserve | OnExit::DiscardAll) {
+        Ok(Baseline::default())
+    } else {
+        Baseline::take(&upper)
+    };
+    let baseline = match before {
+        Ok(b) => b,
+        Err(e) => {
+            forget(Some(lock));
+            return fail(e);
+        }
+    };
+
+    let res = if args.command.is_empty() {
+        launcher::serve(&mut ofs).map(|code| Outcome {
+            code,
+            started: true,
+        })
+    } else {
+        run_command(&mut ofs, &args)
+    };
     let code = match res {
-        Ok(code) => code,
-        Err(msg) => {
+        Ok(o) if o.started => o.code,
+        // Nothing ran, so nothing is kept: what this run made goes again.
+        res => {
             let _ = ofs.umount();
-            return fail(msg);
+            drop(scratch);
+            // An error may come after the command ran: only an empty upper goes, and its work
+            // dir (which may index hard links of files in the upper) with it.
+            let upper_gone = made_upper && std::fs::remove_dir(&upper).is_ok();
+            let never_ran = res.is_ok();
+            if made_work && (upper_gone || never_ran) {
+                let _ = ovl::finalize::remove_dir_tree(&work);
+            }
+            forget(Some(lock));
+            return match res {
+                Ok(o) => o.code,
+                Err(msg) => fail(msg),
+            };
         }
     };
     let mountpoint = ofs.mountpoint().map(Path::to_path_buf);
-    let result = ofs.overlay_action(action);
+    let result = finalize(&mut ofs, action, &upper, &baseline, kept);
     if args.keep_mountpoint {
         if let Some(m) = mountpoint {
             let _ = std::fs::create_dir_all(m);
         }
+    }
+    drop(scratch);
+    drop(lock);
+    if !upper.exists() {
+        upper::remove_created(&made_parent);
     }
     match result {
         Ok(report) => {
@@ -173,6 +284,85 @@ fn real_main() -> i32 {
         }
         Err(e) => fail(e),
     }
+}
+
+/// The overlay to mount: `extra` lowers on top of the given ones, `upper` (and `work`).
+fn overlay(
+    args: &Args,
+    inode_mode: InodeMode,
+    extra: &[PathBuf],
+    upper: &Path,
+    work: Option<&Path>,
+) -> OverlayFS {
+    let mut lowers = extra.iter().chain(&args.lowers);
+    let mut ofs = OverlayFS::new(lowers.next().expect("a lower"));
+    for l in lowers {
+        ofs.add_lower(l);
+    }
+    ofs.set_upper(upper)
+        .set_inode_mode(inode_mode)
+        .set_writeback_cache(args.writeback_cache)
+        .set_require_empty_mountpoint(true);
+    if let Some(w) = work {
+        ofs.set_workdir(w);
+    }
+    match &args.mountpoint {
+        Some(m) => ofs.set_mountpoint(m),
+        None => ofs.mountpoint_as_home_named(&mount_name(&args.lowers[0])),
+    };
+    ofs
+}
+
+/// The first lower's name, for the default mount point's.
+fn mount_name(lower: &Path) -> String {
+    lower
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "root".into())
+}
+
+/// Applies the finalization; returns the report line. Counts are this run's changes.
+fn finalize(
+    ofs: &mut OverlayFS,
+    action: OnExit,
+    upper: &Path,
+    baseline: &Baseline,
+    kept: bool,
+) -> Result<String, String> {
+    let s = |e: ovl::Error| e.to_string();
+    Ok(match action {
+        OnExit::Preserve => ofs
+            .overlay_action_since(OverlayAction::Preserve, Some(baseline))
+            .map_err(s)?
+            .to_string(),
+        OnExit::Commit(a) => ofs.overlay_action(a).map_err(s)?.to_string(),
+        OnExit::Discard => {
+            // The scratch upper goes; the kept one was never written.
+            let r = ofs.overlay_action(OverlayAction::Discard).map_err(s)?;
+            if kept {
+                format!(
+                    "discarded {} changes of this run; {} is as it was",
+                    r.changes,
+                    upper.display()
+                )
+            } else {
+                format!("discarded {} changes", r.changes)
+            }
+        }
+        OnExit::DiscardAll => {
+            ofs.umount().map_err(s)?;
+            let ours = baseline.changes(upper).map_err(s)?;
+            let work = ofs.workdir().unwrap_or_default();
+            let r = ofs.overlay_action(OverlayAction::Discard).map_err(s)?;
+            format!(
+                "discarded everything in {} ({} entries, {ours} changes of this run) and its \
+                 work dir {}",
+                upper.display(),
+                r.changes,
+                work.display()
+            )
+        }
+    })
 }
 
 /// `<lower>_upper` beside the lower.
@@ -190,9 +380,18 @@ fn default_upper(lower: &Path) -> PathBuf {
 
 /// With a command: a private namespace (so the mount dies with us), mount, run, wait for the
 /// command and everything it left running.
-fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> Result<i32, String> {
+fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    launcher::run_in_overlay(ofs, args.root, |mnt| {
+    let upper = ofs.upper().expect("an upper").to_path_buf();
+    let ids = if args.root && !args.keep_uid {
+        launcher::Ids::Root
+    } else {
+        launcher::Ids::Own
+    };
+    if ids == launcher::Ids::Root && unsafe { libc::geteuid() } != 0 {
+        warn_other_id_convention(&args.lowers[0]);
+    }
+    launcher::run_in_overlay_outcome(ofs, args.root, ids, |mnt| {
         let inside = launcher::map_cwd(&cwd, &args.lowers[0], mnt);
         // Absolute paths: the command starts somewhere else.
         let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
@@ -206,7 +405,7 @@ fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> Result<i32, St
         let env = vec![
             ("OVL_MOUNTPOINT".into(), shown_mnt.into_os_string()),
             ("OVL_LOWER".into(), lowers),
-            ("OVL_UPPER".into(), abs(upper).into_os_string()),
+            ("OVL_UPPER".into(), abs(&upper).into_os_string()),
         ];
         if args.root {
             let rel = inside.strip_prefix(mnt).unwrap_or(Path::new(""));
@@ -225,4 +424,25 @@ fn run_command(ofs: &mut OverlayFS, args: &Args, upper: &Path) -> Result<i32, St
             }
         }
     })
+}
+
+/// A root filesystem whose `/` belongs to the caller's first subordinate uid was made in a
+/// namespace mapping root there (`mmdebstrap --mode=unshare` writing a directory), not as
+/// `--root` maps ids (root is the caller, N is first + N - 1): its owners would be off by one.
+fn warn_other_id_convention(lower: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let (Some(first), Ok(md)) = (
+        launcher::userns::first_subordinate_uid(),
+        std::fs::metadata(lower),
+    ) else {
+        return;
+    };
+    if md.uid() == first {
+        eprintln!(
+            "ovl-run: warning: {} belongs to your first subordinate uid {first} (root of a \
+             namespace mapping root there, as `mmdebstrap --mode=unshare` makes): inside, its \
+             root's files show up as uid 1; unpack it as README.md's ovl-run example shows",
+            lower.display()
+        );
+    }
 }

@@ -111,7 +111,9 @@ impl LayerStack {
             }
             (u, _) => (u.map(Layer::open).transpose()?, None),
         };
-        let root = unsafe { libc::geteuid() } == 0;
+        // trusted.* needs root of the initial user namespace (not root of a user namespace,
+        // as in an `ovl-run --root` session of a normal user).
+        let root = crate::engine::session::initial_userns_root();
         let mut stack = LayerStack {
             lowers,
             upper,

@@ -15,6 +15,12 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
+pub mod pidns;
+pub mod upper;
+pub mod userns;
+
+pub use userns::Ids;
+
 /// Exit status when the launcher itself failed (docker/env convention).
 pub const EXIT_FAILURE: i32 = 125;
 /// Exit status when the command exists but cannot be executed.
@@ -27,7 +33,7 @@ pub const EXIT_NOT_FOUND: i32 = 127;
 pub enum Namespace {
     /// A private mount namespace (root): our mounts are invisible to others and die with us.
     PrivateMount,
-    /// A user + mount namespace mapping our own uid/gid (no privileges needed).
+    /// A user + mount namespace (no privileges needed), mapping ids as asked ([`Ids`]).
     User,
 }
 
@@ -37,10 +43,6 @@ fn check(r: libc::c_int) -> io::Result<()> {
     } else {
         Ok(())
     }
-}
-
-fn write_file(path: &str, data: &str) -> io::Result<()> {
-    std::fs::write(path, data).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
 /// Makes every mount below `/` private, so nothing we mount propagates out.
@@ -61,17 +63,18 @@ fn make_mounts_private() -> io::Result<()> {
 /// namespace; otherwise a user namespace mapping our own uid and gid (files keep showing up
 /// as owned by the caller). Must be called while the process is single-threaded.
 pub fn enter_private_namespace() -> io::Result<Namespace> {
+    enter_private_namespace_as(Ids::Own)
+}
+
+/// [`enter_private_namespace`], mapping a normal user's ids as `ids` says.
+pub fn enter_private_namespace_as(ids: Ids) -> io::Result<Namespace> {
     wait_single_threaded();
-    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
-    if uid == 0 {
+    if unsafe { libc::geteuid() } == 0 {
         check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
         make_mounts_private()?;
         return Ok(Namespace::PrivateMount);
     }
-    check(unsafe { libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS) })?;
-    write_file("/proc/self/setgroups", "deny")?;
-    write_file("/proc/self/uid_map", &format!("{uid} {uid} 1"))?;
-    write_file("/proc/self/gid_map", &format!("{gid} {gid} 1"))?;
+    userns::enter(ids)?;
     make_mounts_private()?;
     Ok(Namespace::User)
 }
@@ -115,6 +118,27 @@ fn bind(src: &Path, dst: &Path, flags: libc::c_ulong) -> io::Result<()> {
 pub fn prepare_rootfs(root: &Path) -> io::Result<()> {
     for d in ["proc", "dev", "sys"] {
         let target = root.join(d);
+        if d == "proc" && target.is_dir() && pidns::is_namespace_init() {
+            // The /proc of the session's PID namespace, so its pids mean what they say.
+            let t = crate::engine::sys::cstr(target.as_os_str())?;
+            let r = unsafe {
+                libc::mount(
+                    c"proc".as_ptr(),
+                    t.as_ptr(),
+                    c"proc".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                )
+            };
+            if r == 0 {
+                continue;
+            }
+            log::warn!(
+                "cannot mount a /proc for the session ({}): the host's is used, whose \
+                 process ids differ from the session's",
+                io::Error::last_os_error()
+            );
+        }
         if target.is_dir() {
             bind(Path::new("/").join(d).as_path(), &target, libc::MS_REC)?;
         } else {
@@ -197,7 +221,10 @@ struct TargetState {
 impl Target {
     fn deliver(&self, sig: i32) {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if st.exited {
+        if st.exited && pidns::is_namespace_init() {
+            // Everyone else in the namespace (the pids /proc shows are the host's).
+            unsafe { libc::kill(-1, sig) };
+        } else if st.exited {
             for p in children() {
                 if !st.helpers.contains(&p) {
                     unsafe { libc::kill(p, sig) };
@@ -245,10 +272,28 @@ pub fn forward_signals(target: Arc<Target>) -> io::Result<signal_hook::iterator:
     Ok(handle)
 }
 
+/// How a command run ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The exit status to report (see [`run`]).
+    pub code: i32,
+    /// Whether the command started at all (126/127: it did not).
+    pub started: bool,
+}
+
 /// Runs the command and waits for it **and every process it left behind** (we are their
 /// subreaper), so a daemonizing child never finds the overlay gone. Returns the exit status
 /// to report: the command's own, 128+N if it died of signal N, 126/127 if it could not start.
 pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Result<i32> {
+    run_outcome(launch, target, keep_waiting_for).map(|o| o.code)
+}
+
+/// [`run`], telling also whether the command started.
+pub fn run_outcome(
+    launch: &Launch,
+    target: &Target,
+    keep_waiting_for: &[i32],
+) -> io::Result<Outcome> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
     let (prog, args) = launch
         .argv
@@ -256,6 +301,19 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
         .ok_or_else(|| io::Error::other("no command given"))?;
     let mut cmd = Command::new(prog);
     cmd.args(args).envs(launch.env.iter().cloned());
+    unsafe {
+        // A killed launcher takes the command with it (without a PID namespace, its own
+        // children may stay).
+        cmd.pre_exec(|| {
+            check(libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ))
+        });
+    }
     match &launch.chroot {
         Some(root) => {
             let root = crate::engine::sys::cstr(root.as_os_str())?;
@@ -281,17 +339,11 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
                 io::ErrorKind::NotFound => EXIT_NOT_FOUND,
                 _ => EXIT_NOT_EXECUTABLE,
             };
-            // Named as the user invoked us (ovl-run, or an app.run bundle).
-            let me = std::env::args_os()
-                .next()
-                .and_then(|a| {
-                    Path::new(&a)
-                        .file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                })
-                .unwrap_or_else(|| "ovl-run".into());
-            eprintln!("{me}: {}: {e}", prog.to_string_lossy());
-            return Ok(code);
+            eprintln!("{}: {}: {e}", program_name(), prog.to_string_lossy());
+            return Ok(Outcome {
+                code,
+                started: false,
+            });
         }
     };
     let main = child.id() as i32;
@@ -317,13 +369,33 @@ pub fn run(launch: &Launch, target: &Target, keep_waiting_for: &[i32]) -> io::Re
         }
     }
     let st = status.ok_or_else(|| io::Error::other("lost the command's exit status"))?;
-    Ok(if libc::WIFEXITED(st) {
+    Ok(Outcome {
+        code: exit_code(st),
+        started: true,
+    })
+}
+
+/// Our name as the user invoked us (ovl-run, or an app.run bundle), for messages.
+fn program_name() -> String {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "ovl-run".into())
+}
+
+/// The status to report for a wait status: the exit code, or 128+N for death by signal N.
+fn exit_code(st: libc::c_int) -> i32 {
+    if libc::WIFEXITED(st) {
         libc::WEXITSTATUS(st)
     } else if libc::WIFSIGNALED(st) {
         128 + libc::WTERMSIG(st)
     } else {
         EXIT_FAILURE
-    })
+    }
 }
 
 /// True when every child of ours is one of `helpers` (e.g. fusermount3 in auto_unmount mode,
@@ -355,10 +427,30 @@ pub fn run_in_overlay(
     root: bool,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<i32, String> {
-    match enter_private_namespace() {
+    run_in_overlay_outcome(ofs, root, Ids::Own, make).map(|o| o.code)
+}
+
+/// [`run_in_overlay`], with a normal user's ids inside mapped as `ids` says, telling also
+/// whether the command started.
+pub fn run_in_overlay_outcome(
+    ofs: &mut crate::OverlayFS,
+    root: bool,
+    ids: Ids,
+    make: impl FnOnce(&Path) -> Launch,
+) -> Result<Outcome, String> {
+    let mut guardian = None;
+    match enter_private_namespace_as(ids) {
         Ok(ns) => {
             log::info!("running in {ns:?} namespace");
-            ofs.set_mount_method(crate::MountMethod::Direct);
+            // The mount is the session's own: every id in it may use it (su, daemons, apt's
+            // sandbox user), the kernel checking permissions (default_permissions).
+            ofs.set_mount_method(crate::MountMethod::Direct)
+                .set_allow_other(true);
+            // A root filesystem session gets its own PID namespace (its own /proc); a plain
+            // command keeps seeing the host's processes.
+            if !(root && pidns::enter_pid_namespace()) {
+                guardian = pidns::spawn_guardian();
+            }
         }
         Err(e) if root => {
             return Err(format!(
@@ -382,8 +474,9 @@ pub fn run_in_overlay(
     let target = Arc::new(Target::default());
     let fwd =
         forward_signals(target.clone()).map_err(|e| format!("installing signal handlers: {e}"))?;
-    let helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
-    let res = run(&launch, &target, &helpers);
+    let mut helpers = ofs.handle().map(|h| h.helper_pids()).unwrap_or_default();
+    helpers.extend(guardian);
+    let res = run_outcome(&launch, &target, &helpers);
     fwd.close();
     if launch.chroot.is_some() {
         unprepare_rootfs(&mnt);
