@@ -34,9 +34,13 @@ fn ensure_user() -> bool {
     exists(USER) && subuids.lines().any(|l| l.starts_with(&format!("{USER}:")))
 }
 
-/// Runs the smoke script, as `user` if given. crun refuses a hybrid cgroup layout (v1
-/// controllers beside v2), so where /sys/fs/cgroup is not cgroup2 alone, podman runs in a
-/// private mount namespace with cgroup2 mounted there (containers run with cgroups disabled).
+/// Runs the smoke script, as `user` if given, always in a private mount namespace:
+/// - without the FUSE mounts of tests running beside this one: rootless podman keeps a pause
+///   process, and every mount namespace made under it, for good; a copy of another test's mount
+///   in such a namespace keeps that mount's FUSE connection alive after its `umount`, and the
+///   test waiting for its session to end hangs (seen: pjdfstest's mount held by `catatonit`);
+/// - with cgroup2 alone at /sys/fs/cgroup where the host has a hybrid layout (v1 controllers
+///   beside v2), which crun refuses (containers run with cgroups disabled).
 fn smoke(dir: &Path, user: Option<&str>) -> String {
     let mut argv: Vec<String> = Vec::new();
     if let Some(u) = user {
@@ -48,18 +52,16 @@ fn smoke(dir: &Path, user: Option<&str>) -> String {
         BIN.into(),
         dir.display().to_string(),
     ]);
-    let unified = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
-    let out = if unified {
-        Command::new(&argv[0]).args(&argv[1..]).output().unwrap()
-    } else {
-        Command::new("unshare")
-            .args(["-m", "sh", "-c"])
-            .arg("mount --make-rprivate / && mount -t cgroup2 none /sys/fs/cgroup && exec \"$@\"")
-            .arg("sh")
-            .args(&argv)
-            .output()
-            .unwrap()
-    };
+    let prelude = "mount --make-rprivate / && \
+        findmnt -rn -o TARGET,FSTYPE | awk '$2 ~ /^fuse/ {print $1}' | tac | \
+        while read -r m; do umount -l \"$(printf '%b' \"$m\")\"; done && \
+        { [ -e /sys/fs/cgroup/cgroup.controllers ] || mount -t cgroup2 none /sys/fs/cgroup; } && \
+        exec \"$@\"";
+    let out = Command::new("unshare")
+        .args(["-m", "sh", "-c", prelude, "sh"])
+        .args(&argv)
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),

@@ -290,3 +290,49 @@ fn detach_helpers_leave_other_mounts_alone() {
         ofs.handle_mut().unwrap().wait_unmounted().unwrap();
     }
 }
+
+/// A process that makes a mount namespace while ovl is mounted holds a copy of the mount, which
+/// keeps the FUSE connection alive after ovl's own unmount. `umount` must not wait for the
+/// session forever (it hung: rootless podman's pause process held a test's mount): it fails,
+/// naming the holder, and keeps the session so nothing is finalized while it may still serve.
+#[test]
+fn umount_names_a_namespace_that_holds_a_copy_instead_of_hanging() {
+    if !is_root() {
+        eprintln!("skipped: unshare -m needs root");
+        return;
+    }
+    let l = Layers::new();
+    let mnt = l.mnt();
+    let mut ofs = OverlayFS::new(l.t.path().join("lower"));
+    ofs.set_upper(l.t.path().join("upper"))
+        .set_workdir(l.t.path().join("work"))
+        .set_mountpoint(&mnt);
+    ofs.mount().unwrap();
+    let ready = l.t.path().join("ready");
+    let mut holder = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("touch \"$1\"; exec sleep 60")
+        .arg("sh")
+        .arg(&ready)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the holder did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let start = Instant::now();
+    let err = ofs.umount().unwrap_err().to_string();
+    assert!(
+        start.elapsed() < Duration::from_secs(30),
+        "umount waited {:?}",
+        start.elapsed()
+    );
+    assert!(err.contains("copies of the mount live on"), "{err}");
+    assert!(err.contains(&format!("pid {}", holder.id())), "{err}");
+    // Ours is gone from this namespace all the same.
+    assert_eq!(fstype_at(&mnt), None);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+    drop(ofs);
+}

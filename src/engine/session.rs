@@ -120,6 +120,7 @@ pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Re
         overlay,
         id,
         conn: Some(conn),
+        lingering: false,
     })
 }
 
@@ -282,6 +283,9 @@ pub struct MountHandle {
     /// A duplicate of the session's /dev/fuse descriptor, to see whether the kernel still
     /// holds the connection (it reports an error on it once the mount is gone).
     conn: Option<OwnedFd>,
+    /// Our unmount succeeded but copies of the mount live on in other mount namespaces, so the
+    /// session goes on serving them: it is never waited for (that could be forever).
+    lingering: bool,
 }
 
 impl MountHandle {
@@ -343,6 +347,19 @@ impl MountHandle {
         self.conn.as_ref().is_some_and(fuse_connected)
     }
 
+    /// Waits up to `limit` for the kernel to end the connection after our unmount.
+    fn disconnects_within(&self, limit: std::time::Duration) -> bool {
+        let Some(conn) = &self.conn else { return true };
+        let start = std::time::Instant::now();
+        while fuse_connected(conn) {
+            if start.elapsed() > limit {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Lazily detaches the mount at our path if it is ours.
     fn detach_if_ours(&mut self) -> io::Result<()> {
         self.unmounter().detach()
@@ -402,6 +419,22 @@ impl MountHandle {
                 e,
             ));
         }
+        // A process that made a mount namespace while we were mounted holds a copy of the
+        // mount there, which keeps the connection (and the session) alive after our unmount
+        // until that copy goes. Waiting for the session could then hang forever: say who holds
+        // it instead, and keep the session, so nothing is finalized while it may still write.
+        if !self.disconnects_within(std::time::Duration::from_secs(3)) {
+            self.lingering = true;
+            return Err(Error::io(
+                "unmounting",
+                self.mountpoint.clone(),
+                io::Error::other(format!(
+                    "unmounted here, but copies of the mount live on in other mount \
+                     namespaces (held by {}) and are still served: end those processes",
+                    holders_of(self.id.dev)
+                )),
+            ));
+        }
         let s = self.session.take().expect("checked above");
         let res = s.join();
         self.finish();
@@ -418,6 +451,14 @@ impl MountHandle {
 
 impl Drop for MountHandle {
     fn drop(&mut self) {
+        if self.lingering {
+            // Its threads serve the other namespaces' copies until those go; joining could
+            // wait forever, and the mount is no longer ours to detach.
+            if let Some(s) = self.session.take() {
+                std::mem::forget(s);
+            }
+            return;
+        }
         // An explicit `umount` refuses a busy mount; a dropped handle has nobody to retry, so
         // it detaches lazily rather than leave the mount and its session behind.
         if let Err(e) = self.do_umount() {
@@ -444,6 +485,11 @@ pub struct Unmounter {
 }
 
 impl Unmounter {
+    /// The mount point this detaches.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
     /// Lazily detaches the mount (`umount -l`; `fusermount3 -u -z` without privileges).
     /// Does nothing when the session already ended or the mount at the path is another one.
     pub fn detach(&self) -> io::Result<()> {
@@ -454,6 +500,45 @@ impl Unmounter {
             return Ok(());
         }
         super::fusermount::unmount_path(&self.mountpoint)
+    }
+}
+
+/// Processes whose mount namespace holds a mount of device `dev`, as "pid N (comm)", a few.
+fn holders_of(dev: u64) -> String {
+    let key = format!(" {}:{} ", libc::major(dev), libc::minor(dev));
+    let mut seen = Vec::new();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name();
+        let Some(pid) = pid
+            .to_str()
+            .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+        else {
+            continue;
+        };
+        let Ok(ns) = std::fs::read_link(e.path().join("ns/mnt")) else {
+            continue;
+        };
+        if seen.contains(&ns) {
+            continue;
+        }
+        let held = std::fs::read_to_string(e.path().join("mountinfo")).is_ok_and(|m| {
+            m.lines()
+                .any(|l| l.split(' ').nth(2).is_some_and(|d| key.trim() == d))
+        });
+        if held {
+            seen.push(ns);
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            out.push(format!("pid {pid} ({})", comm.trim()));
+            if out.len() == 5 {
+                break;
+            }
+        }
+    }
+    if out.is_empty() {
+        "a process that could not be found".into()
+    } else {
+        out.join(", ")
     }
 }
 

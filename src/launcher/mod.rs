@@ -493,14 +493,15 @@ pub fn serve(ofs: &mut crate::OverlayFS) -> Result<i32, String> {
         .set_auto_unmount(true);
     ofs.mount().map_err(|e| e.to_string())?;
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
-    let stop = mnt.clone();
+    // Detaches only while the mount at the path is still ours (never another one made there).
+    let stop = ofs.handle().expect("mounted").unmounter();
     // Handlers before the mount point is announced: whoever reads it may signal at once.
     let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])
         .map_err(|e| format!("installing signal handlers: {e}"))?;
     std::thread::spawn(move || {
         if signals.forever().next().is_some() {
-            if let Err(e) = crate::engine::fusermount::unmount_path(&stop) {
-                eprintln!("unmounting {}: {e}", stop.display());
+            if let Err(e) = stop.detach() {
+                eprintln!("unmounting {}: {e}", stop.mountpoint().display());
             }
         }
     });

@@ -10,6 +10,8 @@ D=$2
 export HOME="$D/home" XDG_RUNTIME_DIR="$D/xdg" CONTAINERS_STORAGE_CONF="$D/storage.conf"
 mkdir -p "$HOME" "$XDG_RUNTIME_DIR" "$D/rootfs/bin" "$D/rootfs/etc" "$D/rootfs/tmp" "$D/ctx"
 chmod 700 "$XDG_RUNTIME_DIR"
+# Rootless podman leaves a pause process (and its namespaces) running for good: end it with us.
+trap 'p=$(cat "$XDG_RUNTIME_DIR/libpod/tmp/pause.pid" 2>/dev/null) && kill "$p" 2>/dev/null; true' EXIT
 cat >"$CONTAINERS_STORAGE_CONF" <<EOF
 [storage]
 driver = "overlay"
