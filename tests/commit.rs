@@ -3204,3 +3204,100 @@ fn property_commit_atomic_matches_plain_copy() {
     need_root!();
     prop_test(OverlayAction::CommitAtomic, 101);
 }
+
+/// As a normal user (user.* xattrs, no passthrough): a renamed lower directory is stored as a
+/// `user.overlay.redirect` (not copied), shows its content again in the next run, and commit
+/// moves it in the lower (its files keep their inodes).
+#[test]
+fn non_root_directory_rename_is_a_redirect_and_commits_as_a_move() {
+    need_root!();
+    const USER: &str = "ovl-test";
+    let id = |flag: &str| -> Option<u32> {
+        let out = Command::new("id").args([flag, USER]).output().ok()?;
+        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+    };
+    if id("-u").is_none() {
+        let _ = Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", USER])
+            .status();
+    }
+    // tests/nonroot.rs and tests/ovl_run.rs may be creating the same user concurrently.
+    let (uid, gid) = with_timeout(10, "creating the test user", move || {
+        loop {
+            if let (Some(u), Some(g)) = (id("-u"), id("-g")) {
+                return (u, g);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    });
+    let t = tempfile::Builder::new().prefix("ovl-nr").tempdir().unwrap();
+    let r = t.path();
+    chmod(r, 0o755);
+    let (lower, upper) = (r.join("L"), r.join("L_upper"));
+    fs::create_dir_all(lower.join("big/sub")).unwrap();
+    for i in 0..50 {
+        fs::write(lower.join(format!("big/f{i}")), format!("{i}\n")).unwrap();
+    }
+    fs::write(lower.join("big/sub/g"), "g\n").unwrap();
+    fs::create_dir(r.join("cache")).unwrap();
+    fs::copy(OVL_RUN, r.join("ovl-run")).unwrap();
+    run(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(r));
+    let ino = ino_of(&lower.join("big/f7"));
+    let user_run = |args: &[&str]| {
+        output(
+            Command::new("runuser")
+                .current_dir(r)
+                .args(["-u", USER, "--", "env"])
+                .arg(format!("XDG_CACHE_HOME={}", r.join("cache").display()))
+                .arg(r.join("ovl-run"))
+                .args(["-q", "--lower"])
+                .arg(&lower)
+                .args(args),
+        )
+    };
+    let o = user_run(&[
+        "--",
+        "sh",
+        "-c",
+        "mv \"$OVL_MOUNTPOINT/big\" \"$OVL_MOUNTPOINT/moved\"",
+    ]);
+    assert!(o.status.success(), "mv as the user: {}", stderr(&o));
+    assert_eq!(
+        lgetxattr(&upper.join("moved"), "user.overlay.redirect").unwrap(),
+        b"big",
+        "no redirect stored"
+    );
+    assert_eq!(
+        names(&upper.join("moved")),
+        Vec::<String>::new(),
+        "the subtree was copied up"
+    );
+    let o = user_run(&[
+        "--",
+        "sh",
+        "-c",
+        "cat \"$OVL_MOUNTPOINT/moved/f7\" \"$OVL_MOUNTPOINT/moved/sub/g\"",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout),
+        "7\ng\n",
+        "{}",
+        stderr(&o)
+    );
+    let o = user_run(&["--on-exit", "commit", "--", "true"]);
+    assert!(o.status.success(), "commit as the user: {}", stderr(&o));
+    assert!(!exists(&lower.join("big")));
+    assert_eq!(
+        fs::read_to_string(lower.join("moved/sub/g")).unwrap(),
+        "g\n"
+    );
+    assert_eq!(names(&lower.join("moved")).len(), 51);
+    assert_eq!(
+        ino_of(&lower.join("moved/f7")),
+        ino,
+        "committed as a copy, not a move"
+    );
+}

@@ -764,3 +764,55 @@ fn kernel_redirected_upper_reads_the_same() {
     assert_eq!(want["d4/x"].data.as_deref(), Some("x-one"));
     assert_eq!(want["d4/top2/z"].data.as_deref(), Some("zeta"));
 }
+
+/// Redirects in a lower layer (a kernel-written upper stacked as the middle layer) change where
+/// the layers below are searched, as in the kernel: the same stack mounted by both shows the
+/// same tree.
+#[test]
+fn redirects_in_lower_layers_read_the_same() {
+    if !is_root() {
+        eprintln!("skipping: needs root (kernel overlayfs and FUSE mounts)");
+        return;
+    }
+    let root = tempfile::Builder::new()
+        .prefix("ovl-redir2")
+        .tempdir()
+        .unwrap();
+    let d = |n: &str| root.path().join(n);
+    for n in [
+        "lower", "mid", "work", "kmnt", "up", "kwork2", "kmnt2", "oup", "owork", "omnt",
+    ] {
+        fs::create_dir(d(n)).unwrap();
+    }
+    setup_lower(&d("lower"));
+    let km = KernelMount::with_options(
+        &[&d("lower")],
+        &d("mid"),
+        &d("work"),
+        &d("kmnt"),
+        "redirect_dir=on,index=on",
+    );
+    kernel_dir_renames(&km.mnt);
+    drop(km);
+    let want = {
+        let km = KernelMount::with_options(
+            &[&d("mid"), &d("lower")],
+            &d("up"),
+            &d("kwork2"),
+            &d("kmnt2"),
+            "redirect_dir=on",
+        );
+        walk(&km.mnt, false).unwrap()
+    };
+    let mut ofs = ovl::OverlayFS::new(d("mid"));
+    ofs.add_lower(d("lower"))
+        .set_upper(d("oup"))
+        .set_workdir(d("owork"))
+        .set_mountpoint(d("omnt"));
+    ofs.mount().expect("mount");
+    let got = walk(&d("omnt"), false).unwrap();
+    ofs.umount().unwrap();
+    let dd = diff("ovl", &got, "kernel", &want);
+    assert!(dd.is_empty(), "ovl shows the stack differently:\n{dd}");
+    assert_eq!(want["d4/x"].data.as_deref(), Some("x-one"));
+}
