@@ -3301,3 +3301,67 @@ fn non_root_directory_rename_is_a_redirect_and_commits_as_a_move() {
         "committed as a copy, not a move"
     );
 }
+
+/// An in-place commit interrupted after it moved directories is finished by the next commit
+/// through the library (no mount in between), at every crash point: the lower is the new tree
+/// and nothing is left behind.
+#[test]
+fn interrupted_directory_moves_are_finished_by_the_next_library_commit() {
+    need_root!();
+    let script = "cd \"$OVL_MOUNTPOINT\"; mv d1 d1moved; mv d2/sub subm; echo b > a";
+    let setup = |l: &Path| {
+        fs::create_dir_all(l.join("d1/d")).unwrap();
+        fs::create_dir_all(l.join("d2/sub")).unwrap();
+        fs::write(l.join("d1/x"), "x\n").unwrap();
+        fs::write(l.join("d2/sub/z"), "z\n").unwrap();
+        fs::write(l.join("a"), "a\n").unwrap();
+    };
+    let want = {
+        let t = tempfile::tempdir().unwrap();
+        let c = t.path().join("c");
+        fs::create_dir(&c).unwrap();
+        setup(&c);
+        sh_in(&c, "mv d1 d1moved; mv d2/sub subm; echo b > a");
+        snap(&c)
+    };
+    let mut finished = 0;
+    for n in 1.. {
+        let t = tempfile::Builder::new().prefix("ovl-mv").tempdir().unwrap();
+        let lower = t.path().join("L");
+        fs::create_dir(&lower).unwrap();
+        setup(&lower);
+        let o = ovl_run(
+            t.path(),
+            &[
+                os("--lower"),
+                lower.as_os_str(),
+                os("--on-exit"),
+                os("commit"),
+                os("--"),
+                os("sh"),
+                os("-c"),
+                os(script),
+            ],
+            Some(n),
+        );
+        if o.status.success() {
+            break; // past the last step
+        }
+        let mut ofs = OverlayFS::new(&lower);
+        ofs.set_upper(t.path().join("L_upper"));
+        let r = ofs.overlay_action(OverlayAction::Commit);
+        assert!(
+            r.is_ok(),
+            "N={n}: the next commit failed: {}",
+            r.unwrap_err()
+        );
+        assert_tree(&format!("N={n}"), &lower, &want, EXACT);
+        assert_eq!(
+            names(t.path()),
+            ["L", "cache"],
+            "N={n}: left beside the lower"
+        );
+        finished += 1;
+    }
+    assert!(finished > 3, "too few crash points: {finished}");
+}

@@ -565,12 +565,21 @@ fn commit_with(
     keep_upper: bool,
 ) -> Result<Report> {
     std::fs::create_dir_all(work).map_err(io_err("creating", work))?;
-    recover(work, upper)?;
+    let finished = recover(work, upper)? && !upper.exists();
     let action = if atomic {
         OverlayAction::CommitAtomic
     } else {
         OverlayAction::Commit
     };
+    if finished {
+        // Recovery finished an interrupted commit of this upper: nothing is left to do.
+        crate::finalize::remove_dir_tree(work)?;
+        return Ok(Report {
+            action,
+            path: lower.to_path_buf(),
+            ..Default::default()
+        });
+    }
     let mut report = Report {
         action,
         path: lower.to_path_buf(),
