@@ -3365,3 +3365,36 @@ fn interrupted_directory_moves_are_finished_by_the_next_library_commit() {
     }
     assert!(finished > 3, "too few crash points: {finished}");
 }
+
+/// Root never follows a `user.overlay.redirect` (a normal user's mount wrote it; see README),
+/// and merging such a directory as it stands would lose its moved content: the commit refuses
+/// with one line naming it, and nothing changes.
+#[test]
+fn root_refuses_to_commit_a_user_redirect() {
+    need_root!();
+    for action in MODES {
+        let t = tempfile::Builder::new().prefix("ovl-ur").tempdir().unwrap();
+        let (lower, upper) = (t.path().join("L"), t.path().join("U"));
+        fs::create_dir_all(lower.join("d")).unwrap();
+        fs::write(lower.join("d/f"), "f\n").unwrap();
+        fs::create_dir_all(upper.join("moved")).unwrap();
+        lsetxattr(&upper.join("moved"), "user.overlay.redirect", b"d", 0).unwrap();
+        mknod(&upper.join("d"), libc::S_IFCHR, 0).unwrap();
+        let (before_l, before_u) = (snap(&lower), snap(&upper));
+        let mut ofs = OverlayFS::new(&lower);
+        ofs.set_upper(&upper);
+        let e = ofs.overlay_action(action).unwrap_err().to_string();
+        assert!(
+            e.contains("moved") && e.contains("user.overlay.redirect"),
+            "{action:?}: {e}"
+        );
+        assert!(
+            same_tree(&snap(&lower), &before_l, LINKS),
+            "{action:?}: lower changed"
+        );
+        assert!(
+            same_tree(&snap(&upper), &before_u, LINKS),
+            "{action:?}: upper changed"
+        );
+    }
+}

@@ -147,6 +147,20 @@ fn walk(
             layers::read_redirect(child.as_fd_borrowed(), prefix())
                 .map_err(io_err("reading the redirect of", &path))?
         };
+        if redirect.is_none() && !opaque && prefix() == "trusted." {
+            // A normal user's mount renamed this directory: root does not follow such
+            // redirects (see `LayerStack::redirect`), and merging it as it stands would lose
+            // the moved content (its old name is whited out).
+            let user = layers::read_redirect(child.as_fd_borrowed(), "user.")
+                .map_err(io_err("reading the redirect of", &path))?;
+            if user.is_some() {
+                return Err(Error::bad(
+                    &path,
+                    "renamed by a normal user's mount (user.overlay.redirect): commit it as \
+                     the user who owns the upper",
+                ));
+            }
+        }
         // Where the kernel would look for this directory's lower content.
         let src = match (&redirect, &lsrc) {
             _ if opaque => None,
