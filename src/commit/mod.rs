@@ -339,9 +339,7 @@ impl<'a> Merger<'a> {
                 None => (parent_opaque, None),
             };
             if let Some(k) = moved {
-                if moves::attach(k, self.staging.as_fd_borrowed(), ldir, &c, path)? {
-                    self.report.written += 1;
-                }
+                moves::attach(k, self.staging.as_fd_borrowed(), ldir, &c, path)?;
                 lst = lstat_opt(ldir, &c).map_err(io_err("reading", path))?;
             }
             match lst {
@@ -645,6 +643,11 @@ fn commit_in_place(
         }
     };
     let staging_path = journal.temp.clone();
+    if journaled.is_some() && std::fs::symlink_metadata(&staging_path).is_err() {
+        // Interrupted after the merge emptied and removed it (every move was in place):
+        // a fresh one serves the repeated merge.
+        std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
+    }
     let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
     let mut m = Merger::new(report, &staging_path, privileged)?;
     step();
@@ -666,16 +669,19 @@ fn commit_in_place(
             )?;
             m.relink_indexed(names)
         });
-    if let Err(e) = &res {
-        if !journal.redirects.is_empty() {
-            // Directories may wait in staging: it stays for the next run, which finishes.
-            log::warn!("commit interrupted after moving directories: {e}");
-            return Err(prefix_error(res.unwrap_err(), lower));
+    match res {
+        Err(e) if !journal.redirects.is_empty() => {
+            // Directories may wait in staging: it stays, and the next commit or mount
+            // finishes from the journal.
+            log::warn!("commit stopped after moving directories; the next one finishes it");
+            return Err(prefix_error(e, lower));
         }
+        _ => {}
     }
     let cleanup = crate::finalize::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
+    step();
     apply_root_meta(ufd, &lfd, lower, privileged)?;
     sync_dir(lower)?;
     Ok(journal)

@@ -247,21 +247,21 @@ pub(super) fn detach_all(
 }
 
 /// Puts move `k`'s directory at `name` in `ldir` (its destination), if it still waits in
-/// staging: whatever the lower has there is hidden by it and goes. Returns whether it was
-/// attached now (else an interrupted run did).
+/// staging (else an interrupted run did): whatever the lower has there is hidden by it and
+/// goes.
 pub(super) fn attach(
     k: usize,
     staging: BorrowedFd<'_>,
     ldir: BorrowedFd<'_>,
     name: &CStr,
     path: &Path,
-) -> Result<bool> {
+) -> Result<()> {
     let staged = staged_name(k);
     if sys::fstatat_opt(staging, &staged)
         .map_err(io_err("reading", path))?
         .is_none()
     {
-        return Ok(false);
+        return Ok(());
     }
     // Two steps, so a leftover in staging is never mistaken for the moved directory.
     let displaced = displaced_name(k);
@@ -282,7 +282,7 @@ pub(super) fn attach(
     {
         sys::remove_tree(staging, &displaced).map_err(io_err("deleting old", path))?;
     }
-    Ok(true)
+    Ok(())
 }
 
 impl Plan {
