@@ -3398,3 +3398,68 @@ fn root_refuses_to_commit_a_user_redirect() {
         );
     }
 }
+
+/// A directory whose lower path is too long for a redirect (over PATH_MAX) is still renamed
+/// across directories: copied up whole instead, and committed to its new place.
+#[test]
+fn rename_of_a_directory_too_deep_for_a_redirect_still_works() {
+    need_root!();
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    fn open_dir(at: &OwnedFd, name: &str) -> OwnedFd {
+        let c = std::ffi::CString::new(name).unwrap();
+        let fd = unsafe {
+            libc::openat(
+                at.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_DIRECTORY | libc::O_RDONLY,
+            )
+        };
+        assert!(fd >= 0, "openat {name}: {}", io::Error::last_os_error());
+        unsafe { OwnedFd::from_raw_fd(fd) }
+    }
+    let names: Vec<String> = (0..17)
+        .map(|i| format!("{i:02}{}", "n".repeat(250)))
+        .collect();
+    let mut fx = Fx::new(|l, _| {
+        let mut fd = OwnedFd::from(fs::File::open(l).unwrap());
+        for n in &names {
+            let c = std::ffi::CString::new(n.as_str()).unwrap();
+            assert_eq!(
+                unsafe { libc::mkdirat(fd.as_raw_fd(), c.as_ptr(), 0o755) },
+                0
+            );
+            fd = open_dir(&fd, n);
+        }
+        let c = std::ffi::CString::new("f").unwrap();
+        let f = unsafe {
+            libc::openat(
+                fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_CREAT | libc::O_WRONLY,
+                0o644,
+            )
+        };
+        assert!(f >= 0);
+        assert_eq!(unsafe { libc::write(f, b"deep".as_ptr().cast(), 4) }, 4);
+        unsafe { libc::close(f) };
+    });
+    let mnt = OwnedFd::from(fs::File::open(&fx.mnt).unwrap());
+    let mut fd = open_dir(&mnt, &names[0]);
+    for n in &names[1..16] {
+        fd = open_dir(&fd, n);
+    }
+    let from = std::ffi::CString::new(names[16].as_str()).unwrap();
+    let r = unsafe {
+        libc::renameat(
+            fd.as_raw_fd(),
+            from.as_ptr(),
+            mnt.as_raw_fd(),
+            c"top".as_ptr(),
+        )
+    };
+    assert_eq!(r, 0, "rename: {}", io::Error::last_os_error());
+    assert_eq!(fs::read_to_string(fx.mnt.join("top/f")).unwrap(), "deep");
+    drop((fd, mnt));
+    fx.finish(OverlayAction::Commit).unwrap();
+    assert_eq!(fs::read_to_string(fx.l("top/f")).unwrap(), "deep");
+}

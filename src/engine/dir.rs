@@ -577,7 +577,14 @@ impl Overlay {
         let r = if samedir {
             Redirect::Relative(sys::cstr(&inode.read().name)?)
         } else {
-            Redirect::Absolute(self.lower_path(inode)?)
+            match self.lower_path(inode) {
+                Ok(p) => Redirect::Absolute(p),
+                // Too long for a path: copied instead, as below.
+                Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                    return self.copy_up_tree(inode);
+                }
+                Err(e) => return Err(e),
+            }
         };
         match self.layers.set_redirect(ufd.as_fd_borrowed(), &r) {
             Ok(()) => Ok(()),
