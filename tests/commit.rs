@@ -3411,7 +3411,7 @@ fn rename_of_a_directory_too_deep_for_a_redirect_still_works() {
             libc::openat(
                 at.as_raw_fd(),
                 c.as_ptr(),
-                libc::O_DIRECTORY | libc::O_RDONLY,
+                libc::O_DIRECTORY | libc::O_RDONLY | libc::O_CLOEXEC,
             )
         };
         assert!(fd >= 0, "openat {name}: {}", io::Error::last_os_error());
@@ -3435,7 +3435,7 @@ fn rename_of_a_directory_too_deep_for_a_redirect_still_works() {
             libc::openat(
                 fd.as_raw_fd(),
                 c.as_ptr(),
-                libc::O_CREAT | libc::O_WRONLY,
+                libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
                 0o644,
             )
         };
