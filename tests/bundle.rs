@@ -56,6 +56,7 @@ case "$1" in
     sleep) exec sleep "$2" ;;
     touch) echo "$2" > "$APPDIR/state/$2"; sleep "$3" ;;
     append) echo more >> "$APPDIR/share/greeting.txt" ;;
+    mv) mv "$APPDIR/share/$2" "$APPDIR/share/$3" ;;
 esac
 "#;
 
@@ -478,6 +479,38 @@ fn commit_rewrites_the_bundle() {
     assert_eq!(ids.len(), 1);
     assert!(!temps);
     ok(&w.run(&b, &[]));
+}
+
+/// A directory of the bundle renamed in one run (kept as a redirect in the upper, nothing
+/// copied) shows its content in the next run, and a commit packs it at its new name.
+#[test]
+fn a_renamed_directory_is_kept_and_committed() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    ok(&w.run(&b, &["mv", "sub", "moved"]));
+    let up = w.upper().join("share/moved");
+    assert!(
+        xattr::get(&up, "trusted.overlay.redirect")
+            .unwrap()
+            .is_some(),
+        "no redirect in the upper"
+    );
+    assert_eq!(
+        fs::read_dir(&up).unwrap().count(),
+        0,
+        "the directory was copied up"
+    );
+    ok(&w.run(&b, &["--ovl-on-exit=commit", "mv", "moved", "sub2"]));
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert_eq!(
+        fs::read_to_string(x.join("share/sub2/copy.txt")).unwrap(),
+        "hello bundle"
+    );
+    assert!(!x.join("share/sub").exists() && !x.join("share/moved").exists());
 }
 
 #[test]

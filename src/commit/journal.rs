@@ -26,6 +26,11 @@ pub(super) struct Journal {
     pub(super) new_ino: u64,
     /// The lower is complete and durable: only the upper's removal is left.
     pub(super) merged: bool,
+    /// In-place commits with directory renames: every redirected directory of the upper
+    /// (its path, the lower directory it shows, that one's inode), written before the first
+    /// move. With these a run that was interrupted is finished, never rolled back (a moved
+    /// directory is no longer where the upper's redirect says).
+    pub(super) redirects: Vec<(PathBuf, Option<PathBuf>, u64)>,
 }
 
 fn hex(b: &[u8]) -> String {
@@ -58,20 +63,44 @@ impl Journal {
     }
 
     fn encode(&self) -> String {
-        format!(
+        let mut s = format!(
             "mode={}\nlower={}\ntemp={}\nnew_ino={}\nmerged={}\n",
             hex(self.mode.as_bytes()),
             hex(self.lower.as_os_str().as_bytes()),
             hex(self.temp.as_os_str().as_bytes()),
             hex(self.new_ino.to_string().as_bytes()),
             hex(if self.merged { b"1" } else { b"0" }),
-        )
+        );
+        // One line each: `redirect=<dst>:<src, empty for none>:<inode>`, paths in hex.
+        for (dst, src, ino) in &self.redirects {
+            let src = src
+                .as_ref()
+                .map_or(String::new(), |p| hex(p.as_os_str().as_bytes()));
+            s.push_str(&format!(
+                "redirect={}:{src}:{ino}\n",
+                hex(dst.as_os_str().as_bytes())
+            ));
+        }
+        s
     }
 
     fn decode(text: &str) -> Option<Journal> {
         let mut f: HashMap<&str, Vec<u8>> = HashMap::new();
+        let mut redirects = Vec::new();
+        let path_of = |h: &str| unhex(h).map(|v| PathBuf::from(OsStr::from_bytes(&v)));
         for l in text.lines() {
             let (k, v) = l.split_once('=')?;
+            if k == "redirect" {
+                let mut it = v.split(':');
+                let dst = path_of(it.next()?)?;
+                let src = match it.next()? {
+                    "" => None,
+                    h => Some(path_of(h)?),
+                };
+                let ino = it.next()?.parse().ok()?;
+                redirects.push((dst, src, ino));
+                continue;
+            }
             f.insert(k, unhex(v)?);
         }
         let path = |k: &str| f.get(k).map(|v| PathBuf::from(OsStr::from_bytes(v)));
@@ -82,6 +111,7 @@ impl Journal {
             temp: path("temp")?,
             new_ino: text("new_ino")?.parse().ok()?,
             merged: text("merged")? == "1",
+            redirects,
         })
     }
 }
@@ -117,6 +147,8 @@ pub(super) fn remove_journal(work: &Path) -> Result<()> {
 
 /// Finishes or rolls back a commit that was interrupted (a crash, a kill). Returns whether
 /// there was one.
+/// - An in-place commit that had begun moving renamed directories is finished (the merge runs
+///   again from the journal's plan), as the half-moved lower no longer matches the upper.
 /// - Once the lower is complete (in-place: every file merged and synced; atomic: the new tree
 ///   swapped in), recovery rolls forward: the temporaries and the upper go.
 /// - Before that it rolls back: the staging directory or half-built tree goes and the upper
@@ -136,6 +168,11 @@ pub fn recover(work: &Path, upper: &Path) -> Result<bool> {
         )
     })?;
     let done = match j.mode.as_str() {
+        // Directories were moved: finish the merge (the upper is still whole).
+        "inplace" if !j.merged && !j.redirects.is_empty() => {
+            super::resume_in_place(work, upper, j.clone())?;
+            true
+        }
         "inplace" => j.merged,
         "atomic" => {
             let lower_ino = std::fs::symlink_metadata(&j.lower).map(|m| {

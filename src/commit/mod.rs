@@ -16,6 +16,7 @@
 //! removed only after the lower is durable.
 
 mod journal;
+mod moves;
 
 pub use journal::recover;
 use journal::{Journal, remove_journal, sync_dir, write_journal};
@@ -71,6 +72,10 @@ struct Merger<'a> {
     /// Upper inode → (lower dir handle, name) of the first name committed, for hard links.
     linked: HashMap<InodeKey, (OwnedFd, CString)>,
     progress: Progress,
+    /// The upper's directory renames (see [`moves`]).
+    plan: moves::Plan,
+    /// Destination path -> index of its move in `plan.moves`.
+    move_of: HashMap<PathBuf, usize>,
 }
 
 /// Progress on stderr for long commits (over a second), only when stderr is a terminal.
@@ -174,7 +179,46 @@ impl<'a> Merger<'a> {
             privileged,
             linked: HashMap::new(),
             progress: Progress::new(),
+            plan: moves::Plan::default(),
+            move_of: HashMap::new(),
         })
+    }
+
+    /// Reads the upper's directory renames and detaches their lower directories (see
+    /// [`moves`]). `journaled`: the plan of an interrupted run, used as it is.
+    fn prepare_moves(
+        &mut self,
+        upper: BorrowedFd<'_>,
+        lower: BorrowedFd<'_>,
+        journaled: Option<moves::Plan>,
+        mut journal: Option<(&Path, &mut Journal)>,
+    ) -> Result<()> {
+        let plan = match journaled {
+            Some(p) => {
+                moves::clear_leftovers(self.staging.as_fd_borrowed(), p.moves.len())?;
+                p
+            }
+            None => {
+                let p = moves::plan(upper, lower)?;
+                if let Some((work, j)) = journal.as_mut() {
+                    if !p.moves.is_empty() {
+                        j.redirects = p.to_journal();
+                        write_journal(work, j)?;
+                        step();
+                    }
+                }
+                p
+            }
+        };
+        moves::detach_all(&plan.moves, lower, self.staging.as_fd_borrowed())?;
+        self.move_of = plan
+            .moves
+            .iter()
+            .enumerate()
+            .map(|(k, m)| (m.dst.clone(), k))
+            .collect();
+        self.plan = plan;
+        Ok(())
     }
 
     /// Re-points names found by [`indexed_names`] at the committed copy of their file (see
@@ -281,10 +325,23 @@ impl<'a> Merger<'a> {
         if layers::is_whiteout(&ust, ufd.as_fd_borrowed()).map_err(io_err("reading", path))? {
             return self.delete(ldir, name, path);
         }
-        let lst = lstat_opt(ldir, &c).map_err(io_err("reading", path))?;
+        let mut lst = lstat_opt(ldir, &c).map_err(io_err("reading", path))?;
         if is_dir(&ust) {
-            let opaque = parent_opaque
-                || layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", path))?;
+            let own_opaque =
+                layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", path))?;
+            // A renamed directory shows the lower directory its redirect names (moved here
+            // now), whatever its parent hides; one whose redirect leads nowhere shows none.
+            let (opaque, moved) = match self.plan.redirected.get(path) {
+                _ if own_opaque => (true, None),
+                Some(Some(src)) if src != path => (false, self.move_of.get(path).copied()),
+                Some(Some(_)) => (false, None),
+                Some(None) => (true, None),
+                None => (parent_opaque, None),
+            };
+            if let Some(k) = moved {
+                moves::attach(k, self.staging.as_fd_borrowed(), ldir, &c, path)?;
+                lst = lstat_opt(ldir, &c).map_err(io_err("reading", path))?;
+            }
             match lst {
                 Some(l) if is_dir(&l) => {
                     if opaque {
@@ -506,12 +563,21 @@ fn commit_with(
     keep_upper: bool,
 ) -> Result<Report> {
     std::fs::create_dir_all(work).map_err(io_err("creating", work))?;
-    recover(work, upper)?;
+    let finished = recover(work, upper)? && !upper.exists();
     let action = if atomic {
         OverlayAction::CommitAtomic
     } else {
         OverlayAction::Commit
     };
+    if finished {
+        // Recovery finished an interrupted commit of this upper: nothing is left to do.
+        crate::finalize::remove_dir_tree(work)?;
+        return Ok(Report {
+            action,
+            path: lower.to_path_buf(),
+            ..Default::default()
+        });
+    }
     let mut report = Report {
         action,
         path: lower.to_path_buf(),
@@ -523,7 +589,7 @@ fn commit_with(
     if atomic {
         commit_atomic(lower, upper, work, &ufd, &mut report, privileged)?;
     } else {
-        let mut j = commit_in_place(lower, work, &ufd, &mut report, privileged)?;
+        let mut j = commit_in_place(lower, work, &ufd, &mut report, privileged, None)?;
         // The lower is complete and durable: from here recovery rolls forward.
         j.merged = true;
         write_journal(work, &j)?;
@@ -559,30 +625,81 @@ fn commit_in_place(
     ufd: &OwnedFd,
     report: &mut Report,
     privileged: bool,
+    resume: Option<Journal>,
 ) -> Result<Journal> {
-    // The staging path is journaled before it exists, so recovery knows it without guessing.
-    let name = format!(".ovl-commit-{}", rand_suffix());
-    let staging_path = lower.join(&name);
-    let journal = Journal::begin(work, "inplace", lower, &staging_path)?;
+    let (mut journal, journaled) = match resume {
+        Some(j) => {
+            let plan = moves::Plan::from_journal(&j.redirects);
+            (j, Some(plan))
+        }
+        None => {
+            // The staging path is journaled before it exists, so recovery knows it without
+            // guessing.
+            let name = format!(".ovl-commit-{}", rand_suffix());
+            (
+                Journal::begin(work, "inplace", lower, &lower.join(&name))?,
+                None,
+            )
+        }
+    };
+    let staging_path = journal.temp.clone();
+    if journaled.is_some() && std::fs::symlink_metadata(&staging_path).is_err() {
+        // Interrupted after the merge emptied and removed it (every move was in place):
+        // a fresh one serves the repeated merge.
+        std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
+    }
     let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
     let mut m = Merger::new(report, &staging_path, privileged)?;
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
-    let res = indexed_names(work, lfd.as_fd_borrowed()).and_then(|names| {
-        m.merge_dir(
+    let res = m
+        .prepare_moves(
             ufd.as_fd_borrowed(),
             lfd.as_fd_borrowed(),
-            Path::new(""),
-            opaque,
-        )?;
-        m.relink_indexed(names)
-    });
+            journaled,
+            Some((work, &mut journal)),
+        )
+        .and_then(|()| indexed_names(work, lfd.as_fd_borrowed()))
+        .and_then(|names| {
+            m.merge_dir(
+                ufd.as_fd_borrowed(),
+                lfd.as_fd_borrowed(),
+                Path::new(""),
+                opaque,
+            )?;
+            m.relink_indexed(names)
+        });
+    match res {
+        Err(e) if !journal.redirects.is_empty() => {
+            // Directories may wait in staging: it stays, and the next commit or mount
+            // finishes from the journal.
+            log::warn!("commit stopped after moving directories; the next one finishes it");
+            return Err(prefix_error(e, lower));
+        }
+        _ => {}
+    }
     let cleanup = crate::finalize::remove_dir_tree(&m.staging_path);
     res.map_err(|e| prefix_error(e, lower))?;
     cleanup?;
+    step();
     apply_root_meta(ufd, &lfd, lower, privileged)?;
     sync_dir(lower)?;
     Ok(journal)
+}
+
+/// Finishes an in-place commit interrupted after it began moving directories (called by
+/// [`recover`]): the merge runs again with the journaled plan, then the lower is marked
+/// complete.
+fn resume_in_place(work: &Path, upper: &Path, j: Journal) -> Result<()> {
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let ufd = sys::open_dir_path(upper).map_err(io_err("opening", upper))?;
+    let mut report = Report::default();
+    let lower = j.lower.clone();
+    let mut j = commit_in_place(&lower, work, &ufd, &mut report, privileged, Some(j))?;
+    j.merged = true;
+    write_journal(work, &j)?;
+    step();
+    Ok(())
 }
 
 /// Makes the lower root's metadata the upper root's (what the mount showed: the upper root is
@@ -765,7 +882,9 @@ fn commit_atomic(
         let mut m = Merger::new(&mut *report, &staging_path, privileged)?;
         let opaque =
             layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
-        indexed_names(work, nfd.as_fd_borrowed())
+        // Nothing to journal: an interrupted build is removed whole.
+        m.prepare_moves(ufd.as_fd_borrowed(), nfd.as_fd_borrowed(), None, None)
+            .and_then(|()| indexed_names(work, nfd.as_fd_borrowed()))
             .and_then(|names| {
                 m.merge_dir(
                     ufd.as_fd_borrowed(),

@@ -341,8 +341,8 @@ impl Overlay {
     }
 
     /// Copies a directory and everything visible below it into the upper layer and marks it
-    /// opaque, so it no longer depends on where it sits in the lower layers (needed to rename
-    /// a merged or lower directory).
+    /// opaque, so it no longer depends on where it sits in the lower layers (a rename falls
+    /// back to it when a redirect cannot be stored).
     pub fn copy_up_tree(&self, dir: &Arc<Inode>) -> OpResult<()> {
         self.copy_up(dir)?;
         if dir.read().lowers.is_empty() {

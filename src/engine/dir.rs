@@ -7,7 +7,9 @@
 //! - removing an entry that hides a lower one renames a fresh whiteout over it;
 //! - removing a directory first moves it out of the way (exchanged with a whiteout when one is
 //!   needed), then cleans it up in the work directory;
-//! - rename uses RENAME_WHITEOUT so the source name stays hidden in the same step.
+//! - rename uses RENAME_WHITEOUT so the source name stays hidden in the same step; a lower or
+//!   merged directory is copied up alone and given an `overlay.redirect` to its lower content
+//!   first (the kernel's redirect_dir=on format), so renaming it costs the same at any size.
 
 use std::ffi::{CStr, OsStr};
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use fuser::FileAttr;
 
 use crate::engine::inode::{Found, Inode, InodeState};
-use crate::engine::layers;
+use crate::engine::layers::{self, Redirect};
 use crate::engine::overlay::{OpResult, Overlay, attr_from_stat, check_new_name, errno, kind_of};
 use crate::engine::sys::{self, BorrowFd};
 
@@ -551,14 +553,84 @@ impl Overlay {
         Ok(())
     }
 
-    /// Gets an entry ready to move: copied up, and for a directory self-contained (all of it
-    /// in the upper, opaque) when it merges lower content, which stays behind otherwise.
-    fn prepare_move(&self, inode: &Arc<Inode>) -> OpResult<()> {
-        if inode.is_dir() {
-            self.copy_up_tree(inode)
-        } else {
-            self.copy_up(inode)
+    /// Gets an entry ready to move from `from` to `to`: copied up; a directory with lower
+    /// content also gets a redirect to where that content is (the kernel's redirect_dir=on),
+    /// so only the directory itself is copied, never its subtree. Its inode keeps its lower
+    /// directories: nothing moves in the lower layers.
+    fn prepare_move(&self, inode: &Arc<Inode>, from: &Arc<Inode>, to: &Arc<Inode>) -> OpResult<()> {
+        self.copy_up(inode)?;
+        if !inode.is_dir() || inode.read().lowers.is_empty() {
+            return Ok(());
         }
+        let samedir = Arc::ptr_eq(from, to);
+        let ufd = self.upper_fd(inode)?;
+        let existing = self.layers.redirect(ufd.as_fd_borrowed())?;
+        // A redirect that stays right: relative ones within the same directory, absolute
+        // ones anywhere (as the kernel keeps them).
+        match existing {
+            Some(Redirect::Absolute(_)) => return Ok(()),
+            Some(Redirect::Relative(_)) if samedir => return Ok(()),
+            _ => {}
+        }
+        let r = if samedir {
+            Redirect::Relative(sys::cstr(&inode.read().name)?)
+        } else {
+            match self.lower_path(inode) {
+                Ok(p) => Redirect::Absolute(p),
+                // Too long for a path: copied instead, as below.
+                Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                    return self.copy_up_tree(inode);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        match self.layers.set_redirect(ufd.as_fd_borrowed(), &r) {
+            Ok(()) => Ok(()),
+            // A path too long for the upper's xattrs: move a self-contained copy instead
+            // (where the kernel says EXDEV and leaves the copy to `mv`).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::E2BIG | libc::ENOSPC | libc::ERANGE)
+                ) =>
+            {
+                self.copy_up_tree(inode)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Where a directory's lower content is, as a path from the lower roots: its name (or
+    /// redirect) below each ancestor's, up to the root or to an absolute redirect. Every
+    /// ancestor is in the upper (copied up before a move).
+    fn lower_path(&self, inode: &Arc<Inode>) -> OpResult<Vec<std::ffi::CString>> {
+        let mut rev = Vec::new();
+        let mut cur = inode.clone();
+        while cur.ino != crate::engine::inode::ROOT_INO {
+            let (parent, name, upper) = {
+                let s = cur.read();
+                let upper = s.upper.as_ref().map(|f| f.try_clone()).transpose()?;
+                (s.parent.clone(), s.name.clone(), upper)
+            };
+            let r = match &upper {
+                Some(fd) => self.layers.redirect(fd.as_fd_borrowed())?,
+                None => None,
+            };
+            match r {
+                Some(Redirect::Absolute(c)) => {
+                    rev.extend(c.into_iter().rev());
+                    break;
+                }
+                Some(Redirect::Relative(n)) => rev.push(n),
+                None => rev.push(sys::cstr(&name)?),
+            }
+            cur = parent.ok_or_else(|| errno(libc::ESTALE))?;
+        }
+        rev.reverse();
+        if rev.iter().map(|c| c.as_bytes().len() + 1).sum::<usize>() >= libc::PATH_MAX as usize {
+            return Err(errno(libc::ENAMETOOLONG));
+        }
+        Ok(rev)
     }
 
     /// FUSE rename, with RENAME_NOREPLACE and RENAME_EXCHANGE.
@@ -605,10 +677,10 @@ impl Overlay {
 
         self.copy_up(&parent)?;
         self.copy_up(&newparent)?;
-        self.prepare_move(&src.inode)?;
+        self.prepare_move(&src.inode, &parent, &newparent)?;
         if exchange {
             let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
-            self.prepare_move(&t.inode)?;
+            self.prepare_move(&t.inode, &newparent, &parent)?;
         } else if let Some(t) = &tgt {
             self.settle_hardlink(t)?;
         }
@@ -624,13 +696,15 @@ impl Overlay {
             _ => false,
         };
         let src_wh = !exchange && (src.from_lower || self.lower_positive(&parent, name)?);
-        // A directory landing where a lower directory of that name exists must not merge it.
-        if src.inode.is_dir() && self.lower_positive(&newparent, newname)? {
+        // A directory of the upper alone landing where a lower directory of that name exists
+        // must not merge it (one with lower content has its redirect, which says where).
+        let upper_only = |i: &Inode| i.is_dir() && i.read().lowers.is_empty();
+        if upper_only(&src.inode) && self.lower_positive(&newparent, newname)? {
             self.set_opaque_upper(&src.inode)?;
         }
         if exchange {
             let t = tgt.as_ref().ok_or_else(|| errno(libc::ENOENT))?;
-            if t.inode.is_dir() && self.lower_positive(&parent, name)? {
+            if upper_only(&t.inode) && self.lower_positive(&parent, name)? {
                 self.set_opaque_upper(&t.inode)?;
             }
         }

@@ -229,6 +229,93 @@ impl LayerStack {
     }
 }
 
+/// Where a directory's lower content is, per its `overlay.redirect` xattr (the kernel's
+/// redirect_dir format): instead of its own name, the lower layers are searched at another
+/// name in the parent's lower directories, or at a path from the lower layers' roots.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Redirect {
+    /// A name (no `/`), looked up in the parent's lower directories.
+    Relative(CString),
+    /// Components of a path from the root of each lower layer (stored with a leading `/`).
+    Absolute(Vec<CString>),
+}
+
+impl Redirect {
+    /// Parses an xattr value as the kernel does: absolute values start with `/` and have no
+    /// empty component; relative ones hold no `/`. `.` and `..` are refused too (a lookup
+    /// of them would leave the directory it names). `None`: not a valid redirect.
+    pub fn parse(v: &[u8]) -> Option<Redirect> {
+        let ok = |c: &[u8]| !c.is_empty() && c != b"." && c != b".." && !c.contains(&0);
+        if let Some(rest) = v.strip_prefix(b"/") {
+            let comps: Vec<&[u8]> = rest.split(|&b| b == b'/').collect();
+            if !comps.iter().all(|c| ok(c)) {
+                return None;
+            }
+            Some(Redirect::Absolute(
+                comps
+                    .into_iter()
+                    .map(|c| CString::new(c).expect("checked"))
+                    .collect(),
+            ))
+        } else if ok(v) && !v.contains(&b'/') {
+            Some(Redirect::Relative(CString::new(v).expect("checked")))
+        } else {
+            None
+        }
+    }
+
+    /// The xattr value.
+    pub fn value(&self) -> Vec<u8> {
+        match self {
+            Redirect::Relative(n) => n.to_bytes().to_vec(),
+            Redirect::Absolute(c) => {
+                let mut v = Vec::new();
+                for x in c {
+                    v.push(b'/');
+                    v.extend_from_slice(x.to_bytes());
+                }
+                v
+            }
+        }
+    }
+}
+
+impl LayerStack {
+    /// The redirect of a layer directory, read in the namespace this mount writes (the
+    /// kernel, too, reads only its own: a `user.` redirect written by an unprivileged user
+    /// could otherwise reach lower directories a privileged mount hides from them).
+    /// A malformed value is an error (EINVAL), as in the kernel.
+    pub fn redirect(&self, fd: BorrowedFd<'_>) -> io::Result<Option<Redirect>> {
+        read_redirect(fd, self.xattr_prefix)
+    }
+
+    /// Sets a directory's redirect (in the upper).
+    pub fn set_redirect(&self, fd: BorrowedFd<'_>, r: &Redirect) -> io::Result<()> {
+        sys::fsetxattr(fd.as_raw_fd(), &self.ovl_xattr("redirect"), &r.value(), 0)
+    }
+}
+
+/// Reads `<prefix>overlay.redirect` of a layer directory (see [`LayerStack::redirect`]).
+pub fn read_redirect(fd: BorrowedFd<'_>, prefix: &str) -> io::Result<Option<Redirect>> {
+    let name = CString::new(format!("{prefix}overlay.redirect")).expect("no NUL");
+    let v = match sys::fgetxattr(fd.as_raw_fd(), &name) {
+        // A directory we may not read (another user's, mode 0700): its xattrs are unreadable
+        // to us, and so is anything a redirect of it could lead to.
+        Err(e) if e.raw_os_error() == Some(libc::EACCES) => return Ok(None),
+        r => r?,
+    };
+    match v {
+        None => Ok(None),
+        Some(v) => match Redirect::parse(&v) {
+            Some(r) => Ok(Some(r)),
+            None => {
+                log::warn!("invalid overlay.redirect {:?}", String::from_utf8_lossy(&v));
+                Err(io::Error::from_raw_os_error(libc::EINVAL))
+            }
+        },
+    }
+}
+
 /// Builds the aufs-style whiteout marker name for `name`.
 pub fn wh_name(name: &OsStr) -> io::Result<CString> {
     let mut v = WH_PREFIX.to_vec();

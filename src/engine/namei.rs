@@ -5,14 +5,16 @@
 //! everything below); a directory continues it unless it is opaque, collecting every lower
 //! directory to merge.
 
-use std::ffi::OsStr;
+use std::ffi::{CString, OsStr};
 use std::io;
+use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
 use fuser::FileAttr;
 
 use crate::engine::inode::{Found, Inode, InodeState, Kind, LowerEntry};
-use crate::engine::layers::{self, LayerStack};
+use crate::engine::layers::{self, LayerStack, Redirect};
 use crate::engine::overlay::{NAME_MAX, OpResult, Overlay, attr_from_stat, errno, kind_of};
 use crate::engine::sys::{self, BorrowFd};
 
@@ -71,6 +73,40 @@ enum Probe {
     Known(libc::stat, Arc<Inode>),
 }
 
+/// Where the lower layers are searched for an entry (see [`Redirect`]).
+enum Target {
+    /// This name in the parent's lower directories.
+    Name(CString),
+    /// This path from the lower layers' roots, from the given layer down.
+    Path(Vec<CString>, usize),
+}
+
+/// What the lower layers hold besides the directories collected.
+enum Lower {
+    Nothing,
+    /// A non-directory in this layer ends the search.
+    File(usize),
+    /// The topmost entry is a live directory inode (a lookup reference taken), in layer `.1`.
+    Known(Arc<Inode>, usize, libc::stat),
+}
+
+/// Where a walk down a redirect path ended in one lower layer.
+enum Walk {
+    /// The path is not in this layer: the next one is searched.
+    Missing,
+    /// A whiteout or non-directory on the way hides the path in every layer below.
+    Stop,
+    /// The directory holding the last component.
+    Dir {
+        fd: OwnedFd,
+        xwhiteouts: bool,
+        /// An opaque directory on the way: the layers below are not searched.
+        opaque: bool,
+        /// The path for the layers below (a redirect on the way changes it).
+        next: Vec<CString>,
+    },
+}
+
 /// What [`Overlay::find`] resolved a name to.
 pub enum Resolved {
     /// A new inode's description.
@@ -118,6 +154,181 @@ impl Overlay {
         Ok(Probe::Present(st, None))
     }
 
+    /// Searches the lower layers for an entry, as the kernel does with redirect_dir=on:
+    /// a name in the parent's lower directories, or after an absolute redirect a path from
+    /// the lower roots; a redirect found on a lower directory changes what the layers below
+    /// it are searched for. Collects every directory to merge into `lowers`.
+    fn search_lowers(
+        &self,
+        pst: &InodeState,
+        mut target: Target,
+        shown: &mut Option<(libc::stat, usize)>,
+        lowers: &mut Vec<LowerEntry>,
+    ) -> OpResult<Lower> {
+        let nlayers = self.layers.lowers.len();
+        let mut pi = 0; // next entry of the parent's lower directories (name mode)
+        loop {
+            // The layer directory to probe, the name in it, and whether the layers below
+            // are searched after it.
+            let walked;
+            let (dir, layer, xwhiteouts, name, mut stop) = match &mut target {
+                Target::Name(n) => {
+                    let Some(l) = pst.lowers.get(pi) else { break };
+                    pi += 1;
+                    (
+                        l.fd.as_fd_borrowed(),
+                        l.layer,
+                        l.xwhiteouts,
+                        n.clone(),
+                        false,
+                    )
+                }
+                Target::Path(comps, li) => {
+                    if *li >= nlayers {
+                        break;
+                    }
+                    let layer = *li;
+                    *li += 1;
+                    match self.walk_lower(layer, comps)? {
+                        Walk::Missing => continue,
+                        Walk::Stop => break,
+                        Walk::Dir {
+                            fd,
+                            xwhiteouts,
+                            opaque,
+                            next,
+                        } => {
+                            let name = comps.last().cloned().ok_or_else(|| errno(libc::EIO))?;
+                            *comps = next;
+                            walked = fd;
+                            (walked.as_fd_borrowed(), layer, xwhiteouts, name, opaque)
+                        }
+                    }
+                }
+            };
+            let more = match &target {
+                Target::Name(_) => pi < pst.lowers.len(),
+                Target::Path(_, li) => *li < nlayers,
+            };
+            match self.probe(dir, &name, xwhiteouts, shown.is_none())? {
+                Probe::Whiteout => break,
+                Probe::Known(st, inode) => return Ok(Lower::Known(inode, layer + 1, st)),
+                Probe::Present(st, None) => {
+                    if shown.is_none() {
+                        *shown = Some((st, layer + 1));
+                    }
+                    return Ok(Lower::File(layer));
+                }
+                Probe::Present(st, Some(fd)) => {
+                    if shown.is_none() {
+                        *shown = Some((st, layer + 1));
+                    }
+                    let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+                    // The redirect only matters to the layers below (none below the last).
+                    let redirect = if marks.opaque || layer + 1 >= nlayers {
+                        None
+                    } else {
+                        self.layers.redirect(fd.as_fd_borrowed())?
+                    };
+                    lowers.push(LowerEntry {
+                        layer,
+                        fd,
+                        xwhiteouts: marks.xwhiteouts,
+                    });
+                    if marks.opaque {
+                        break;
+                    }
+                    match redirect {
+                        Some(Redirect::Relative(n)) => match &mut target {
+                            Target::Name(t) => *t = n,
+                            Target::Path(c, _) => {
+                                if let Some(last) = c.last_mut() {
+                                    *last = n;
+                                }
+                            }
+                        },
+                        Some(Redirect::Absolute(c)) => {
+                            stop = false;
+                            target = Target::Path(c, layer + 1);
+                        }
+                        None => {}
+                    }
+                }
+                Probe::Absent => {
+                    // An aufs-style whiteout here hides the layers further down.
+                    if more && layers::has_aufs_whiteout(dir, OsStr::from_bytes(name.to_bytes()))? {
+                        break;
+                    }
+                }
+            }
+            if stop {
+                break;
+            }
+        }
+        Ok(Lower::Nothing)
+    }
+
+    /// Walks all but the last component of a redirect path down from the root of lower
+    /// `layer`. A redirect on a directory passed changes the path for the layers below
+    /// (relative: that component; absolute: everything up to it), not the walk in this one.
+    fn walk_lower(&self, layer: usize, comps: &[CString]) -> OpResult<Walk> {
+        let root = &self.layers.lowers[layer].root;
+        let mut dir = sys::open_path(root.as_fd_borrowed(), c".")?;
+        let mut xwhiteouts = layers::dir_marks(dir.as_fd_borrowed())?.xwhiteouts;
+        let mut next = comps.to_vec();
+        let mut opaque = false;
+        let last = comps.len().saturating_sub(1);
+        for (i, c) in comps[..last].iter().enumerate() {
+            let st = match sys::fstatat_opt(dir.as_fd_borrowed(), c)? {
+                Some(st) => st,
+                None => {
+                    let marker = layers::has_aufs_whiteout(
+                        dir.as_fd_borrowed(),
+                        OsStr::from_bytes(c.to_bytes()),
+                    )?;
+                    return Ok(if marker { Walk::Stop } else { Walk::Missing });
+                }
+            };
+            // A whiteout or any other non-directory ends the path in this layer and below.
+            if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
+                return Ok(Walk::Stop);
+            }
+            let fd = sys::openat(
+                dir.as_fd_borrowed(),
+                c,
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
+                0,
+            )?;
+            let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+            if marks.opaque {
+                opaque = true;
+            } else if let Some(r) = self.layers.redirect(fd.as_fd_borrowed())? {
+                // Components after this one, kept as they are.
+                let after = last - i;
+                let tail = next.split_off(next.len() - after);
+                match r {
+                    Redirect::Relative(n) => {
+                        next.pop();
+                        next.push(n);
+                    }
+                    Redirect::Absolute(a) => {
+                        opaque = false;
+                        next = a;
+                    }
+                }
+                next.extend(tail);
+            }
+            xwhiteouts = marks.xwhiteouts;
+            dir = fd;
+        }
+        Ok(Walk::Dir {
+            fd: dir,
+            xwhiteouts,
+            opaque,
+            next,
+        })
+    }
+
     /// Resolves `name` in `parent` without touching the inode store. `Ok(None)`: no such name.
     /// Also returns the stat of the entry whose attributes are shown.
     pub fn find(
@@ -143,6 +354,7 @@ impl Overlay {
         };
         let mut shown: Option<(libc::stat, usize)> = None;
         let mut search_lower = !pst.opaque;
+        let mut target = Target::Name(cname.clone());
 
         if let Some(udir) = &pst.upper {
             match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh, true)? {
@@ -153,6 +365,18 @@ impl Overlay {
                     state.opaque = marks.opaque;
                     state.upper_xwh = marks.xwhiteouts;
                     search_lower &= !state.opaque;
+                    // An opaque directory's redirect is not read (the kernel's order).
+                    if !state.opaque && !self.layers.lowers.is_empty() {
+                        match self.layers.redirect(fd.as_fd_borrowed())? {
+                            Some(Redirect::Relative(n)) => target = Target::Name(n),
+                            Some(Redirect::Absolute(c)) => {
+                                // From the lower roots, whatever the parent merges.
+                                search_lower = true;
+                                target = Target::Path(c, 0);
+                            }
+                            None => {}
+                        }
+                    }
                     state.upper = Some(fd);
                     shown = Some((st, 0));
                 }
@@ -173,46 +397,16 @@ impl Overlay {
 
         let mut lowers = Vec::new();
         if search_lower {
-            let n = pst.lowers.len();
-            for (i, l) in pst.lowers.iter().enumerate() {
-                match self.probe(l.fd.as_fd_borrowed(), &cname, l.xwhiteouts, shown.is_none())? {
-                    Probe::Whiteout => break,
-                    Probe::Known(st, inode) => {
-                        return Ok(Some((Resolved::Known(inode, l.layer + 1), st)));
-                    }
-                    Probe::Present(st, dirfd) => {
-                        if shown.is_none() {
-                            shown = Some((st, l.layer + 1));
-                        }
-                        match dirfd {
-                            Some(fd) => {
-                                let marks = layers::dir_marks(fd.as_fd_borrowed())?;
-                                lowers.push(LowerEntry {
-                                    layer: l.layer,
-                                    fd,
-                                    xwhiteouts: marks.xwhiteouts,
-                                });
-                                if marks.opaque {
-                                    break;
-                                }
-                            }
-                            // A non-directory: shown if nothing is above it, else hidden by
-                            // the directory above; either way it ends the search.
-                            None => {
-                                if lowers.is_empty() && state.upper.is_none() {
-                                    state.set_lower_layer(l.layer);
-                                }
-                                break;
-                            }
-                        }
-                    }
-                    Probe::Absent => {
-                        // An aufs-style whiteout here hides the layers further down.
-                        if i + 1 < n && layers::has_aufs_whiteout(l.fd.as_fd_borrowed(), name)? {
-                            break;
-                        }
-                    }
+            match self.search_lowers(&pst, target, &mut shown, &mut lowers)? {
+                Lower::Known(inode, layer, st) => {
+                    return Ok(Some((Resolved::Known(inode, layer), st)));
                 }
+                // A non-directory: shown if nothing is above it, else hidden by the
+                // directory above.
+                Lower::File(layer) if lowers.is_empty() && state.upper.is_none() => {
+                    state.set_lower_layer(layer);
+                }
+                _ => {}
             }
         }
         drop(pst);
