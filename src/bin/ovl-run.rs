@@ -90,10 +90,9 @@ struct Args {
     /// Keep the mount point directory afterwards.
     #[arg(long)]
     keep_mountpoint: bool,
-    /// Let the kernel gather writes in its page cache (only without passthrough, i.e. as a
-    /// normal user): many small writes get much faster, opening many small files to read
-    /// them somewhat slower.
-    #[arg(long)]
+    /// Accepted for compatibility, no effect: the kernel's writeback cache cannot report a
+    /// full upper from write(), so every write is served synchronously.
+    #[arg(long, hide = true)]
     writeback_cache: bool,
     /// More logging (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
