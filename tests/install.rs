@@ -12,7 +12,14 @@ fn a_copied_ovl_pack_packs_with_its_built_in_runtime() {
     let bin = t.path().join("bin");
     fs::create_dir(&bin).unwrap();
     let pack = bin.join("ovl-pack");
-    fs::copy(env!("CARGO_BIN_EXE_ovl-pack"), &pack).unwrap();
+    // Copied by another process: a write descriptor of ours could be inherited by a child
+    // another test thread forks at that moment, and running the copy would fail with ETXTBSY.
+    let st = Command::new("cp")
+        .arg(env!("CARGO_BIN_EXE_ovl-pack"))
+        .arg(&pack)
+        .status()
+        .unwrap();
+    assert!(st.success());
 
     let app = t.path().join("app");
     fs::create_dir(&app).unwrap();
