@@ -3,6 +3,8 @@
 //!
 //! A layer above the engine, like the launcher and the commit engine:
 //! - [`format`]: the bytes (trailer, manifest, blobs);
+//! - [`image`]: the payload image served in place (format, packer, reader), not yet used by
+//!   `ovl-pack` and the runtime;
 //! - [`pack`](mod@pack): building a bundle from a directory (`ovl-pack`);
 //! - [`extract`]: opening, verifying and extracting one;
 //! - [`cache`]: the shared cache of extracted trees, and `--ovl-gc`;
@@ -21,6 +23,7 @@
 pub mod cache;
 pub mod extract;
 pub mod format;
+pub mod image;
 pub mod pack;
 pub mod runtime;
 pub mod state;
