@@ -599,6 +599,33 @@ fn a_damaged_byte_is_an_error_never_wrong_data() {
 }
 
 #[test]
+fn special_files_are_refused_when_asked() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    fs::create_dir_all(tree.join("d")).unwrap();
+    fs::write(tree.join("d/a"), "a").unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(tree.join("d/fifo"))
+            .status()
+            .unwrap()
+            .success()
+    );
+    let f = File::create(t.path().join("img")).unwrap();
+    let opts = ImageOptions {
+        special_files: false,
+        ..Default::default()
+    };
+    let e = write_image(&tree, &f, 0, &opts).unwrap_err().to_string();
+    assert!(e.contains("d/fifo: is a FIFO"), "{e}");
+    assert_eq!(
+        f.metadata().unwrap().len(),
+        0,
+        "nothing written before the tree is read"
+    );
+}
+
+#[test]
 fn ovl_pack_image_only_writes_an_image_or_nothing() {
     let t = tempfile::tempdir().unwrap();
     let tree = t.path().join("tree");

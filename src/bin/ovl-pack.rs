@@ -104,6 +104,7 @@ fn pack_image(args: &Args) -> ExitCode {
         level: args.level,
         block_size: args.block_size.saturating_mul(1024),
         threads: 0,
+        special_files: true,
     };
     let out = &args.output;
     let dir = out

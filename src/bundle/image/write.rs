@@ -26,17 +26,26 @@ pub struct ImageOptions {
     pub level: i32,
     /// Largest decompressed block, a power of two from 4 KiB to 16 MiB. Larger blocks compress
     /// better; a random read decompresses up to one block per extent it touches.
+    /// Small files are grouped by extension, then path: similar contents side by side, and a
+    /// directory's modules of one kind in few blocks.
     pub block_size: u32,
     /// Threads for hashing and compression (0: one per CPU).
     pub threads: usize,
+    /// Whether FIFOs, sockets and device nodes are packed; if not, one is refused with its
+    /// path (a bundle must extract for a normal user, who cannot make device nodes).
+    pub special_files: bool,
 }
 
 impl Default for ImageOptions {
     fn default() -> Self {
+        // Measured on a 740 MB Python tree: level 9 with 1 MiB blocks is 7 % smaller than
+        // mksquashfs -comp zstd at a seventh of its CPU time; level 12 saves 1 % more for
+        // 50 % more time, 2 MiB blocks 4 % more for twice the work per random read.
         ImageOptions {
-            level: 15,
+            level: 9,
             block_size: 1 << 20,
             threads: 0,
+            special_files: true,
         }
     }
 }
@@ -188,7 +197,7 @@ fn node_from_stat(st: &libc::stat, xattrs: Vec<(Vec<u8>, Vec<u8>)>) -> Node {
 
 /// Walks the tree breadth-first: inode numbers follow that order, so a directory's children
 /// have neighbouring numbers (and neighbouring records).
-fn scan(root_path: &Path, root: BorrowedFd<'_>) -> Result<Vec<Node>> {
+fn scan(root_path: &Path, root: BorrowedFd<'_>, special: bool) -> Result<Vec<Node>> {
     let st = sys::fstat(root).map_err(|e| Error::io("reading", root_path, e))?;
     let xattrs = xattrs_at(root, c".").map_err(|e| Error::io("reading", root_path, e))?;
     let mut nodes = vec![node_from_stat(&st, xattrs)];
@@ -249,8 +258,20 @@ fn scan(root_path: &Path, root: BorrowedFd<'_>) -> Result<Vec<Node>> {
                         .map_err(|e| ioerr("reading", root_path, &crel, e))?;
                     node.size = node.target.len() as u64;
                 }
-                libc::S_IFCHR | libc::S_IFBLK => node.rdev = st.st_rdev,
-                _ => {}
+                libc::S_IFCHR | libc::S_IFBLK if special => node.rdev = st.st_rdev,
+                libc::S_IFIFO | libc::S_IFSOCK if special => {}
+                _ => {
+                    let what = match fmt {
+                        libc::S_IFIFO => "a FIFO",
+                        libc::S_IFSOCK => "a socket",
+                        libc::S_IFCHR | libc::S_IFBLK => "a device node",
+                        _ => "of an unknown type",
+                    };
+                    return Err(Error::bad(
+                        root_path.join(bytes_path(&crel)),
+                        format!("is {what}, which a bundle cannot carry: remove it from the tree"),
+                    ));
+                }
             }
             if fmt != libc::S_IFDIR && st.st_nlink > 1 {
                 links.insert(key, ino);
@@ -399,7 +420,7 @@ pub fn write_image(
     // O_PATH cannot list; a real descriptor of the root for the walk.
     let rootfd = sys::reopen(rootfd.as_fd(), libc::O_RDONLY | libc::O_DIRECTORY)
         .map_err(|e| Error::io("opening", root, e))?;
-    let nodes = scan(root, rootfd.as_fd())?;
+    let nodes = scan(root, rootfd.as_fd(), opts.special_files)?;
 
     // Hash every file with content, in parallel.
     let files: Vec<u32> = (0..nodes.len())
@@ -457,7 +478,6 @@ pub fn write_image(
         let name = name_of(contents[i].ino);
         (
             ext_of(name),
-            name.to_vec(),
             nodes[contents[i].ino as usize - 1].rel.clone(),
         )
     });
