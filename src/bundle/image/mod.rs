@@ -40,7 +40,7 @@ pub mod extract;
 pub mod read;
 pub mod write;
 
-pub use read::{Attr, DirEntry, Image, ImageError};
+pub use read::{Attr, DirEntry, Image, ImageError, Stats};
 pub use write::{ImageOptions, ImageSummary, write_image};
 
 /// Bytes of the superblock at the start of an image.

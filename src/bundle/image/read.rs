@@ -82,6 +82,21 @@ impl Attr {
     }
 }
 
+/// Counts of an image's tree ([`Image::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Regular files (a file with hard links counts once), directories, symlinks, others.
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub special: u64,
+    /// Distinct non-empty contents and their total size.
+    pub distinct: u64,
+    pub data_bytes: u64,
+    /// Compressed size of all data blocks.
+    pub stored_bytes: u64,
+}
+
 /// One directory entry, borrowed from the image.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DirEntry<'a> {
@@ -483,6 +498,33 @@ impl Image {
             pos += len as u64;
         }
         out.set_len(size)
+    }
+
+    /// Counts of the tree, for `--ovl-info` (one pass over the inode table).
+    pub fn stats(&self) -> io::Result<Stats> {
+        let mut st = Stats::default();
+        let mut seen = std::collections::HashSet::new();
+        for ino in 1..=self.sb.inodes {
+            let r = self.inode(ino)?;
+            match u32_at(r, 0) & libc::S_IFMT {
+                libc::S_IFDIR => st.dirs += 1,
+                libc::S_IFLNK => st.symlinks += 1,
+                libc::S_IFREG => {
+                    st.files += 1;
+                    let size = u64_at(r, 16);
+                    // Identical contents share their first extent.
+                    if size > 0 && seen.insert(u32_at(r, 40)) {
+                        st.distinct += 1;
+                        st.data_bytes += size;
+                    }
+                }
+                _ => st.special += 1,
+            }
+        }
+        for b in 0..self.sb.blocks {
+            st.stored_bytes += u32_at(self.record(T_BLOCKS, b as usize)?, 8) as u64;
+        }
+        Ok(st)
     }
 
     /// Reads and checks every block (and so every file's content): what `--ovl-verify` does.
