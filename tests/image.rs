@@ -74,6 +74,7 @@ fn make_tree(root: &Path) {
     fs::write(root.join("a/b/c/other.py"), text(3000, 2)).unwrap();
     fs::write(root.join("empty"), b"").unwrap();
     fs::write(root.join("exact_block"), pseudo_random(BS as usize, 3)).unwrap();
+    fs::write(root.join("a/mid.bin"), pseudo_random(40_000, 7)).unwrap();
     fs::write(
         root.join("big.bin"),
         pseudo_random(5 * BS as usize + 777, 4),
@@ -139,6 +140,8 @@ fn pack(tree: &Path, out: &Path, threads: usize) -> ovl::bundle::image::ImageSum
     let f = File::create(out).unwrap();
     let opts = ImageOptions {
         block_size: BS,
+        // Small: the 40 000-byte file is a packed tail too long for a shared block.
+        pack_size: 16 << 10,
         threads,
         ..Default::default()
     };
@@ -311,8 +314,8 @@ fn round_trip_of_every_file_type() {
     make_tree(&tree);
     let s = pack(&tree, &t.path().join("img"), 0);
     // small.py and same.py share one content; the hard links are one inode.
-    assert_eq!(s.files, 307);
-    assert_eq!(s.distinct, 306);
+    assert_eq!(s.files, 308);
+    assert_eq!(s.distinct, 307);
     let img = open(&t.path().join("img"));
     assert_image_matches(&img, &tree);
     assert_eq!(img.inodes() as usize, walk(&tree).len() - 2);
@@ -526,6 +529,7 @@ fn an_image_is_read_at_its_offset_in_a_bigger_file() {
     f.write_all_at(&[0x7f; 12345], 0).unwrap();
     let opts = ImageOptions {
         block_size: BS,
+        pack_size: BS,
         ..Default::default()
     };
     let s = write_image(&tree, &f, 12345, &opts).unwrap();
@@ -634,7 +638,14 @@ fn ovl_pack_image_only_writes_an_image_or_nothing() {
     let out = t.path().join("tree.img");
     let o = Command::new(PACK)
         .arg(&tree)
-        .args(["--image-only", "--block-size", "64", "-o"])
+        .args([
+            "--image-only",
+            "--block-size",
+            "64",
+            "--pack-size",
+            "64",
+            "-o",
+        ])
         .arg(&out)
         .output()
         .unwrap();

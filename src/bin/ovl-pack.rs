@@ -49,6 +49,9 @@ struct Args {
     /// With --image-only: the largest block in KiB (a power of two, 4 to 16384).
     #[arg(long, value_name = "KIB", default_value_t = 1024)]
     block_size: u32,
+    /// With --image-only: the largest block of packed small files in KiB (4 to --block-size).
+    #[arg(long, value_name = "KIB", default_value_t = 512)]
+    pack_size: u32,
     /// The runtime to put first (default: ovl-runtime beside ovl-pack, or $OVL_RUNTIME).
     #[arg(long, value_name = "FILE")]
     runtime: Option<PathBuf>,
@@ -103,6 +106,7 @@ fn pack_image(args: &Args) -> ExitCode {
     let opts = ovl::bundle::image::ImageOptions {
         level: args.level,
         block_size: args.block_size.saturating_mul(1024),
+        pack_size: args.pack_size.saturating_mul(1024),
         threads: 0,
         special_files: true,
     };
