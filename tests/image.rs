@@ -669,3 +669,100 @@ fn ovl_pack_image_only_writes_an_image_or_nothing() {
         .collect();
     assert_eq!(left.len(), 2, "{left:?}");
 }
+
+/// An edit of an image's decompressed metadata, given the offset of its directory entries.
+type Edit = Box<dyn FnOnce(&mut Vec<u8>, usize)>;
+
+/// Rewrites the metadata of the image at `path` through `edit(meta, dirents_offset)` and
+/// fixes up what the hashes cover, as a crafted (not merely damaged) image would be.
+fn craft(path: &Path, out: &Path, edit: Edit) {
+    let mut b = fs::read(path).unwrap();
+    let u64_at = |b: &[u8], i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+    let (moff, mclen, mlen) = (u64_at(&b, 32), u64_at(&b, 40), u64_at(&b, 48));
+    let mut meta =
+        zstd::bulk::decompress(&b[moff as usize..(moff + mclen) as usize], mlen as usize).unwrap();
+    // Table 1 (directory entries): its offset is the second (offset, count) of the header.
+    let dirents = u64_at(&meta, 8 + 16) as usize;
+    edit(&mut meta, dirents);
+    let mz = zstd::bulk::compress(&meta, 3).unwrap();
+    b.truncate(moff as usize);
+    b.extend_from_slice(&mz);
+    let len = b.len() as u64;
+    b[24..32].copy_from_slice(&len.to_le_bytes());
+    b[40..48].copy_from_slice(&(mz.len() as u64).to_le_bytes());
+    b[64..96].copy_from_slice(blake3::hash(&mz).as_bytes());
+    let check = blake3::hash(&b[..96]);
+    b[96..112].copy_from_slice(&check.as_bytes()[..16]);
+    fs::write(out, b).unwrap();
+}
+
+/// The reader refuses, at open, what would make a walk of the tree loop or leave an
+/// extraction's directory, or a lookup miss: such an image is crafted, not damaged (its hashes
+/// match).
+#[test]
+fn crafted_images_are_refused_at_open() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    fs::create_dir_all(tree.join("d/e")).unwrap();
+    fs::write(tree.join("d/xy"), "data").unwrap();
+    let path = t.path().join("img");
+    pack(&tree, &path, 1);
+    // Entries, sorted, breadth-first: root: d; d: e, xy. Each record is 12 bytes.
+    let name_of = |meta: &[u8], dirents: usize, i: usize| {
+        let r = &meta[dirents + 12 * i..dirents + 12 * (i + 1)];
+        u32::from_le_bytes(r[0..4].try_into().unwrap()) as usize
+    };
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "is not sorted",
+            // d's two entries swapped.
+            Box::new(|m: &mut Vec<u8>, d: usize| {
+                let e: Vec<u8> = m[d + 12..d + 24].to_vec();
+                m.copy_within(d + 24..d + 36, d + 12);
+                m[d + 24..d + 36].copy_from_slice(&e);
+            }),
+        ),
+        (
+            "wrong type",
+            // d/xy listed as a directory.
+            Box::new(|m: &mut Vec<u8>, d: usize| m[d + 24 + 10] = libc::DT_DIR),
+        ),
+        (
+            "is named twice",
+            // d/e names the root: a loop.
+            Box::new(|m: &mut Vec<u8>, d: usize| {
+                m[d + 12 + 4..d + 12 + 8].copy_from_slice(&1u32.to_le_bytes())
+            }),
+        ),
+        (
+            "has an invalid name",
+            // d/xy renamed "..".
+            Box::new(move |m: &mut Vec<u8>, d: usize| {
+                let pool =
+                    u64::from_le_bytes(m[8 + 6 * 16..8 + 6 * 16 + 8].try_into().unwrap()) as usize;
+                let at = pool + name_of(m, d, 2);
+                m[at..at + 2].copy_from_slice(b"..");
+            }),
+        ),
+        (
+            "has an invalid name",
+            // d/xy renamed "x/": a path, not a name.
+            Box::new(move |m: &mut Vec<u8>, d: usize| {
+                let pool =
+                    u64::from_le_bytes(m[8 + 6 * 16..8 + 6 * 16 + 8].try_into().unwrap()) as usize;
+                let at = pool + name_of(m, d, 2);
+                m[at..at + 2].copy_from_slice(b"x/");
+            }),
+        ),
+    ];
+    for (i, (want, edit)) in cases.into_iter().enumerate() {
+        let crafted = t.path().join(format!("crafted{i}"));
+        craft(&path, &crafted, edit);
+        let e = Image::open(File::open(&crafted).unwrap(), 0, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains(want), "case {i}: {e}");
+        assert_eq!(ovl::bundle::image::read::errno(&e), libc::EIO);
+    }
+    // The same round through craft() without an edit opens: the refusals are the edits'.
+    craft(&path, &t.path().join("same"), Box::new(|_, _| {}));
+    assert_image_matches(&open(&t.path().join("same")), &tree);
+}
