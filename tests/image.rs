@@ -414,6 +414,40 @@ fn reads_from_many_threads_agree() {
 }
 
 #[test]
+fn threads_wanting_one_block_decompress_it_once() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    make_tree(&tree);
+    pack(&tree, &t.path().join("img"), 0);
+    let fresh = || Image::open(File::open(t.path().join("img")).unwrap(), 0, 64 << 20).unwrap();
+    let want = fs::read(tree.join("big.bin")).unwrap();
+    let read_all = |img: &Image| {
+        let ino = resolve(img, Path::new("big.bin"));
+        let mut buf = vec![0u8; want.len()];
+        assert_eq!(img.read(ino, 0, &mut buf).unwrap(), want.len());
+        assert!(buf == want);
+    };
+    let alone = fresh();
+    read_all(&alone);
+    // Five full pieces and the tail's packed block.
+    assert_eq!(alone.blocks_loaded(), 6);
+    for _ in 0..5 {
+        let img = fresh();
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    read_all(&img);
+                });
+            }
+        });
+        assert_eq!(img.blocks_loaded(), 6);
+    }
+}
+
+#[test]
 fn extraction_recreates_the_tree() {
     let t = tempfile::tempdir().unwrap();
     let tree = t.path().join("tree");

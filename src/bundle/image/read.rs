@@ -24,12 +24,12 @@
 //! BLAKE3 checked, decompressed, and kept in a bounded cache of decompressed blocks shared by
 //! all threads.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::*;
 
@@ -107,9 +107,11 @@ pub struct DirEntry<'a> {
 }
 
 /// Decompressed blocks, bounded by bytes; evicts the least recently used. Sharded by block
-/// number so threads reading different blocks do not wait on one lock.
+/// number so threads reading different blocks do not wait on one lock. A block being loaded
+/// is marked, so threads that want it at the same time (the kernel's parallel readahead into
+/// one block) wait for that load instead of decompressing it again.
 struct BlockCache {
-    shards: Vec<Mutex<Shard>>,
+    shards: Vec<(Mutex<Shard>, Condvar)>,
     per_shard: usize,
     tick: AtomicU64,
 }
@@ -117,30 +119,67 @@ struct BlockCache {
 #[derive(Default)]
 struct Shard {
     map: HashMap<u32, (Arc<[u8]>, u64)>,
+    loading: HashSet<u32>,
     bytes: usize,
 }
 
 const SHARDS: usize = 16;
 
+/// Clears a block's loading mark and wakes its waiters, also if the load unwinds.
+struct Loading<'a> {
+    cache: &'a BlockCache,
+    b: u32,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let (m, cv) = &self.cache.shards[self.b as usize % SHARDS];
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .loading
+            .remove(&self.b);
+        cv.notify_all();
+    }
+}
+
 impl BlockCache {
     fn new(bytes: usize) -> BlockCache {
         BlockCache {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SHARDS).map(|_| Default::default()).collect(),
             per_shard: bytes / SHARDS,
             tick: AtomicU64::new(0),
         }
     }
-    fn get(&self, b: u32) -> Option<Arc<[u8]>> {
-        let t = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.shards[b as usize % SHARDS].lock().unwrap();
-        s.map.get_mut(&b).map(|e| {
-            e.1 = t;
-            e.0.clone()
-        })
+
+    /// The cached block, or `load()`'s, loaded by one thread at a time.
+    fn get_or_load(
+        &self,
+        b: u32,
+        load: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<Arc<[u8]>> {
+        let (m, cv) = &self.shards[b as usize % SHARDS];
+        let mut s = m.lock().unwrap();
+        loop {
+            let t = self.tick.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = s.map.get_mut(&b) {
+                e.1 = t;
+                return Ok(e.0.clone());
+            }
+            if s.loading.insert(b) {
+                break;
+            }
+            s = cv.wait(s).unwrap();
+        }
+        drop(s);
+        let _mark = Loading { cache: self, b };
+        let d: Arc<[u8]> = load()?.into();
+        self.put(b, d.clone());
+        Ok(d)
     }
+
     fn put(&self, b: u32, data: Arc<[u8]>) {
         let t = self.tick.fetch_add(1, Ordering::Relaxed);
-        let mut s = self.shards[b as usize % SHARDS].lock().unwrap();
+        let mut s = self.shards[b as usize % SHARDS].0.lock().unwrap();
         let len = data.len();
         if let Some(old) = s.map.insert(b, (data, t)) {
             s.bytes -= old.0.len();
@@ -169,6 +208,7 @@ pub struct Image {
     /// (offset, count) of each metadata table.
     tables: [(usize, usize); TABLES],
     cache: BlockCache,
+    loads: AtomicU64,
 }
 
 impl std::fmt::Debug for Image {
@@ -230,6 +270,7 @@ impl Image {
             meta,
             tables,
             cache: BlockCache::new(cache_bytes),
+            loads: AtomicU64::new(0),
         };
         if !img.getattr(ROOT_INO)?.is_dir() {
             return Err(corrupt("the root is not a directory"));
@@ -457,34 +498,38 @@ impl Image {
 
     /// The decompressed bytes of block `b`, from the cache or the file.
     fn block(&self, b: u32) -> io::Result<Arc<[u8]>> {
-        if let Some(d) = self.cache.get(b) {
-            return Ok(d);
-        }
-        let r = self.record(T_BLOCKS, b as usize)?;
-        let (pos, clen, ulen) = (u64_at(r, 0), u32_at(r, 8), u32_at(r, 12));
-        if ulen > self.sb.block_size
-            || pos < SUPERBLOCK_LEN
-            || pos
-                .checked_add(clen as u64)
-                .is_none_or(|e| e > self.sb.meta_offset)
-        {
-            return Err(corrupt(format!("block {b} lies outside the data")));
-        }
-        let mut z = vec![0u8; clen as usize];
-        self.file
-            .read_exact_at(&mut z, self.base + pos)
-            .map_err(|e| read_err(e, "data"))?;
-        if blake3::hash(&z).as_bytes() != &r[16..48] {
-            return Err(corrupt(format!("block {b} does not match its hash")));
-        }
-        let d = zstd::bulk::decompress(&z, ulen as usize)
-            .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
-        if d.len() != ulen as usize {
-            return Err(corrupt(format!("block {b} has the wrong size")));
-        }
-        let d: Arc<[u8]> = d.into();
-        self.cache.put(b, d.clone());
-        Ok(d)
+        self.cache.get_or_load(b, || {
+            let r = self.record(T_BLOCKS, b as usize)?;
+            let (pos, clen, ulen) = (u64_at(r, 0), u32_at(r, 8), u32_at(r, 12));
+            if ulen > self.sb.block_size
+                || pos < SUPERBLOCK_LEN
+                || pos
+                    .checked_add(clen as u64)
+                    .is_none_or(|e| e > self.sb.meta_offset)
+            {
+                return Err(corrupt(format!("block {b} lies outside the data")));
+            }
+            let mut z = vec![0u8; clen as usize];
+            self.file
+                .read_exact_at(&mut z, self.base + pos)
+                .map_err(|e| read_err(e, "data"))?;
+            if blake3::hash(&z).as_bytes() != &r[16..48] {
+                return Err(corrupt(format!("block {b} does not match its hash")));
+            }
+            let d = zstd::bulk::decompress(&z, ulen as usize)
+                .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
+            if d.len() != ulen as usize {
+                return Err(corrupt(format!("block {b} has the wrong size")));
+            }
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            Ok(d)
+        })
+    }
+
+    /// How many blocks have been read from the file and decompressed since the image was
+    /// opened (cache misses).
+    pub fn blocks_loaded(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
     }
 
     /// Reads up to `buf.len()` bytes of regular file `ino` at `offset`; returns how many (0
@@ -610,8 +655,11 @@ mod tests {
             c.put(b * SHARDS as u32, vec![b as u8; 60].into());
         }
         // One shard, room for one 60-byte block.
-        assert_eq!(c.shards[0].lock().unwrap().map.len(), 1);
-        assert_eq!(c.get(63 * SHARDS as u32).unwrap()[0], 63);
-        assert!(c.get(0).is_none());
+        assert_eq!(c.shards[0].0.lock().unwrap().map.len(), 1);
+        let fail = || -> io::Result<Vec<u8>> { Err(os(libc::EIO)) };
+        assert_eq!(c.get_or_load(63 * SHARDS as u32, fail).unwrap()[0], 63);
+        assert!(c.get_or_load(0, fail).is_err());
+        // A failed load leaves no mark behind: the next one runs.
+        assert_eq!(c.get_or_load(0, || Ok(vec![7])).unwrap()[0], 7);
     }
 }
