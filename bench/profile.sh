@@ -9,6 +9,8 @@
 #             delete (the 20k-file deltree) | cycle (20 x mount + true + umount)
 #   perf   (default) perf record --call-graph dwarf -p PID (cpu-clock; this VM has no PMU),
 #          then perf report --no-children and a caller view, into $OVL_BENCH_DIR/profile/
+#          (dwarf unwinding wants debug info: `cargo build --profile profiling` and
+#          OVL_MOUNT=target/profiling/ovl-mount; release builds carry symbols only)
 #   strace strace -c -f -p PID: syscalls of the daemon, counts and time
 #   time   just the wall time
 # KEEP_DATA=1 leaves the benchmark filesystem (and its fixtures) mounted for the next call.

@@ -170,10 +170,10 @@ impl OverlayFS {
         self
     }
 
-    /// Lets the kernel gather writes in its page cache when passthrough is not in use
-    /// (default: off). Many small writes then cost one request per megabyte instead of one
-    /// each, but every open and close makes the kernel ask for the file's attributes again,
-    /// so workloads that open many small files to read them get slower.
+    /// Asks for the kernel's writeback cache (default: off). Refused, with a warning in the
+    /// log: with it `write()` succeeds once the data is in the kernel's page cache, and a full
+    /// upper fails only the later write-back (at fsync or close, with the data gone), so ovl
+    /// serves every write itself and `write()` reports ENOSPC.
     pub fn set_writeback_cache(&mut self, on: bool) -> &mut Self {
         self.writeback = on;
         self

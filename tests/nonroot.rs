@@ -206,3 +206,48 @@ fn setid_bits_dropped_like_the_kernel() {
         }
     }
 }
+
+/// A normal user lists a directory holding another user's 0700 subdirectory: the lookup's
+/// read of the subdirectory's `user.overlay.opaque` mark fails with EACCES, which means "no
+/// mark" (as in the kernel's overlay with `userxattr`), so `ls -la` and `stat` work as on the
+/// host, and only entering the subdirectory is refused.
+#[test]
+fn unreadable_subdirectory_of_another_user_is_listed() {
+    if !is_root() {
+        eprintln!("needs root to create the test user; run the suite as root");
+        return;
+    }
+    let (uid, gid) = ensure_user();
+    let t = tempfile::tempdir().unwrap();
+    let r = t.path();
+    fs::set_permissions(r, fs::Permissions::from_mode(0o755)).unwrap();
+    for d in ["lower/private/inner", "lower/pub", "upper", "work", "mnt"] {
+        fs::create_dir_all(r.join(d)).unwrap();
+    }
+    // Root's private directory, with an opaque mark the user could not read anyway.
+    xattr::set(r.join("lower/private"), "user.overlay.opaque", b"y").unwrap();
+    fs::set_permissions(r.join("lower/private"), fs::Permissions::from_mode(0o700)).unwrap();
+    fs::copy(BIN, r.join("ovl-mount")).unwrap();
+    for d in ["upper", "work", "mnt", "ovl-mount"] {
+        std::os::unix::fs::chown(r.join(d), Some(uid), Some(gid)).unwrap();
+    }
+    let p = r.display();
+    let out = as_user(&format!(
+        "{p}/ovl-mount -o lowerdir={p}/lower,upperdir={p}/upper,workdir={p}/work {p}/mnt || exit 9
+         cd {p}/mnt; ls -la | awk 'NR > 1 {{ print $1, $NF }}'; stat -c '%a %U %n' private
+         ls private 2>&1 | sed 's/.*: //'; cd /; fusermount3 -u {p}/mnt"
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "drwxr-xr-x .",
+            "drwxr-xr-x ..",
+            "drwx------ private",
+            "drwxr-xr-x pub",
+            "700 root private",
+            "Permission denied",
+        ],
+        "{out:?}"
+    );
+}

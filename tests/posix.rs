@@ -1075,3 +1075,86 @@ fn file_handles_reconnect_directories_through_their_parents() {
         assert_eq!(names(&m.mnt), vec!["low".to_string(), "up".to_string()]);
     }
 }
+
+/// mtime and ctime as a program asking only for them (`stat -c '%Y %Z'`) sees them: a statx
+/// without the atime bit, which the kernel's mmap invalidates.
+fn times(p: &Path) -> (i64, u32, i64, u32) {
+    let mut x: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c(p).as_ptr(),
+            0,
+            libc::STATX_MTIME | libc::STATX_CTIME,
+            &mut x,
+        )
+    };
+    assert_eq!(r, 0, "statx {}", p.display());
+    (
+        x.stx_mtime.tv_sec,
+        x.stx_mtime.tv_nsec,
+        x.stx_ctime.tv_sec,
+        x.stx_ctime.tv_nsec,
+    )
+}
+
+/// A write through a shared mapping advances mtime and ctime in the merged view, as in the
+/// real file (with passthrough the mapping is the real file's, so no request reaches ovl: the
+/// kernel must not keep answering from attributes cached before the open).
+#[test]
+fn shared_mapping_write_advances_times() {
+    for io in Io::ALL {
+        let m = Mounted::with_io(InodeMode::Virtual, io, |l| {
+            fs::write(l.join("lower"), vec![b'l'; 4096]).unwrap();
+        });
+        fs::write(m.p("upper"), vec![b'u'; 4096]).unwrap();
+        for name in ["upper", "lower"] {
+            let p = m.p(name);
+            // Old times, then a stat that caches them.
+            let old = fs::FileTimes::new()
+                .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(7200));
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_times(old)
+                .unwrap();
+            let before = times(&p);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let f = fs::File::options().read(true).write(true).open(&p).unwrap();
+            unsafe {
+                use std::os::fd::AsRawFd;
+                let a = libc::mmap(
+                    std::ptr::null_mut(),
+                    4096,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    f.as_raw_fd(),
+                    0,
+                );
+                assert_ne!(a, libc::MAP_FAILED);
+                let b = a.cast::<u8>();
+                assert_eq!(b.read_volatile(), name.as_bytes()[0]);
+                b.write_volatile(b'M');
+                assert_eq!(libc::msync(a, 4096, libc::MS_SYNC), 0);
+                libc::munmap(a, 4096);
+            }
+            let open = times(&p);
+            drop(f);
+            let closed = times(&p);
+            let real = fs::metadata(m.upper.join(name)).unwrap();
+            let real = (
+                real.mtime(),
+                real.mtime_nsec() as u32,
+                real.ctime(),
+                real.ctime_nsec() as u32,
+            );
+            let what = format!("{name}, {io:?}");
+            assert!(real.0 > before.0 + 3600, "{what}: real mtime {real:?}");
+            assert_eq!(open, real, "{what}: while open (before {before:?})");
+            assert_eq!(closed, real, "{what}: after close (before {before:?})");
+            let data = fs::read(&p).unwrap();
+            assert_eq!(&data[..2], [b'M', name.as_bytes()[0]], "{what}");
+        }
+    }
+}

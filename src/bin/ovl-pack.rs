@@ -52,7 +52,7 @@ struct Args {
     /// With --image-only: the largest block of packed small files in KiB (4 to --block-size).
     #[arg(long, value_name = "KIB", default_value_t = 512)]
     pack_size: u32,
-    /// The runtime to put first (default: ovl-runtime beside ovl-pack, or $OVL_RUNTIME).
+    /// The runtime to put first (default: $OVL_RUNTIME, else the one built into ovl-pack).
     #[arg(long, value_name = "FILE")]
     runtime: Option<PathBuf>,
 }
@@ -62,26 +62,25 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(1)
 }
 
-/// `--runtime`, `$OVL_RUNTIME`, `ovl-runtime` beside us, or the static build of this
-/// source tree (`packaging/build-runtime.sh`).
-fn find_runtime(given: Option<PathBuf>) -> Result<PathBuf, String> {
+/// The static runtime this ovl-pack was built with (see build.rs), if it could be built.
+#[cfg(ovl_embedded_runtime)]
+const EMBEDDED_RUNTIME: Option<&[u8]> = Some(include_bytes!(env!("OVL_EMBEDDED_RUNTIME")));
+#[cfg(not(ovl_embedded_runtime))]
+const EMBEDDED_RUNTIME: Option<&[u8]> = None;
+
+/// The runtime's bytes and where they came from: `--runtime`, `$OVL_RUNTIME`, else the one
+/// built into ovl-pack.
+fn find_runtime(given: Option<PathBuf>) -> Result<(Vec<u8>, String), String> {
     if let Some(p) = given.or_else(|| std::env::var_os("OVL_RUNTIME").map(PathBuf::from)) {
-        return Ok(p);
+        let bytes = std::fs::read(&p).map_err(|e| format!("{}: {e}", p.display()))?;
+        return Ok((bytes, p.display().to_string()));
     }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    let mut candidates = vec![dir.join("ovl-runtime")];
-    if let Some(target) = dir.parent() {
-        candidates.insert(
-            0,
-            target.join("x86_64-unknown-linux-gnu/runtime/ovl-runtime"),
-        );
-    }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        "no ovl-runtime found beside ovl-pack: build it with packaging/build-runtime.sh, or \
-         pass --runtime FILE"
-            .to_string()
-    })
+    EMBEDDED_RUNTIME
+        .map(|b| (b.to_vec(), "the built-in runtime".to_string()))
+        .ok_or_else(|| {
+            "this ovl-pack was built without a runtime (libc6-dev was missing): build one with              packaging/build-runtime.sh and pass --runtime FILE"
+                .to_string()
+        })
 }
 
 /// A dynamically linked runtime only runs where its libraries are: say so.
@@ -187,25 +186,19 @@ fn main() -> ExitCode {
     if args.image_only {
         return pack_image(&args);
     }
-    let runtime_path = match find_runtime(args.runtime) {
-        Ok(p) => p,
+    let (runtime, runtime_path) = match find_runtime(args.runtime) {
+        Ok(r) => r,
         Err(e) => return fail(e),
-    };
-    let runtime = match std::fs::read(&runtime_path) {
-        Ok(b) => b,
-        Err(e) => return fail(format!("{}: {e}", runtime_path.display())),
     };
     if &runtime[..runtime.len().min(4)] != b"\x7fELF" {
         return fail(format!(
-            "{}: not an executable: pass the ovl-runtime binary with --runtime",
-            runtime_path.display()
+            "{runtime_path}: not an executable: pass the ovl-runtime binary with --runtime"
         ));
     }
     if !is_static(&runtime) {
         eprintln!(
-            "ovl-pack: warning: {} is dynamically linked: the bundle only runs where its \
-             libraries are (packaging/build-runtime.sh builds the static one)",
-            runtime_path.display()
+            "ovl-pack: warning: {runtime_path} is dynamically linked: the bundle only runs where \
+             its libraries are (packaging/build-runtime.sh builds the static one)"
         );
     }
     let opts = PackOptions {

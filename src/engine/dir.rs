@@ -337,8 +337,6 @@ impl Overlay {
             & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC | libc::O_NOCTTY | libc::O_APPEND))
             | libc::O_CREAT
             | libc::O_EXCL;
-        // A new file can always be opened read-write (its mode is not checked at creation).
-        let (oflags, _) = self.write_open_flags(oflags);
         let mode = who.mode & 0o7777;
         let (inode, attr, fd, st) = self.create_entry(&parent, name, &who, &|d, n| {
             Ok(Some(sys::openat(d, n, oflags, mode)?))

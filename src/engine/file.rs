@@ -30,12 +30,24 @@ pub struct OpenFile {
     /// The upper file, opened for reading once the inode was copied up after this handle was
     /// opened: reads then see what was written since, as on one real file.
     upper: std::sync::OnceLock<OwnedFd>,
+    /// Counted in the inode's `passthrough_writers` (writable, passed through).
+    pub passthrough_writer: bool,
 }
 
 impl OpenFile {
-    /// A handle on `inode`'s real file `fd`; counted in the inode's open files.
-    pub fn new(inode: Arc<Inode>, fd: OwnedFd, backing: Option<Arc<fuser::BackingId>>) -> Self {
+    /// A handle on `inode`'s real file `fd`; counted in the inode's open files (and, when
+    /// `writable` and passed through, in its passthrough writers).
+    pub fn new(
+        inode: Arc<Inode>,
+        fd: OwnedFd,
+        backing: Option<Arc<fuser::BackingId>>,
+        writable: bool,
+    ) -> Self {
         inode.open_files.fetch_add(1, Ordering::Relaxed);
+        let passthrough_writer = writable && backing.is_some();
+        if passthrough_writer {
+            inode.passthrough_writers.fetch_add(1, Ordering::Relaxed);
+        }
         let on_lower = !inode.read().has_upper();
         OpenFile {
             fd,
@@ -44,6 +56,7 @@ impl OpenFile {
             inode,
             on_lower,
             upper: std::sync::OnceLock::new(),
+            passthrough_writer,
         }
     }
 }
@@ -51,6 +64,11 @@ impl OpenFile {
 impl Drop for OpenFile {
     fn drop(&mut self) {
         self.inode.open_files.fetch_sub(1, Ordering::Relaxed);
+        if self.passthrough_writer {
+            self.inode
+                .passthrough_writers
+                .fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -256,13 +274,7 @@ impl Overlay {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
         }
         let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
-        let (flags, fallback) = self.write_open_flags(flags);
-        match self.open_real_as(inode, flags) {
-            Err(e) if e.raw_os_error() == Some(libc::EACCES) && fallback.is_some() => {
-                self.open_real_as(inode, fallback.unwrap_or(flags))
-            }
-            r => r,
-        }
+        self.open_real_as(inode, flags)
     }
 
     fn open_real_as(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {

@@ -23,8 +23,6 @@ use crate::engine::inode::Inode;
 use crate::engine::overlay::Overlay;
 use crate::engine::xattr::XattrReply;
 
-const GEN: Generation = Generation(0);
-
 fn err(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
@@ -34,6 +32,17 @@ fn err(e: io::Error) -> Errno {
 pub struct OverlayFs(pub Arc<Overlay>);
 
 impl OverlayFs {
+    /// The generation of the node id in `attr` (see [`Overlay::generation`]); 0 for the
+    /// root, which the kernel made itself with generation 0 (another one would make it take
+    /// the root for a reused node id and mark it bad).
+    fn generation(&self, attr: &fuser::FileAttr) -> Generation {
+        if attr.ino.0 == crate::engine::inode::ROOT_INO {
+            Generation(0)
+        } else {
+            Generation(self.0.generation.into())
+        }
+    }
+
     fn passthrough(&self) -> bool {
         self.0.passthrough.load(Ordering::Relaxed)
     }
@@ -60,12 +69,13 @@ impl OverlayFs {
         inode: Arc<Inode>,
         fd: OwnedFd,
         mode: OpenMode,
+        writable: bool,
     ) -> (FileHandle, FopenFlags, Option<Arc<fuser::BackingId>>) {
         let backing = match mode {
             OpenMode::Passthrough(id) => Some(id),
             OpenMode::Cached => None,
         };
-        let f = OpenFile::new(inode, fd, backing.clone());
+        let f = OpenFile::new(inode, fd, backing.clone(), writable);
         let fh = FileHandle(self.0.files.insert_file(f));
         // The mount owns its layers, so cached pages stay valid across opens.
         let flags = if backing.is_some() {
@@ -86,8 +96,15 @@ impl OverlayFs {
     ) {
         let ino = inode.ino;
         match self.open_mode(ino, &fd, read_only, known, |fd| reply.open_backing(fd)) {
-            Ok(mode) => match self.insert(inode, fd, mode) {
-                (fh, flags, Some(id)) => reply.opened_passthrough(fh, flags, &id),
+            Ok(mode) => match self.insert(inode, fd, mode, !read_only) {
+                (fh, flags, Some(id)) => {
+                    if !read_only {
+                        // Attributes the kernel cached before this open would stay valid
+                        // through writes to a shared mapping: drop them (see `attr_ttl`).
+                        self.0.invalidate_attrs(ino);
+                    }
+                    reply.opened_passthrough(fh, flags, &id)
+                }
                 (fh, flags, None) => reply.opened(fh, flags),
             },
             Err(e) => reply.error(err(e)),
@@ -115,16 +132,14 @@ impl Filesystem for OverlayFs {
             && config.set_max_stack_depth(1).is_ok()
         {
             self.0.passthrough.store(true, Ordering::Relaxed);
-        } else if self.0.want_writeback
-            && config
-                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
-                .is_ok()
-        {
-            // Without passthrough every write is ours to serve: the kernel may gather them in
-            // its page cache (one request per megabyte instead of one per write call). Dirty
-            // pages are written back at the latest on the last close (the kernel waits for
-            // them before RELEASE), so a finalization after the command exits sees them all.
-            self.0.writeback.store(true, Ordering::Relaxed);
+        } else if self.0.want_writeback {
+            // Refused: with the kernel's writeback cache write() succeeds as soon as the data
+            // is in the page cache, and a full upper fails only the later write-back (the
+            // error shows at fsync or close, the data is gone). ENOSPC must come from
+            // write(), so every write is served synchronously instead.
+            log::warn!(
+                "the writeback cache is not used: it cannot report a full upper from write()"
+            );
         }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -132,8 +147,19 @@ impl Filesystem for OverlayFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.0.lookup(parent.0, name) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+        // "." is how the kernel asks for a node it forgot when a file handle names it.
+        let found = if name == "." {
+            self.0.lookup_handle(parent.0)
+        } else {
+            self.0.lookup(parent.0, name)
+        };
+        match found {
+            Ok((_, attr)) => reply.entry_with_ttls(
+                &self.0.attr_ttl(&attr),
+                &self.0.ttl,
+                &attr,
+                self.generation(&attr),
+            ),
             // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
             // repeated probes (PATH and import searches) stay in the kernel. Every create goes
             // through us, and the kernel replaces the negative dentry itself.
@@ -141,7 +167,7 @@ impl Filesystem for OverlayFs {
                 let mut attr =
                     crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
                 attr.kind = fuser::FileType::RegularFile;
-                reply.entry(&self.0.ttl, &attr, GEN)
+                reply.entry(&self.0.ttl, &attr, self.generation(&attr))
             }
             Err(e) => reply.error(err(e)),
         }
@@ -153,7 +179,7 @@ impl Filesystem for OverlayFs {
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.0.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -187,7 +213,7 @@ impl Filesystem for OverlayFs {
             pid: req.pid(),
         };
         match self.0.setattr(ino.0, req) {
-            Ok(attr) => reply.attr(&self.0.ttl, &attr),
+            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &attr),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -215,7 +241,7 @@ impl Filesystem for OverlayFs {
             mode,
         };
         match self.0.mknod(parent.0, name, who, rdev) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -235,7 +261,7 @@ impl Filesystem for OverlayFs {
             mode,
         };
         match self.0.mkdir(parent.0, name, who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -268,7 +294,7 @@ impl Filesystem for OverlayFs {
             mode: 0,
         };
         match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, self.generation(&attr)),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -301,7 +327,12 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         match self.0.link(ino.0, newparent.0, newname) {
-            Ok((_, attr)) => reply.entry(&self.0.ttl, &attr, GEN),
+            Ok((_, attr)) => reply.entry_with_ttls(
+                &self.0.attr_ttl(&attr),
+                &self.0.ttl,
+                &attr,
+                self.generation(&attr),
+            ),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -440,7 +471,12 @@ impl Filesystem for OverlayFs {
         let res = self
             .0
             .readdirplus_entries(fh.0, offset, &mut |off, name, attr| {
-                reply.add(attr.ino, off, name, &ttl, attr, GEN)
+                let ttl = if attr.kind == fuser::FileType::RegularFile {
+                    self.0.attr_ttl(attr)
+                } else {
+                    ttl
+                };
+                reply.add(attr.ino, off, name, &ttl, attr, self.generation(attr))
             });
         match res {
             Ok(()) => reply.ok(),
@@ -554,14 +590,22 @@ impl Filesystem for OverlayFs {
         };
         match self.0.create(parent.0, name, who, flags) {
             Ok((inode, attr, fd, st)) => {
-                let ttl = self.0.ttl;
                 let ino = inode.ino;
+                let writable = crate::engine::file::wants_write(flags);
                 match self.open_mode(ino, &fd, false, Some(&st), |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
-                        let (fh, flags, id) = self.insert(inode, fd, mode);
+                        let (fh, flags, id) = self.insert(inode, fd, mode, writable);
+                        let ttl = self.0.attr_ttl(&attr);
                         match id {
-                            Some(id) => reply.created_passthrough(&ttl, &attr, GEN, fh, flags, &id),
-                            None => reply.created(&ttl, &attr, GEN, fh, flags),
+                            Some(id) => reply.created_passthrough(
+                                &ttl,
+                                &attr,
+                                self.generation(&attr),
+                                fh,
+                                flags,
+                                &id,
+                            ),
+                            None => reply.created(&ttl, &attr, self.generation(&attr), fh, flags),
                         }
                     }
                     Err(e) => reply.error(err(e)),

@@ -13,12 +13,16 @@
 //! - Inode numbers are never reused for a different file while the kernel may still know the old
 //!   one: virtual numbers come from a counter; persistent numbers are derived from the layer and
 //!   the real inode number, with a collision falling back to a counter in a reserved range.
+//! - A forgotten inode whose file still has a name leaves a [`Ghost`] (its number, parent
+//!   number and name) and keeps its `by_id` entry, so the file keeps its number for the whole
+//!   mount and a file handle the kernel gave out for it (which names only the number) can be
+//!   resolved again by looking the name up in the parent. About 100 bytes per forgotten file.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::engine::sys::BorrowFd;
 
@@ -212,6 +216,10 @@ pub struct Inode {
     /// for before writes. Set only by a getxattr that found none, with the state read-locked;
     /// cleared by setxattr with it write-locked, after its change: see `Overlay::getxattr`.
     pub no_file_caps: AtomicBool,
+    /// Writable handles open through FUSE passthrough. While there are any, the real file can
+    /// change behind the kernel's cached attributes (a write through a shared mapping goes
+    /// straight to it), so attributes are replied with no cache time (see `fs.rs`).
+    pub passthrough_writers: AtomicU64,
     /// Key in `by_id` (dev, ino of the backing real file), updated on copy-up. Only read and
     /// written with the tables' lock held, so two atomics need no lock of their own.
     id: [AtomicU64; 2],
@@ -246,6 +254,9 @@ fn id_atomics((dev, ino): (u64, u64)) -> [AtomicU64; 2] {
     [AtomicU64::new(dev), AtomicU64::new(ino)]
 }
 
+/// At most this many forgotten inodes are remembered (about 120 MB).
+const MAX_GHOSTS: usize = 1 << 20;
+
 /// Root inode number, fixed by FUSE.
 pub const ROOT_INO: u64 = 1;
 const FALLBACK_BASE: u64 = 1 << 63;
@@ -263,6 +274,26 @@ pub struct InodeStore {
 struct Tables {
     by_ino: HashMap<u64, Arc<Inode>>,
     by_id: HashMap<(u64, u64), u64>,
+    /// Forgotten inodes whose files still have a name, by number (see the module invariants).
+    ghosts: HashMap<u64, Ghost>,
+}
+
+/// What is kept of a forgotten inode: enough to find its file again by name.
+#[derive(Debug)]
+struct Ghost {
+    kind: Kind,
+    /// The inode itself while something else (a live child's parent link) still holds it:
+    /// it is then brought back as it is, handles and all.
+    inode: Weak<Inode>,
+    parent: u64,
+    name: Box<OsStr>,
+}
+
+/// Where a forgotten inode can be found again: its kind, the inode itself if still held
+/// elsewhere, else its parent's number and its name there.
+pub enum GhostRef {
+    Held(Arc<Inode>),
+    Named(Kind, u64, Box<OsStr>),
 }
 
 /// What is known about a real entry found by lookup, used to find or create its inode.
@@ -286,6 +317,7 @@ impl InodeStore {
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
             no_file_caps: AtomicBool::new(false),
+            passthrough_writers: AtomicU64::new(0),
             id: id_atomics(root.id),
         });
         let mut t = Tables::default();
@@ -326,8 +358,22 @@ impl InodeStore {
     /// An existing inode gets its parent/name refreshed (the kernel just reached it there).
     pub fn lookup_or_insert(&self, found: Found) -> Arc<Inode> {
         let mut t = self.tables_mut();
+        let mut ghost_ino = None;
         if let Some(ino) = t.by_id.get(&found.id).copied() {
-            if let Some(inode) = t.by_ino.get(&ino).cloned() {
+            let live = t.by_ino.get(&ino).cloned();
+            // A forgotten inode of this file: it comes back under its number (and as the same
+            // object when something still holds it).
+            let live = live.or_else(|| match t.ghosts.remove(&ino) {
+                Some(g) if g.kind == found.kind => {
+                    ghost_ino = Some(ino);
+                    let inode = g.inode.upgrade()?;
+                    inode.lookups.store(0, Ordering::Relaxed);
+                    t.by_ino.insert(ino, inode.clone());
+                    Some(inode)
+                }
+                _ => None,
+            });
+            if let Some(inode) = live {
                 if inode.kind == found.kind {
                     inode.lookups.fetch_add(1, Ordering::Relaxed);
                     drop(t);
@@ -340,7 +386,7 @@ impl InodeStore {
                 }
             }
         }
-        let ino = self.assign(&t, &found);
+        let ino = ghost_ino.unwrap_or_else(|| self.assign(&t, &found));
         let inode = Arc::new(Inode {
             ino,
             kind: found.kind,
@@ -349,6 +395,7 @@ impl InodeStore {
             copy_up_lock: Mutex::new(()),
             open_files: AtomicU64::new(0),
             no_file_caps: AtomicBool::new(false),
+            passthrough_writers: AtomicU64::new(0),
             id: id_atomics(found.id),
         });
         t.by_ino.insert(ino, inode.clone());
@@ -378,6 +425,7 @@ impl InodeStore {
     /// number went to another inode.
     pub fn revive(&self, inode: &Arc<Inode>) -> Option<Arc<Inode>> {
         let mut t = self.tables_mut();
+        t.ghosts.remove(&inode.ino);
         if let Some(live) = t.by_ino.get(&inode.ino) {
             if !Arc::ptr_eq(live, inode) {
                 return None;
@@ -404,7 +452,7 @@ impl InodeStore {
             let (_, real) = found.id;
             if real < (1 << 56) && found.layer < 127 {
                 let n = ((found.layer as u64) << 56) | real;
-                if n > ROOT_INO && !t.by_ino.contains_key(&n) {
+                if n > ROOT_INO && !t.by_ino.contains_key(&n) && !t.ghosts.contains_key(&n) {
                     return n;
                 }
             }
@@ -428,11 +476,60 @@ impl InodeStore {
         );
         if prev <= n {
             let id = inode.id();
-            t.by_ino.remove(&ino);
-            if t.by_id.get(&id) == Some(&ino) {
-                t.by_id.remove(&id);
+            let Some(inode) = t.by_ino.remove(&ino) else {
+                return;
+            };
+            // `try_read`: a writer of the state may be waiting for the tables' lock (copy-up
+            // re-keys the inode); rather than wait, keep no ghost (its handles go stale).
+            let ghost = inode.state.try_read().ok().and_then(|st| {
+                let parent = st.parent.as_ref()?.ino;
+                // A weak link only to an inode held elsewhere: it would keep the allocation
+                // of one held by nobody (most files) alive for nothing.
+                let held = Arc::strong_count(&inode) > 1;
+                (!st.unlinked).then(|| Ghost {
+                    kind: inode.kind,
+                    inode: if held {
+                        Arc::downgrade(&inode)
+                    } else {
+                        Weak::new()
+                    },
+                    parent,
+                    name: st.name.clone(),
+                })
+            });
+            match ghost {
+                Some(g) if t.by_id.get(&id) == Some(&ino) => {
+                    if t.ghosts.len() >= MAX_GHOSTS {
+                        // Bounded memory: forget every ghost at once (amortised over as many
+                        // forgets). Their files get new numbers and their handles go stale.
+                        let Tables {
+                            by_ino,
+                            by_id,
+                            ghosts,
+                        } = &mut *t;
+                        ghosts.clear();
+                        by_id.retain(|_, n| by_ino.contains_key(n));
+                    }
+                    t.ghosts.insert(ino, g);
+                }
+                _ => {
+                    if t.by_id.get(&id) == Some(&ino) {
+                        t.by_id.remove(&id);
+                    }
+                }
             }
         }
+    }
+
+    /// Where the forgotten inode `ino` can be found again; `None` if the number is live or
+    /// names nothing (never given, or its file was deleted).
+    pub fn ghost(&self, ino: u64) -> Option<GhostRef> {
+        let t = self.tables();
+        let g = t.ghosts.get(&ino)?;
+        Some(match g.inode.upgrade() {
+            Some(inode) => GhostRef::Held(inode),
+            None => GhostRef::Named(g.kind, g.parent, g.name.clone()),
+        })
     }
 
     /// The real file behind `inode` was deleted while the kernel may still hold the inode:

@@ -258,18 +258,33 @@ pub struct DirMarks {
     pub xwhiteouts: bool,
 }
 
+/// Reads one of the overlay's marks (`trusted.overlay.*` or `user.overlay.*`) on a layer entry.
+/// A mark this process may not read counts as absent, as in the kernel's overlay: `user.`
+/// xattrs need read permission, so a normal user's lookup of another user's 0700 directory
+/// gets EACCES, and that directory must still be listed and stat'ed like on the host.
+pub fn read_mark(fd: BorrowedFd<'_>, name: &CStr) -> io::Result<Option<Vec<u8>>> {
+    match sys::fgetxattr(fd.as_raw_fd(), name) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) => Ok(None),
+        r => r,
+    }
+}
+
 /// Reads the marks of a layer directory.
 pub fn dir_marks(fd: BorrowedFd<'_>) -> io::Result<DirMarks> {
     let mut m = DirMarks::default();
     for name in [c"trusted.overlay.opaque", c"user.overlay.opaque"] {
-        match sys::fgetxattr(fd.as_raw_fd(), name)?.as_deref() {
+        match read_mark(fd, name)?.as_deref() {
             Some(b"y") => m.opaque = true,
             Some(b"x") => m.xwhiteouts = true,
             _ => {}
         }
     }
     if !m.opaque {
-        m.opaque = sys::fstatat_opt(fd, OPAQUE_MARKER)?.is_some();
+        // A directory this process may not search cannot show the marker (nor anything else).
+        m.opaque = match sys::fstatat_opt(fd, OPAQUE_MARKER) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => false,
+            r => r?.is_some(),
+        };
     }
     Ok(m)
 }
@@ -293,7 +308,7 @@ pub fn is_whiteout(st: &libc::stat, fd: BorrowedFd<'_>) -> io::Result<bool> {
     }
     if st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
         for name in [c"trusted.overlay.whiteout", c"user.overlay.whiteout"] {
-            if sys::fgetxattr(fd.as_raw_fd(), name)?.is_some() {
+            if read_mark(fd, name)?.is_some() {
                 return Ok(true);
             }
         }

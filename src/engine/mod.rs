@@ -4,6 +4,7 @@
 //! - [`inode`]: the inode store (one owner, refcounts tied to FUSE lookup/forget).
 //! - [`namei`]: name lookup through the layers.
 //! - `dir`: create, unlink, rename; `file`: open files and I/O; `attr`, `xattr`, `readdir`.
+//! - `export`: file handles (resolving a node id the kernel forgot).
 //! - `copy_up`: bringing a lower entry into the upper (temp file + fsync + rename).
 //! - `overlay`: the state every operation shares; `fs`: the thin FUSE dispatch over them.
 //! - [`session`]: mounting and serving a layer stack; [`fusermount`]: unprivileged mounts.
@@ -14,6 +15,7 @@
 mod attr;
 pub(crate) mod copy_up;
 mod dir;
+mod export;
 mod file;
 mod fs;
 pub mod fusermount;

@@ -39,12 +39,16 @@ pub struct Overlay {
     pub passthrough: AtomicBool,
     /// Passthrough was asked for (it is still only used when the kernel agrees).
     pub want_passthrough: bool,
-    /// The writeback cache was asked for (used only when passthrough is not).
+    /// The writeback cache was asked for: refused (it cannot report ENOSPC from write()),
+    /// which `init` says once.
     pub want_writeback: bool,
-    /// The kernel's writeback cache was negotiated (when passthrough is not in use): writes
-    /// land in the page cache and reach us in large batches, and the kernel may read a page
-    /// through a handle opened for writing only (see [`Overlay::write_open_flags`]).
-    pub writeback: AtomicBool,
+    /// The generation of every node id this mount gives, different on every mount: the
+    /// kernel puts it in file handles and refuses a handle whose generation differs, so a
+    /// handle from an earlier mount (whose numbers may now name other files) gives ESTALE
+    /// instead of opening another file.
+    pub generation: u32,
+    /// Sends notifications to the kernel (set by the session once it runs).
+    pub notifier: std::sync::OnceLock<fuser::Notifier>,
 }
 
 /// Returns the error for a raw errno.
@@ -111,6 +115,17 @@ pub fn attr_from_stat(ino: u64, st: &libc::stat) -> FileAttr {
     }
 }
 
+/// A generation number unlikely to repeat between mounts: the clock's nanoseconds mixed with
+/// the process id, never 0 (what a mount without it would have used).
+fn mount_generation() -> u32 {
+    let t = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos() as u64;
+    let x = (t ^ (u64::from(std::process::id()) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((x >> 32) as u32) | 1
+}
+
 impl Overlay {
     /// Creates the overlay over an opened layer stack.
     pub fn new(
@@ -129,22 +144,40 @@ impl Overlay {
             passthrough: AtomicBool::new(false),
             want_passthrough,
             want_writeback,
-            writeback: AtomicBool::new(false),
+            generation: mount_generation(),
+            notifier: std::sync::OnceLock::new(),
         })
     }
 
-    /// Access mode for opening a real file: with the writeback cache, the kernel fills
-    /// partly written pages by reading through whatever handle wrote them, so a write-only
-    /// open becomes read-write. `fallback` is the mode to retry with when that is refused
-    /// (a file the daemon may write but not read).
-    pub fn write_open_flags(&self, flags: i32) -> (i32, Option<i32>) {
-        if flags & libc::O_ACCMODE == libc::O_WRONLY
-            && self.writeback.load(std::sync::atomic::Ordering::Relaxed)
-        {
-            ((flags & !libc::O_ACCMODE) | libc::O_RDWR, Some(flags))
-        } else {
-            (flags, None)
+    /// Makes the kernel drop its cached attributes of `ino` (not its cached data), so the
+    /// next stat asks us. Failure is harmless: the kernel may not hold the inode.
+    pub fn invalidate_attrs(&self, ino: u64) {
+        if let Some(n) = self.notifier.get() {
+            if let Err(e) = n.inval_inode(fuser::INodeNo(ino), -1, 0) {
+                log::debug!("invalidating the attributes of inode {ino}: {e}");
+            }
         }
+    }
+
+    /// How long the kernel may cache these attributes: not at all while the file is open for
+    /// writing through passthrough, where a write through a shared mapping changes the real
+    /// file's times without any request reaching us (the kernel's overlay always asks the
+    /// real inode); else [`Overlay::ttl`].
+    pub fn attr_ttl(&self, attr: &FileAttr) -> Duration {
+        if attr.kind == FileType::RegularFile
+            && self.passthrough.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            if let Some(inode) = self.inodes.get(attr.ino.0) {
+                if inode
+                    .passthrough_writers
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                {
+                    return Duration::ZERO;
+                }
+            }
+        }
+        self.ttl
     }
 
     /// The live inode `ino`, or ENOENT/ESTALE when the kernel sends a number we never gave.

@@ -100,6 +100,7 @@ pub fn start(stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Result
             .map_err(|e| mount_error(mountpoint, e))?;
         (s, Some(helper))
     };
+    let _ = overlay.notifier.set(session.notifier());
     Ok(MountHandle {
         session: Some(session),
         helper,

@@ -1,0 +1,96 @@
+//! Builds the static bundle runtime (`runtime/`, the launcher at the head of every app.run) in
+//! the same `cargo build`, so that `ovl-pack` can carry it inside itself: an installed
+//! (`cargo install --path .`) or copied `ovl-pack` packs without anything beside it.
+//!
+//! The runtime is built by a nested cargo into `<target>/runtime-build` (its own target dir:
+//! static glibc and a size profile need their own artifacts; `packaging/build-runtime.sh` uses
+//! the same dir, so either build serves the other). Where it cannot be built (no `libc.a`:
+//! Debian's libc6-dev), the build goes on with a warning and `ovl-pack` asks for `--runtime`.
+//! `OVL_RUNTIME_PREBUILT=FILE` embeds a runtime built elsewhere instead.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(ovl_embedded_runtime)");
+    println!("cargo::rerun-if-env-changed=OVL_RUNTIME_PREBUILT");
+    // The nested build compiles this package's library again: do nothing there.
+    if env::var_os("OVL_BUILDING_RUNTIME").is_some() {
+        return;
+    }
+    let manifest = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("set by cargo"));
+    if let Some(p) = env::var_os("OVL_RUNTIME_PREBUILT") {
+        embed(Path::new(&p));
+        return;
+    }
+    for watched in [
+        "src",
+        "runtime/src",
+        "runtime/Cargo.toml",
+        "Cargo.toml",
+        "Cargo.lock",
+    ] {
+        println!("cargo::rerun-if-changed={watched}");
+    }
+    let target = env::var("TARGET").expect("set by cargo");
+    let dir = target_dir(&manifest).join("runtime-build");
+    let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let status = Command::new(cargo)
+        .args([
+            "build",
+            "--profile",
+            "runtime",
+            "-p",
+            "ovl-runtime",
+            "--target",
+            &target,
+        ])
+        .arg("--manifest-path")
+        .arg(manifest.join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&dir)
+        .env("OVL_BUILDING_RUNTIME", "1")
+        // Static glibc for the runtime and its dependencies (with an explicit --target these
+        // flags do not reach build scripts and proc macros, which must stay dynamic).
+        .env("CARGO_ENCODED_RUSTFLAGS", "-Ctarget-feature=+crt-static")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .status();
+    let bin = dir.join(&target).join("runtime/ovl-runtime");
+    match status {
+        Ok(s) if s.success() && bin.is_file() => embed(&bin),
+        Ok(s) => println!(
+            "cargo::warning=the static bundle runtime did not build ({s}; is libc6-dev \
+             installed?): ovl-pack will need --runtime FILE"
+        ),
+        Err(e) => println!(
+            "cargo::warning=could not run cargo for the bundle runtime ({e}): ovl-pack will \
+             need --runtime FILE"
+        ),
+    }
+}
+
+fn embed(bin: &Path) {
+    let size = std::fs::metadata(bin).map(|m| m.len()).unwrap_or(0);
+    println!("cargo::rustc-cfg=ovl_embedded_runtime");
+    println!("cargo::rustc-env=OVL_EMBEDDED_RUNTIME={}", bin.display());
+    println!("cargo::rerun-if-changed={}", bin.display());
+    // The size is a target of its own (issue: under 1.5 MiB): show it on every build of it.
+    println!(
+        "cargo::warning=bundle runtime {}: {size} bytes ({:.2} MiB)",
+        bin.display(),
+        size as f64 / 1048576.0
+    );
+}
+
+/// The target directory of the build running us: the nearest ancestor of OUT_DIR that cargo
+/// tagged with CACHEDIR.TAG, else `<manifest>/target`.
+fn target_dir(manifest: &Path) -> PathBuf {
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("set by cargo"));
+    out.ancestors()
+        .find(|a| a.join("CACHEDIR.TAG").is_file())
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| manifest.join("target"))
+}
