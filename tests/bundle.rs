@@ -731,8 +731,8 @@ fn a_damaged_manifest_is_never_extracted() {
     let w = World::new();
     let b = w.bundle();
     let len = fs::metadata(&b).unwrap().len();
-    // Every byte of the (small) compressed manifest, one bit each: none may decode into a
-    // tree silently (a flipped bit once renamed AppRun to @ppRun).
+    // Every byte of the (small) compressed manifest, one bit each: none may decode silently
+    // (a flipped bit once renamed AppRun to @ppRun).
     let bytes = fs::read(&b).unwrap();
     let mstart = u64::from_le_bytes(
         bytes[(len - 72) as usize..(len - 64) as usize]
@@ -741,6 +741,25 @@ fn a_damaged_manifest_is_never_extracted() {
     );
     let c = w.p("c.run");
     for at in mstart..len - 96 {
+        let mut copy = bytes.clone();
+        copy[at as usize] ^= 0x04;
+        fs::write(&c, &copy).unwrap();
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
+        let o = w.run(&c, &["--ovl-extract", w.p("x").to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(125), "flip at {at} extracted");
+        assert!(stderr(&o).contains("corrupt bundle"), "{}", stderr(&o));
+    }
+    // The tree's own metadata (the image's superblock byte by byte, its metadata section one
+    // byte in three): refused when the bundle is opened, before anything is extracted.
+    let u64_at = |i: u64| u64::from_le_bytes(bytes[i as usize..i as usize + 8].try_into().unwrap());
+    let image = u64_at(len - 80);
+    let (meta, meta_len) = (image + u64_at(image + 32), u64_at(image + 40));
+    assert_eq!(
+        meta + meta_len,
+        mstart,
+        "the image's metadata ends where the manifest starts"
+    );
+    for at in (image..image + 128).chain((meta..mstart).step_by(3)) {
         let mut copy = bytes.clone();
         copy[at as usize] ^= 0x04;
         fs::write(&c, &copy).unwrap();

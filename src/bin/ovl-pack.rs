@@ -1,6 +1,6 @@
 //! `ovl-pack`: build a single-file `app.run` bundle from an app directory.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -42,6 +42,16 @@ struct Args {
     /// zstd compression level, 1 (fast) to 22 (small); above 9 is much slower for little gain.
     #[arg(long, default_value_t = 9)]
     level: i32,
+    /// Write only the payload image (the format app.run will serve in place: see
+    /// ovl::bundle::image), without runtime or bundle trailer; for measuring it and for tools.
+    #[arg(long)]
+    image_only: bool,
+    /// With --image-only: the largest block in KiB (a power of two, 4 to 16384).
+    #[arg(long, value_name = "KIB", default_value_t = 1024)]
+    block_size: u32,
+    /// With --image-only: the largest block of packed small files in KiB (4 to --block-size).
+    #[arg(long, value_name = "KIB", default_value_t = 512)]
+    pack_size: u32,
     /// The runtime to put first (default: $OVL_RUNTIME, else the one built into ovl-pack).
     #[arg(long, value_name = "FILE")]
     runtime: Option<PathBuf>,
@@ -89,6 +99,73 @@ fn is_static(elf: &[u8]) -> bool {
     })
 }
 
+/// `--image-only`: the tree's image alone, written beside OUTPUT, synced, renamed over it.
+fn pack_image(args: &Args) -> ExitCode {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opts = ovl::bundle::image::ImageOptions {
+        level: args.level,
+        block_size: args.block_size.saturating_mul(1024),
+        pack_size: args.pack_size.saturating_mul(1024),
+        threads: 0,
+        special_files: true,
+    };
+    let out = &args.output;
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let Some(base) = out.file_name() else {
+        return fail(format!("{}: output must name a file", out.display()));
+    };
+    let tmp = dir.join(format!(
+        ".{}.ovl-pack-{}",
+        base.to_string_lossy(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&tmp);
+    let file = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)
+    {
+        Ok(f) => f,
+        Err(e) => return fail(format!("creating {}: {e}", tmp.display())),
+    };
+    let res = ovl::bundle::image::write_image(&args.appdir, &file, 0, &opts).and_then(|s| {
+        file.sync_all()
+            .and_then(|()| std::fs::rename(&tmp, out))
+            .map_err(|e| ovl::Error::Io {
+                what: "writing",
+                path: out.clone(),
+                source: e,
+            })?;
+        Ok(s)
+    });
+    match res {
+        Ok(s) => {
+            eprintln!(
+                "ovl-pack: {}: {} inodes, {} files, {} distinct contents ({:.1} MiB), {} blocks, \
+                 metadata {:.1} MiB raw, image {:.1} MiB",
+                out.display(),
+                s.inodes,
+                s.files,
+                s.distinct,
+                s.data_bytes as f64 / (1 << 20) as f64,
+                s.blocks,
+                s.meta_len as f64 / (1 << 20) as f64,
+                s.image_len as f64 / (1 << 20) as f64,
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            fail(e)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = match ovl::cli::parse::<Args>("ovl-pack") {
         Ok(a) => a,
@@ -106,6 +183,9 @@ fn main() -> ExitCode {
             ));
         }
     };
+    if args.image_only {
+        return pack_image(&args);
+    }
     let (runtime, runtime_path) = match find_runtime(args.runtime) {
         Ok(r) => r,
         Err(e) => return fail(e),

@@ -307,19 +307,13 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Gives `d` the metadata of `s` the way extraction applies a manifest entry's, so a copy
+/// Gives `d` the metadata of `s` the way extraction applies an image inode's, so a copy
 /// and an extraction of the same tree agree (xattrs only root may set are counted and
 /// reported, not silently dropped).
 fn copy_meta(s: &Path, d: &Path, md: &fs::Metadata, root: bool) -> Result<()> {
-    use super::format::{Entry, Kind};
     use std::os::unix::fs::MetadataExt;
-    let entry = Entry {
-        path: Vec::new(),
-        kind: if md.file_type().is_symlink() {
-            Kind::Symlink { target: Vec::new() }
-        } else {
-            Kind::Dir
-        },
+    let entry = super::extract::Meta {
+        symlink: md.file_type().is_symlink(),
         mode: md.mode() & 0o7777,
         uid: md.uid(),
         gid: md.gid(),

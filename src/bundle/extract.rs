@@ -1,23 +1,24 @@
-//! Reading a bundle: trailer, manifest, verification, and extraction of the tree.
+//! Reading a bundle: trailer, manifest, image, verification, and extraction of the tree.
 
 use std::ffi::OsStr;
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, FileExt, OpenOptionsExt};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::format::{Entry, Kind, Manifest, TRAILER_LEN, Trailer};
+use super::format::{Manifest, TRAILER_LEN, Trailer};
+use super::image::Image;
 use crate::error::{Error, Result};
 
-/// An opened bundle with its manifest parsed and validated.
+/// An opened bundle: manifest parsed and validated, image opened (its metadata checked).
 #[derive(Debug)]
 pub struct Bundle {
     file: File,
     path: PathBuf,
     trailer: Trailer,
     manifest: Manifest,
+    image: Image,
 }
 
 /// A `Read` over a byte range of a file, by positioned reads (threads share the file).
@@ -67,14 +68,34 @@ impl Bundle {
         if raw.len() as u64 != trailer.manifest_len {
             return Err(corrupt(path, "manifest has the wrong size"));
         }
-        let manifest = Manifest::decode(&raw, trailer.manifest_offset - trailer.payload_offset)
-            .map_err(|e| corrupt(path, e))?;
+        let manifest = Manifest::decode(&raw).map_err(|e| corrupt(path, e))?;
+        let image_file = file
+            .try_clone()
+            .map_err(|e| Error::io("opening", path, e))?;
+        let image = Image::open(
+            image_file,
+            trailer.payload_offset,
+            super::image::read::DEFAULT_CACHE,
+        )
+        .map_err(|e| image_error(path, e))?;
+        if image.superblock().image_len != trailer.manifest_offset - trailer.payload_offset {
+            return Err(corrupt(
+                path,
+                "the image does not end where the manifest starts",
+            ));
+        }
         Ok(Bundle {
             file,
             path: path.to_path_buf(),
             trailer,
             manifest,
+            image,
         })
+    }
+
+    /// The app's tree, read in place.
+    pub fn image(&self) -> &Image {
+        &self.image
     }
 
     /// The open bundle file (what this run started from, even if the path is replaced).
@@ -155,152 +176,50 @@ pub fn verify_payload(file: &File, path: &Path, trailer: &Trailer) -> Result<boo
     Ok(*h.finalize().as_bytes() == trailer.hash)
 }
 
+/// An image's failed check is a corrupt bundle; other errors are read errors of the file.
+fn image_error(path: &Path, e: io::Error) -> Error {
+    if e.kind() == io::ErrorKind::InvalidData {
+        corrupt(path, e)
+    } else {
+        Error::io("reading", path, e)
+    }
+}
+
 impl Bundle {
     /// Extracts the tree into `dest`, an existing empty directory, with `threads` workers
-    /// (0: one per CPU). Owners are applied only when running as root, and xattrs the
-    /// caller may not set (e.g. `trusted.*` for a normal user) are counted and reported as
-    /// a warning, not silently dropped. Each file's content is checked against its BLAKE3.
-    /// On error `dest` holds a partial tree: callers extract into a temporary directory.
+    /// (0: one per CPU), through the image reader (see [`Image::extract_to`]): owners only as
+    /// root, xattrs the caller may not set reported as a warning, every block checked
+    /// against its BLAKE3. On error `dest` holds a partial tree: callers extract into a
+    /// temporary directory.
     pub fn extract_to(&self, dest: &Path, threads: usize) -> Result<()> {
-        let root = unsafe { libc::geteuid() } == 0;
-        let m = &self.manifest;
-        let path_of = |e: &Entry| dest.join(OsStr::from_bytes(&e.path));
-        let skipped_xattrs = AtomicUsize::new(0);
-        // Directories first (parents come before children in the manifest).
-        for e in &m.entries[1..] {
-            if e.kind == Kind::Dir {
-                let p = path_of(e);
-                fs::DirBuilder::new()
-                    .mode(0o700)
-                    .create(&p)
-                    .map_err(|err| Error::io("creating", &p, err))?;
+        match self.image.extract_to(dest, threads) {
+            Ok(_) => Ok(()),
+            Err(Error::Io { source, .. }) if source.kind() == io::ErrorKind::InvalidData => {
+                Err(corrupt(&self.path, source))
             }
+            Err(e) => Err(e),
         }
-        let files: Vec<&Entry> = m
-            .entries
-            .iter()
-            .filter(|e| matches!(e.kind, Kind::File { .. } | Kind::Symlink { .. }))
-            .collect();
-        let threads = if threads == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
-        } else {
-            threads
-        };
-        let next = AtomicUsize::new(0);
-        let failed = std::sync::Mutex::new(None);
-        std::thread::scope(|s| {
-            for _ in 0..threads.min(files.len()).max(1) {
-                s.spawn(|| {
-                    while failed.lock().unwrap().is_none() {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(e) = files.get(i) else { break };
-                        if let Err(err) = self.extract_one(e, &path_of(e), root, &skipped_xattrs) {
-                            *failed.lock().unwrap() = Some(err);
-                        }
-                    }
-                });
-            }
-        });
-        if let Some(err) = failed.into_inner().unwrap() {
-            return Err(err);
-        }
-        for e in &m.entries {
-            if let Kind::HardLink { to } = e.kind {
-                let (src, dst) = (path_of(&m.entries[to as usize]), path_of(e));
-                fs::hard_link(&src, &dst).map_err(|err| Error::io("linking", &dst, err))?;
-            }
-        }
-        // Directory metadata last, deepest first: creating entries changes a dir's mtime, and
-        // a read-only directory would refuse its children.
-        for e in m.entries.iter().rev() {
-            if e.kind == Kind::Dir {
-                let p = path_of(e);
-                apply_meta(&p, e, root, &skipped_xattrs)?;
-            }
-        }
-        let n = skipped_xattrs.into_inner();
-        if n > 0 {
-            log::warn!(
-                "{}: {n} extended attribute(s) could not be set without root (e.g. trusted.*, \
-                 security.*); extracted without them",
-                self.path.display()
-            );
-        }
-        Ok(())
     }
+}
 
-    fn extract_one(&self, e: &Entry, p: &Path, root: bool, skipped: &AtomicUsize) -> Result<()> {
-        match &e.kind {
-            Kind::Symlink { target } => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), p)
-                    .map_err(|err| Error::io("creating", p, err))?;
-            }
-            Kind::File { blob } => {
-                let mut f = fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .open(p)
-                    .map_err(|err| Error::io("creating", p, err))?;
-                if let Some(b) = blob {
-                    let b = &self.manifest.blobs[*b as usize];
-                    let start = self.trailer.payload_offset + b.offset;
-                    let src = RangeReader {
-                        file: &self.file,
-                        pos: start,
-                        end: start + b.clen,
-                    };
-                    let mut dec = zstd::stream::Decoder::new(src)
-                        .map_err(|err| Error::io("decompressing into", p, err))?;
-                    let mut h = blake3::Hasher::new();
-                    let mut buf = vec![0u8; 256 << 10];
-                    let mut len = 0u64;
-                    loop {
-                        let n = match dec.read(&mut buf) {
-                            Ok(n) => n,
-                            Err(err) => {
-                                return Err(corrupt(
-                                    &self.path,
-                                    format!("data of {} does not decompress ({err})", p.display()),
-                                ));
-                            }
-                        };
-                        if n == 0 {
-                            break;
-                        }
-                        len += n as u64;
-                        if len > b.len {
-                            // Stop a decompression bomb at once, not after filling the disk.
-                            return Err(corrupt(
-                                &self.path,
-                                format!("data of {} is longer than recorded", p.display()),
-                            ));
-                        }
-                        h.update(&buf[..n]);
-                        f.write_all(&buf[..n])
-                            .map_err(|err| Error::io("writing", p, err))?;
-                    }
-                    if len != b.len || *h.finalize().as_bytes() != b.hash {
-                        return Err(corrupt(
-                            &self.path,
-                            format!("content of {} does not match its hash", p.display()),
-                        ));
-                    }
-                }
-                drop(f);
-            }
-            _ => unreachable!("only files and symlinks are extracted in parallel"),
-        }
-        apply_meta(p, e, root, skipped)
-    }
+/// The metadata extraction gives an entry, for [`apply_meta`].
+pub(super) struct Meta {
+    pub symlink: bool,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// Owner (root only), xattrs, mode, mtime, in the order that keeps each: chown clears
 /// set-id bits, so chmod comes after it.
-pub(super) fn apply_meta(p: &Path, e: &Entry, root: bool, skipped: &AtomicUsize) -> Result<()> {
+pub(super) fn apply_meta(p: &Path, e: &Meta, root: bool, skipped: &AtomicUsize) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     let c = crate::engine::sys::cstr(p.as_os_str()).map_err(|err| Error::io("naming", p, err))?;
-    let symlink = matches!(e.kind, Kind::Symlink { .. });
+    let symlink = e.symlink;
     if root && unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } < 0 {
         return Err(Error::io("chown", p, io::Error::last_os_error()));
     }

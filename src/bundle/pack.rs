@@ -1,14 +1,14 @@
-//! Building a bundle: the runtime, then the tree's distinct contents compressed, then the
-//! manifest and the trailer (see [`super::format`]).
+//! Building a bundle: the runtime, then the tree's image, then the manifest and the trailer
+//! (see [`super::format`]).
 
-use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::format::{Blob, Entry, Kind, Manifest, Trailer, check_name, check_path};
+use super::format::{Manifest, Trailer, check_name, check_path};
+use super::image::{ImageOptions, write_image};
 use crate::OverlayAction;
 use crate::error::{Error, Result};
 
@@ -43,7 +43,9 @@ impl Default for PackOptions {
 #[derive(Clone, Debug, Default)]
 pub struct PackSummary {
     pub id: String,
+    /// Inodes of the tree (a file with hard links counts once).
     pub entries: usize,
+    /// Distinct file contents.
     pub blobs: usize,
     /// Sum of the distinct contents' sizes.
     pub data_bytes: u64,
@@ -74,134 +76,6 @@ pub(crate) fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     }
     xattrs.sort();
     Ok(xattrs)
-}
-
-/// Reads the tree into manifest entries (parents first, names sorted bytewise) plus, per
-/// regular file entry that owns content, its path. Special files are refused: a bundle
-/// carries programs and data, and device nodes would not extract for a normal user.
-/// Regular files that own content: (entry index, path).
-type ContentFiles = Vec<(usize, PathBuf)>;
-
-fn scan(root: &Path) -> Result<(Vec<Entry>, ContentFiles)> {
-    let mut entries = Vec::new();
-    let mut files = Vec::new();
-    let mut inodes: HashMap<(u64, u64), u32> = HashMap::new();
-    let mut stack = vec![(root.to_path_buf(), Vec::new())];
-    while let Some((path, rel)) = stack.pop() {
-        let md = fs::symlink_metadata(&path).map_err(|e| Error::io("reading", &path, e))?;
-        let ft = md.file_type();
-        let xattrs = read_xattrs(&path)?;
-        let kind = if ft.is_dir() {
-            let mut children: Vec<_> = fs::read_dir(&path)
-                .map_err(|e| Error::io("reading", &path, e))?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()
-                .map_err(|e| Error::io("reading", &path, e))?;
-            // Reverse order on the stack pops them sorted: a deterministic walk.
-            children.sort_by(|a, b| b.as_bytes().cmp(a.as_bytes()));
-            for c in children {
-                let mut r = rel.clone();
-                if !r.is_empty() {
-                    r.push(b'/');
-                }
-                r.extend_from_slice(c.as_bytes());
-                stack.push((path.join(&c), r));
-            }
-            Kind::Dir
-        } else if ft.is_file() {
-            let key = (md.dev(), md.ino());
-            match inodes.get(&key) {
-                Some(&to) if md.nlink() > 1 => Kind::HardLink { to },
-                _ => {
-                    inodes.insert(key, entries.len() as u32);
-                    if md.len() > 0 {
-                        files.push((entries.len(), path.clone()));
-                    }
-                    Kind::File { blob: None }
-                }
-            }
-        } else if ft.is_symlink() {
-            let t = fs::read_link(&path).map_err(|e| Error::io("reading", &path, e))?;
-            Kind::Symlink {
-                target: t.as_os_str().as_bytes().to_vec(),
-            }
-        } else {
-            let what = if ft.is_fifo() {
-                "a FIFO"
-            } else if ft.is_socket() {
-                "a socket"
-            } else {
-                "a device node"
-            };
-            return Err(Error::bad(
-                &path,
-                format!("is {what}, which a bundle cannot carry: remove it from the tree"),
-            ));
-        };
-        entries.push(Entry {
-            path: rel,
-            kind,
-            mode: md.mode() & 0o7777,
-            uid: md.uid(),
-            gid: md.gid(),
-            mtime: md.mtime(),
-            mtime_nsec: md.mtime_nsec() as u32,
-            xattrs,
-        });
-    }
-    Ok((entries, files))
-}
-
-/// One file read and compressed: its content hash, size and compressed bytes.
-struct Compressed {
-    hash: [u8; 32],
-    len: u64,
-    data: Vec<u8>,
-}
-
-fn compress_file(path: &Path, level: i32) -> Result<Compressed> {
-    let mut f = File::open(path).map_err(|e| Error::io("reading", path, e))?;
-    let mut hasher = blake3::Hasher::new();
-    let mut enc = zstd::stream::Encoder::new(Vec::new(), level)
-        .map_err(|e| Error::io("compressing", path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f
-            .read(&mut buf)
-            .map_err(|e| Error::io("reading", path, e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        enc.write_all(&buf[..n])
-            .map_err(|e| Error::io("compressing", path, e))?;
-        len += n as u64;
-    }
-    let data = enc
-        .finish()
-        .map_err(|e| Error::io("compressing", path, e))?;
-    Ok(Compressed {
-        hash: *hasher.finalize().as_bytes(),
-        len,
-        data,
-    })
-}
-
-/// Writes that also hash and count.
-struct HashingWriter<W> {
-    inner: W,
-    hasher: blake3::Hasher,
-    written: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    fn put(&mut self, b: &[u8]) -> io::Result<()> {
-        self.inner.write_all(b)?;
-        self.hasher.update(b);
-        self.written += b.len() as u64;
-        Ok(())
-    }
 }
 
 /// Builds `out` from `runtime` (the launcher's bytes) and the tree at `appdir`. The file is
@@ -312,8 +186,6 @@ pub fn pack_unplaced(
     if !(1..=22).contains(&opts.level) {
         return Err(Error::bad(appdir, "compression level must be 1 to 22"));
     }
-    let (mut entries, files) = scan(appdir)?;
-
     let dir = out
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -328,19 +200,20 @@ pub fn pack_unplaced(
     ));
     // Never through a symlink someone planted under our temporary name.
     let _ = fs::remove_file(&tmp);
+    // Read too: the payload is hashed back from the file.
     let file = fs::OpenOptions::new()
+        .read(true)
         .write(true)
         .create_new(true)
         .mode(0o755)
         .custom_flags(libc::O_NOFOLLOW)
         .open(&tmp)
         .map_err(|e| Error::io("creating", &tmp, e))?;
-    let result = write_bundle(file, &tmp, runtime, &mut entries, &files, name, entry, opts)
-        .and_then(|s| {
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
-                .map_err(|e| Error::io("chmod", &tmp, e))?;
-            Ok(s)
-        });
+    let result = write_bundle(file, appdir, &tmp, runtime, name, entry, opts).and_then(|s| {
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755))
+            .map_err(|e| Error::io("chmod", &tmp, e))?;
+        Ok(s)
+    });
     match result {
         Ok(summary) => Ok(Packed {
             tmp,
@@ -355,108 +228,60 @@ pub fn pack_unplaced(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn write_bundle(
     file: File,
+    appdir: &Path,
     path: &Path,
     runtime: &[u8],
-    entries: &mut [Entry],
-    files: &[(usize, PathBuf)],
     name: String,
     entry: String,
     opts: &PackOptions,
 ) -> Result<PackSummary> {
     let werr = |e| Error::io("writing", path, e);
-    let mut out = io::BufWriter::with_capacity(1 << 20, file);
-    out.write_all(runtime).map_err(werr)?;
+    file.write_all_at(runtime, 0).map_err(werr)?;
     let payload_offset = runtime.len() as u64;
-    let mut w = HashingWriter {
-        inner: out,
-        hasher: blake3::Hasher::new(),
-        written: 0,
+    let iopts = ImageOptions {
+        level: opts.level,
+        threads: opts.threads,
+        special_files: false,
+        ..Default::default()
     };
-    let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(2, |n| n.get())
-    } else {
-        opts.threads
-    };
-    let mut blobs: Vec<Blob> = Vec::new();
-    let mut by_hash: HashMap<[u8; 32], u32> = HashMap::new();
-    let mut data_bytes = 0;
-    // Compress in batches (parallel inside, in order across) so memory stays bounded and the
-    // output does not depend on thread timing.
-    for batch in files.chunks(threads * 16) {
-        let next = std::sync::atomic::AtomicUsize::new(0);
-        let mut results: Vec<(usize, Result<Compressed>)> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads.min(batch.len()))
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut done = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let Some((_, path)) = batch.get(i) else { break };
-                            done.push((i, compress_file(path, opts.level)));
-                        }
-                        done
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("compression thread panicked"))
-                .collect()
-        });
-        // Back in tree order: the bytes must not depend on thread timing.
-        results.sort_by_key(|(i, _)| *i);
-        let results = results.into_iter().map(|(_, r)| r);
-        for ((idx, _), r) in batch.iter().zip(results) {
-            let c = r?;
-            let blob = match by_hash.get(&c.hash) {
-                Some(&b) => b,
-                None => {
-                    let b = blobs.len() as u32;
-                    blobs.push(Blob {
-                        offset: w.written,
-                        clen: c.data.len() as u64,
-                        len: c.len,
-                        hash: c.hash,
-                    });
-                    w.put(&c.data).map_err(werr)?;
-                    data_bytes += c.len;
-                    by_hash.insert(c.hash, b);
-                    b
-                }
-            };
-            entries[*idx].kind = Kind::File { blob: Some(blob) };
-        }
-    }
+    let image = write_image(appdir, &file, payload_offset, &iopts)?;
     let manifest = Manifest {
         name,
         entry,
         on_exit: opts.on_exit,
-        blobs,
-        entries: entries.to_vec(),
     };
     let (mz, mlen) = manifest.compress().map_err(werr)?;
-    let manifest_offset = payload_offset + w.written;
-    w.put(&mz).map_err(werr)?;
+    let manifest_offset = payload_offset + image.image_len;
+    file.write_all_at(&mz, manifest_offset).map_err(werr)?;
+    // The image was written out of order (its superblock last): hash the payload as stored.
+    let end = manifest_offset + mz.len() as u64;
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut pos = payload_offset;
+    while pos < end {
+        let n = buf.len().min((end - pos) as usize);
+        file.read_exact_at(&mut buf[..n], pos)
+            .map_err(|e| Error::io("reading back", path, e))?;
+        h.update(&buf[..n]);
+        pos += n as u64;
+    }
     let trailer = Trailer {
         payload_offset,
         manifest_offset,
         manifest_clen: mz.len() as u64,
         manifest_len: mlen,
-        hash: *w.hasher.finalize().as_bytes(),
+        hash: *h.finalize().as_bytes(),
         manifest_check: super::format::manifest_check(&mz),
     };
-    let mut out = w.inner;
-    out.write_all(&trailer.encode()).map_err(werr)?;
-    let file = out.into_inner().map_err(|e| werr(e.into_error()))?;
+    file.write_all_at(&trailer.encode(), end).map_err(werr)?;
     file.sync_all().map_err(werr)?;
     Ok(PackSummary {
         id: trailer.id(),
-        entries: manifest.entries.len(),
-        blobs: manifest.blobs.len(),
-        data_bytes,
-        bundle_bytes: manifest_offset + mz.len() as u64 + super::format::TRAILER_LEN,
+        entries: image.inodes as usize,
+        blobs: image.distinct,
+        data_bytes: image.data_bytes,
+        bundle_bytes: end + super::format::TRAILER_LEN,
     })
 }

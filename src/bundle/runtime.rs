@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use super::cache;
 use super::extract::Bundle;
-use super::format::{Kind, Manifest};
+use super::format::Manifest;
 use super::state;
 use crate::launcher::{self, EXIT_FAILURE, Launch};
 use crate::{OverlayAction, OverlayFS};
@@ -240,12 +240,7 @@ fn action_name(a: OverlayAction) -> &'static str {
 fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     let m: &Manifest = bundle.manifest();
     let t = bundle.trailer();
-    let count = |f: fn(&Kind) -> bool| m.entries.iter().filter(|e| f(&e.kind)).count();
-    let files = count(|k| matches!(k, Kind::File { .. } | Kind::HardLink { .. }));
-    let dirs = count(|k| matches!(k, Kind::Dir));
-    let links = count(|k| matches!(k, Kind::Symlink { .. }));
-    let data = m.blobs.iter().fold(0u64, |a, b| a.saturating_add(b.len));
-    let stored = m.blobs.iter().fold(0u64, |a, b| a.saturating_add(b.clen));
+    let st = bundle.image().stats().map_err(|e| e.to_string())?;
     let payload = t.manifest_offset + t.manifest_clen - t.payload_offset;
     let cache = cache::cache_root()
         .map(|r| r.join(bundle.id()))
@@ -261,9 +256,9 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     println!("on-exit:  {}", action_name(m.on_exit));
     println!("runtime:  {} bytes", t.payload_offset);
     println!(
-        "payload:  {payload} bytes: {files} files, {dirs} directories, {links} symlinks; \
-         {} distinct contents, {data} bytes, {stored} compressed",
-        m.blobs.len()
+        "payload:  {payload} bytes: {} files, {} directories, {} symlinks; {} distinct \
+         contents, {} bytes, {} compressed",
+        st.files, st.dirs, st.symlinks, st.distinct, st.data_bytes, st.stored_bytes
     );
     println!(
         "cache:    {} ({})",
@@ -339,7 +334,7 @@ fn extract(bundle: &Bundle, dir: Option<&Path>) -> Result<i32, String> {
     }
     eprintln!(
         "extracted {} entries into {}",
-        bundle.manifest().entries.len(),
+        bundle.image().inodes(),
         dir.display()
     );
     Ok(0)

@@ -1,0 +1,665 @@
+//! Reading an image in place: the API an engine lower layer is built on.
+//!
+//! [`Image`] is `Send + Sync`; every method takes `&self`, so FUSE worker threads share one.
+//! What a lower layer needs maps one to one:
+//!
+//! | filesystem operation | `Image` |
+//! |---|---|
+//! | LOOKUP(parent, name) | [`Image::lookup`] (binary search of the sorted entries) then [`Image::getattr`] |
+//! | GETATTR | [`Image::getattr`] → [`Attr`] (mode with type bits, nlink, owner, size, mtime, rdev) |
+//! | READDIR(offset) | [`Image::readdir`] from an entry index; the index + 1 is the next offset |
+//! | READLINK | [`Image::readlink`] |
+//! | LISTXATTR / GETXATTR | [`Image::xattrs`] / [`Image::getxattr`] |
+//! | READ(offset, size) | [`Image::read`] (only the blocks the range touches are decompressed) |
+//! | copy-up | [`Image::read`] in a loop, or [`Image::copy_to`] (writes holes as holes) |
+//!
+//! Inode numbers are stable for the image's life (`1` is the root) and hard links share one.
+//! Errors are `io::Error`s whose [`raw_os_error`](io::Error::raw_os_error) is the errno to
+//! answer with ([`errno`]): `ENOENT`, `ENOTDIR`, `EISDIR`, `EINVAL`, `ENODATA`, and `EIO` for
+//! an image that fails its checks (the message says what). The image never changes while it is
+//! open, so the kernel may keep its page cache (`FOPEN_KEEP_CACHE`) and entry/attr timeouts may
+//! be long.
+//!
+//! Data is read with `pread` (no mapping: a truncated file is an `EIO`, not a `SIGBUS`), its
+//! BLAKE3 checked, decompressed, and kept in a bounded cache of decompressed blocks shared by
+//! all threads.
+
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::*;
+
+/// An image's failure to pass its checks: the message names what (an `EIO` for a caller that
+/// wants an errno).
+pub type ImageError = io::Error;
+
+fn corrupt(what: impl std::fmt::Display) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("corrupt image: {what}"))
+}
+
+fn os(errno: i32) -> io::Error {
+    io::Error::from_raw_os_error(errno)
+}
+
+/// The errno a filesystem should answer for an error from [`Image`]: its own when it has
+/// one, else `EIO` (a failed check, or a read error of the file).
+pub fn errno(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// The attributes of one inode.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub ino: u32,
+    /// `st_mode`: file type and permission bits.
+    pub mode: u32,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Bytes of content; a symlink's target length; for a directory, a size computed from
+    /// its entries.
+    pub size: u64,
+    /// 512-byte blocks as a file of this size would use (holes not subtracted).
+    pub blocks: u64,
+    /// Modification time (also reported as atime and ctime).
+    pub mtime: i64,
+    pub mtime_nsec: u32,
+    /// Device number of a character or block device, else 0.
+    pub rdev: u64,
+}
+
+impl Attr {
+    /// `DT_*` type of the inode.
+    pub fn dtype(&self) -> u8 {
+        dtype_of(self.mode)
+    }
+    pub fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+}
+
+/// Counts of an image's tree ([`Image::stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Regular files (a file with hard links counts once), directories, symlinks, others.
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub special: u64,
+    /// Distinct non-empty contents and their total size.
+    pub distinct: u64,
+    pub data_bytes: u64,
+    /// Compressed size of all data blocks.
+    pub stored_bytes: u64,
+}
+
+/// One directory entry, borrowed from the image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    pub name: &'a [u8],
+    pub ino: u32,
+    /// `DT_*` type of the entry.
+    pub dtype: u8,
+}
+
+/// Decompressed blocks, bounded by bytes; evicts the least recently used. Sharded by block
+/// number so threads reading different blocks do not wait on one lock. A block being loaded
+/// is marked, so threads that want it at the same time (the kernel's parallel readahead into
+/// one block) wait for that load instead of decompressing it again.
+struct BlockCache {
+    shards: Vec<(Mutex<Shard>, Condvar)>,
+    per_shard: usize,
+    tick: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<u32, (Arc<[u8]>, u64)>,
+    loading: HashSet<u32>,
+    bytes: usize,
+}
+
+const SHARDS: usize = 16;
+
+/// Clears a block's loading mark and wakes its waiters, also if the load unwinds.
+struct Loading<'a> {
+    cache: &'a BlockCache,
+    b: u32,
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let (m, cv) = &self.cache.shards[self.b as usize % SHARDS];
+        m.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .loading
+            .remove(&self.b);
+        cv.notify_all();
+    }
+}
+
+impl BlockCache {
+    fn new(bytes: usize) -> BlockCache {
+        BlockCache {
+            shards: (0..SHARDS).map(|_| Default::default()).collect(),
+            per_shard: bytes / SHARDS,
+            tick: AtomicU64::new(0),
+        }
+    }
+
+    /// The cached block, or `load()`'s, loaded by one thread at a time.
+    fn get_or_load(
+        &self,
+        b: u32,
+        load: impl FnOnce() -> io::Result<Vec<u8>>,
+    ) -> io::Result<Arc<[u8]>> {
+        let (m, cv) = &self.shards[b as usize % SHARDS];
+        let mut s = m.lock().unwrap();
+        loop {
+            let t = self.tick.fetch_add(1, Ordering::Relaxed);
+            if let Some(e) = s.map.get_mut(&b) {
+                e.1 = t;
+                return Ok(e.0.clone());
+            }
+            if s.loading.insert(b) {
+                break;
+            }
+            s = cv.wait(s).unwrap();
+        }
+        drop(s);
+        let _mark = Loading { cache: self, b };
+        let d: Arc<[u8]> = load()?.into();
+        self.put(b, d.clone());
+        Ok(d)
+    }
+
+    fn put(&self, b: u32, data: Arc<[u8]>) {
+        let t = self.tick.fetch_add(1, Ordering::Relaxed);
+        let mut s = self.shards[b as usize % SHARDS].0.lock().unwrap();
+        let len = data.len();
+        if let Some(old) = s.map.insert(b, (data, t)) {
+            s.bytes -= old.0.len();
+        }
+        s.bytes += len;
+        // At least the block just read stays, whatever the bound.
+        while s.bytes > self.per_shard && s.map.len() > 1 {
+            let (&k, _) = s
+                .map
+                .iter()
+                .filter(|(k, _)| **k != b)
+                .min_by_key(|(_, v)| v.1)
+                .unwrap();
+            let old = s.map.remove(&k).unwrap();
+            s.bytes -= old.0.len();
+        }
+    }
+}
+
+/// An open image. See the module documentation for the API a lower layer uses.
+pub struct Image {
+    file: File,
+    base: u64,
+    sb: Superblock,
+    meta: Vec<u8>,
+    /// (offset, count) of each metadata table.
+    tables: [(usize, usize); TABLES],
+    cache: BlockCache,
+    loads: AtomicU64,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("base", &self.base)
+            .field("superblock", &self.sb)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Default bound of the decompressed-block cache.
+pub const DEFAULT_CACHE: usize = 64 << 20;
+
+impl Image {
+    /// Opens the image that starts at byte `offset` of `file`: reads and checks the
+    /// superblock, reads, checks and decompresses the metadata. `cache_bytes` bounds the
+    /// decompressed blocks kept in memory ([`DEFAULT_CACHE`] is a good start).
+    pub fn open(file: File, offset: u64, cache_bytes: usize) -> io::Result<Image> {
+        let mut b = [0u8; SUPERBLOCK_LEN as usize];
+        file.read_exact_at(&mut b, offset)
+            .map_err(|e| read_err(e, "superblock"))?;
+        let sb = Superblock::decode(&b).map_err(corrupt)?;
+        let flen = file.metadata()?.len();
+        if offset.checked_add(sb.image_len).is_none_or(|e| e > flen) {
+            return Err(corrupt("the file ends before the image does (truncated?)"));
+        }
+        let mut mz = vec![0u8; sb.meta_clen as usize];
+        file.read_exact_at(&mut mz, offset + sb.meta_offset)
+            .map_err(|e| read_err(e, "metadata"))?;
+        if *blake3::hash(&mz).as_bytes() != sb.meta_hash {
+            return Err(corrupt("the metadata does not match its hash"));
+        }
+        let meta = zstd::bulk::decompress(&mz, sb.meta_len as usize)
+            .map_err(|e| corrupt(format!("the metadata does not decompress ({e})")))?;
+        drop(mz);
+        if meta.len() as u64 != sb.meta_len || &meta[..8] != META_MAGIC {
+            return Err(corrupt("the metadata has the wrong size or magic"));
+        }
+        let mut tables = [(0usize, 0usize); TABLES];
+        let mut end = META_HEADER_LEN as u64;
+        for (i, t) in tables.iter_mut().enumerate() {
+            let off = u64_at(&meta, 8 + i * 16);
+            let count = u64_at(&meta, 16 + i * 16);
+            let len = count.checked_mul(RECORD_LEN[i] as u64);
+            if off != end || len.is_none_or(|l| off + l > meta.len() as u64) {
+                return Err(corrupt("a metadata table lies outside the metadata"));
+            }
+            end = off + len.unwrap();
+            *t = (off as usize, count as usize);
+        }
+        if tables[T_INODES].1 != sb.inodes as usize || tables[T_BLOCKS].1 != sb.blocks as usize {
+            return Err(corrupt("the metadata does not match the superblock"));
+        }
+        let img = Image {
+            file,
+            base: offset,
+            sb,
+            meta,
+            tables,
+            cache: BlockCache::new(cache_bytes),
+            loads: AtomicU64::new(0),
+        };
+        if !img.getattr(ROOT_INO)?.is_dir() {
+            return Err(corrupt("the root is not a directory"));
+        }
+        img.check_tree()?;
+        Ok(img)
+    }
+
+    /// Checks what every user of the tree relies on, once (a few ms for 50 000 entries), so a
+    /// crafted image is refused at open: names are names (not empty, `.`, `..`, no `/` or
+    /// NUL), each directory's entries strictly sorted (binary search, no duplicates), types
+    /// as the inodes say, and every directory but the root named exactly once (no loops, no
+    /// directory hard links).
+    fn check_tree(&self) -> io::Result<()> {
+        let mut parents = vec![0u8; self.sb.inodes as usize + 1];
+        for ino in 1..=self.sb.inodes {
+            let r = self.inode(ino)?;
+            if u32_at(r, 0) & libc::S_IFMT != libc::S_IFDIR {
+                continue;
+            }
+            let (first, count) = (u32_at(r, 40) as usize, u32_at(r, 44) as usize);
+            let mut prev: Option<&[u8]> = None;
+            for i in first..first.saturating_add(count) {
+                let e = self.dirent(i)?;
+                if e.name.is_empty()
+                    || e.name == b"."
+                    || e.name == b".."
+                    || e.name.contains(&b'/')
+                    || e.name.contains(&0)
+                {
+                    return Err(corrupt(format!("directory {ino} has an invalid name")));
+                }
+                if prev.is_some_and(|p| p >= e.name) {
+                    return Err(corrupt(format!("directory {ino} is not sorted")));
+                }
+                prev = Some(e.name);
+                let mode = u32_at(self.inode(e.ino)?, 0);
+                if dtype_of(mode) != e.dtype {
+                    return Err(corrupt(format!(
+                        "an entry of directory {ino} has the wrong type"
+                    )));
+                }
+                if mode & libc::S_IFMT == libc::S_IFDIR {
+                    let n = &mut parents[e.ino as usize];
+                    if e.ino == ROOT_INO || *n > 0 {
+                        return Err(corrupt(format!("directory {} is named twice", e.ino)));
+                    }
+                    *n = 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The superblock (sizes, block size).
+    pub fn superblock(&self) -> &Superblock {
+        &self.sb
+    }
+
+    /// Number of inodes (the largest inode number).
+    pub fn inodes(&self) -> u32 {
+        self.sb.inodes
+    }
+
+    /// Record `i` of table `t`, bounds-checked (a crafted index is an error, not a panic).
+    fn record(&self, t: usize, i: usize) -> io::Result<&[u8]> {
+        let (off, count) = self.tables[t];
+        if i >= count {
+            return Err(corrupt("an index points outside its table"));
+        }
+        let len = RECORD_LEN[t];
+        Ok(&self.meta[off + i * len..off + (i + 1) * len])
+    }
+
+    fn pool(&self, off: u32, len: usize) -> io::Result<&[u8]> {
+        let (start, count) = self.tables[T_POOL];
+        let end = (off as usize).checked_add(len).filter(|&e| e <= count);
+        match end {
+            Some(e) => Ok(&self.meta[start + off as usize..start + e]),
+            None => Err(corrupt("a name points outside the metadata")),
+        }
+    }
+
+    fn inode(&self, ino: u32) -> io::Result<&[u8]> {
+        if ino == 0 || ino > self.sb.inodes {
+            return Err(os(libc::ENOENT));
+        }
+        self.record(T_INODES, ino as usize - 1)
+    }
+
+    /// The attributes of `ino`.
+    pub fn getattr(&self, ino: u32) -> io::Result<Attr> {
+        let r = self.inode(ino)?;
+        let mode = u32_at(r, 0);
+        let size = u64_at(r, 16);
+        let fmt = mode & libc::S_IFMT;
+        let rdev = if fmt == libc::S_IFCHR || fmt == libc::S_IFBLK {
+            u32_at(r, 40) as u64 | (u32_at(r, 44) as u64) << 32
+        } else {
+            0
+        };
+        Ok(Attr {
+            ino,
+            mode,
+            uid: u32_at(r, 4),
+            gid: u32_at(r, 8),
+            nlink: u32_at(r, 12),
+            size,
+            blocks: size.div_ceil(512),
+            mtime: u64_at(r, 24) as i64,
+            mtime_nsec: u32_at(r, 32),
+            rdev,
+        })
+    }
+
+    /// (first entry, count) of directory `ino`.
+    fn dir_range(&self, ino: u32) -> io::Result<(usize, usize)> {
+        let r = self.inode(ino)?;
+        if u32_at(r, 0) & libc::S_IFMT != libc::S_IFDIR {
+            return Err(os(libc::ENOTDIR));
+        }
+        Ok((u32_at(r, 40) as usize, u32_at(r, 44) as usize))
+    }
+
+    fn dirent(&self, i: usize) -> io::Result<DirEntry<'_>> {
+        let r = self.record(T_DIRENTS, i)?;
+        let name = self.pool(u32_at(r, 0), u16_at(r, 8) as usize)?;
+        Ok(DirEntry {
+            name,
+            ino: u32_at(r, 4),
+            dtype: r[10],
+        })
+    }
+
+    /// The inode of `name` in directory `dir`: `None` if there is no such entry, `ENOTDIR` if
+    /// `dir` is not a directory.
+    pub fn lookup(&self, dir: u32, name: &[u8]) -> io::Result<Option<u32>> {
+        let (first, count) = self.dir_range(dir)?;
+        let (mut lo, mut hi) = (0usize, count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let e = self.dirent(first + mid)?;
+            match e.name.cmp(name) {
+                std::cmp::Ordering::Equal => return Ok(Some(e.ino)),
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Number of entries of directory `dir` (without `.` and `..`).
+    pub fn dir_len(&self, dir: u32) -> io::Result<usize> {
+        Ok(self.dir_range(dir)?.1)
+    }
+
+    /// The entries of directory `dir` from index `start` on, sorted by name (without `.` and
+    /// `..`).
+    pub fn readdir(
+        &self,
+        dir: u32,
+        start: usize,
+    ) -> io::Result<impl Iterator<Item = io::Result<DirEntry<'_>>> + '_> {
+        let (first, count) = self.dir_range(dir)?;
+        Ok((start.min(count)..count).map(move |i| self.dirent(first + i)))
+    }
+
+    /// The target of symlink `ino` (`EINVAL` for another type, as readlink(2)).
+    pub fn readlink(&self, ino: u32) -> io::Result<&[u8]> {
+        let r = self.inode(ino)?;
+        if u32_at(r, 0) & libc::S_IFMT != libc::S_IFLNK {
+            return Err(os(libc::EINVAL));
+        }
+        let len = usize::try_from(u64_at(r, 16)).map_err(|_| corrupt("symlink length"))?;
+        self.pool(u32_at(r, 40), len)
+    }
+
+    /// The xattrs of `ino`, sorted by name.
+    pub fn xattrs(&self, ino: u32) -> io::Result<Vec<(&[u8], &[u8])>> {
+        let set = u32_at(self.inode(ino)?, 36);
+        if set == NO_XATTRS {
+            return Ok(Vec::new());
+        }
+        let s = self.record(T_XSETS, set as usize)?;
+        let (first, count) = (u32_at(s, 0) as usize, u32_at(s, 4) as usize);
+        (first..first.saturating_add(count))
+            .map(|i| {
+                let x = self.record(T_XATTRS, i)?;
+                Ok((
+                    self.pool(u32_at(x, 0), u32_at(x, 4) as usize)?,
+                    self.pool(u32_at(x, 8), u32_at(x, 12) as usize)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The value of xattr `name` of `ino`; `ENODATA` if it has none of that name.
+    pub fn getxattr(&self, ino: u32, name: &[u8]) -> io::Result<&[u8]> {
+        let all = self.xattrs(ino)?;
+        match all.binary_search_by(|(k, _)| (*k).cmp(name)) {
+            Ok(i) => Ok(all[i].1),
+            Err(_) => Err(os(libc::ENODATA)),
+        }
+    }
+
+    /// listxattr(2)'s answer: the names, each followed by a NUL.
+    pub fn listxattr(&self, ino: u32) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for (k, _) in self.xattrs(ino)? {
+            out.extend_from_slice(k);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Size and first extent of regular file `ino`.
+    fn file(&self, ino: u32) -> io::Result<(u64, usize)> {
+        let r = self.inode(ino)?;
+        match u32_at(r, 0) & libc::S_IFMT {
+            libc::S_IFREG => Ok((u64_at(r, 16), u32_at(r, 40) as usize)),
+            libc::S_IFDIR => Err(os(libc::EISDIR)),
+            _ => Err(os(libc::EINVAL)),
+        }
+    }
+
+    /// The decompressed bytes of block `b`, from the cache or the file.
+    fn block(&self, b: u32) -> io::Result<Arc<[u8]>> {
+        self.cache.get_or_load(b, || {
+            let r = self.record(T_BLOCKS, b as usize)?;
+            let (pos, clen, ulen) = (u64_at(r, 0), u32_at(r, 8), u32_at(r, 12));
+            if ulen > self.sb.block_size
+                || pos < SUPERBLOCK_LEN
+                || pos
+                    .checked_add(clen as u64)
+                    .is_none_or(|e| e > self.sb.meta_offset)
+            {
+                return Err(corrupt(format!("block {b} lies outside the data")));
+            }
+            let mut z = vec![0u8; clen as usize];
+            self.file
+                .read_exact_at(&mut z, self.base + pos)
+                .map_err(|e| read_err(e, "data"))?;
+            if blake3::hash(&z).as_bytes() != &r[16..48] {
+                return Err(corrupt(format!("block {b} does not match its hash")));
+            }
+            let d = zstd::bulk::decompress(&z, ulen as usize)
+                .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
+            if d.len() != ulen as usize {
+                return Err(corrupt(format!("block {b} has the wrong size")));
+            }
+            self.loads.fetch_add(1, Ordering::Relaxed);
+            Ok(d)
+        })
+    }
+
+    /// How many blocks have been read from the file and decompressed since the image was
+    /// opened (cache misses).
+    pub fn blocks_loaded(&self) -> u64 {
+        self.loads.load(Ordering::Relaxed)
+    }
+
+    /// Reads up to `buf.len()` bytes of regular file `ino` at `offset`; returns how many (0
+    /// at or past the end). Decompresses only the blocks the range touches.
+    pub fn read(&self, ino: u32, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let (size, first) = self.file(ino)?;
+        if offset >= size {
+            return Ok(0);
+        }
+        let bs = self.sb.block_size as u64;
+        let n = buf.len().min((size - offset) as usize);
+        let mut done = 0usize;
+        while done < n {
+            let pos = offset + done as u64;
+            let piece = pos / bs;
+            let piece_len = bs.min(size - piece * bs);
+            let within = pos - piece * bs;
+            let take = ((piece_len - within) as usize).min(n - done);
+            let e = self.record(T_EXTENTS, first + piece as usize)?;
+            let (block, boff) = (u32_at(e, 0), u32_at(e, 4) as u64);
+            let dst = &mut buf[done..done + take];
+            if block == HOLE {
+                dst.fill(0);
+            } else {
+                let d = self.block(block)?;
+                let s = (boff + within) as usize;
+                let src = d
+                    .get(s..s + take)
+                    .filter(|_| boff + piece_len <= d.len() as u64)
+                    .ok_or_else(|| {
+                        corrupt(format!("an extent of inode {ino} lies outside its block"))
+                    })?;
+                dst.copy_from_slice(src);
+            }
+            done += take;
+        }
+        Ok(n)
+    }
+
+    /// Whether the `block_size` piece of `ino` holding `offset` is a hole.
+    fn is_hole(&self, first: usize, piece: u64) -> io::Result<bool> {
+        Ok(u32_at(self.record(T_EXTENTS, first + piece as usize)?, 0) == HOLE)
+    }
+
+    /// Writes the content of regular file `ino` into `out` (at offset 0, which must be an
+    /// empty file): holes are skipped and the length set at the end, so they stay holes.
+    pub fn copy_to(&self, ino: u32, out: &File) -> io::Result<()> {
+        let (size, first) = self.file(ino)?;
+        let bs = self.sb.block_size as u64;
+        let mut buf = vec![0u8; bs.min(size) as usize];
+        let mut pos = 0;
+        while pos < size {
+            let len = bs.min(size - pos) as usize;
+            if !self.is_hole(first, pos / bs)? {
+                let n = self.read(ino, pos, &mut buf[..len])?;
+                out.write_all_at(&buf[..n], pos)?;
+            }
+            pos += len as u64;
+        }
+        out.set_len(size)
+    }
+
+    /// Counts of the tree, for `--ovl-info` (one pass over the inode table).
+    pub fn stats(&self) -> io::Result<Stats> {
+        let mut st = Stats::default();
+        let mut seen = std::collections::HashSet::new();
+        for ino in 1..=self.sb.inodes {
+            let r = self.inode(ino)?;
+            match u32_at(r, 0) & libc::S_IFMT {
+                libc::S_IFDIR => st.dirs += 1,
+                libc::S_IFLNK => st.symlinks += 1,
+                libc::S_IFREG => {
+                    st.files += 1;
+                    let size = u64_at(r, 16);
+                    // Identical contents share their first extent.
+                    if size > 0 && seen.insert(u32_at(r, 40)) {
+                        st.distinct += 1;
+                        st.data_bytes += size;
+                    }
+                }
+                _ => st.special += 1,
+            }
+        }
+        for b in 0..self.sb.blocks {
+            st.stored_bytes += u32_at(self.record(T_BLOCKS, b as usize)?, 8) as u64;
+        }
+        Ok(st)
+    }
+
+    /// Reads and checks every block (and so every file's content): what `--ovl-verify` does.
+    pub fn verify(&self) -> io::Result<()> {
+        for b in 0..self.sb.blocks {
+            let r = self.record(T_BLOCKS, b as usize)?;
+            let (pos, clen) = (u64_at(r, 0), u32_at(r, 8));
+            let mut z = vec![0u8; clen as usize];
+            self.file
+                .read_exact_at(&mut z, self.base + pos)
+                .map_err(|e| read_err(e, "data"))?;
+            if blake3::hash(&z).as_bytes() != &r[16..48] {
+                return Err(corrupt(format!("block {b} does not match its hash")));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn read_err(e: io::Error, what: &str) -> io::Error {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        corrupt(format!("the file ends inside the {what} (truncated?)"))
+    } else {
+        e
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_keeps_its_bound_and_the_newest_block() {
+        let c = BlockCache::new(SHARDS * 100);
+        for b in 0..64u32 {
+            c.put(b * SHARDS as u32, vec![b as u8; 60].into());
+        }
+        // One shard, room for one 60-byte block.
+        assert_eq!(c.shards[0].0.lock().unwrap().map.len(), 1);
+        let fail = || -> io::Result<Vec<u8>> { Err(os(libc::EIO)) };
+        assert_eq!(c.get_or_load(63 * SHARDS as u32, fail).unwrap()[0], 63);
+        assert!(c.get_or_load(0, fail).is_err());
+        // A failed load leaves no mark behind: the next one runs.
+        assert_eq!(c.get_or_load(0, || Ok(vec![7])).unwrap()[0], 7);
+    }
+}
