@@ -32,6 +32,16 @@ fn err(e: io::Error) -> Errno {
 pub struct OverlayFs(pub Arc<Overlay>);
 
 impl OverlayFs {
+    /// Who a new entry belongs to: the caller's ids as stored on disk (through the mount's id
+    /// mapping), with the mode asked for.
+    fn creator(&self, req: &Request, mode: u32) -> Creator {
+        Creator {
+            uid: self.0.idmap.uid_to_disk(req.uid()),
+            gid: self.0.idmap.gid_to_disk(req.gid()),
+            mode,
+        }
+    }
+
     /// The generation of the node id in `attr` (see [`Overlay::generation`]); 0 for the
     /// root, which the kernel made itself with generation 0 (another one would make it take
     /// the root for a reused node id and mark it bad).
@@ -239,11 +249,7 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let who = Creator {
-            uid: self.0.idmap.uid_to_disk(req.uid()),
-            gid: self.0.idmap.gid_to_disk(req.gid()),
-            mode,
-        };
+        let who = self.creator(req, mode);
         match self.0.mknod(parent.0, name, who, rdev) {
             Ok((_, attr)) => reply.entry(
                 &self.0.ttl,
@@ -263,11 +269,7 @@ impl Filesystem for OverlayFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let who = Creator {
-            uid: self.0.idmap.uid_to_disk(req.uid()),
-            gid: self.0.idmap.gid_to_disk(req.gid()),
-            mode,
-        };
+        let who = self.creator(req, mode);
         match self.0.mkdir(parent.0, name, who) {
             Ok((_, attr)) => reply.entry(
                 &self.0.ttl,
@@ -300,11 +302,7 @@ impl Filesystem for OverlayFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let who = Creator {
-            uid: self.0.idmap.uid_to_disk(req.uid()),
-            gid: self.0.idmap.gid_to_disk(req.gid()),
-            mode: 0,
-        };
+        let who = self.creator(req, 0);
         match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
             Ok((_, attr)) => reply.entry(
                 &self.0.ttl,
@@ -613,11 +611,7 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let who = Creator {
-            uid: self.0.idmap.uid_to_disk(req.uid()),
-            gid: self.0.idmap.gid_to_disk(req.gid()),
-            mode,
-        };
+        let who = self.creator(req, mode);
         match self.0.create(parent.0, name, who, flags) {
             Ok((inode, attr, fd, st)) => {
                 let ino = inode.ino;
