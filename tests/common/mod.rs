@@ -1,10 +1,13 @@
 //! Shared test harness: real FUSE mounts in private temp dirs (tests run in parallel).
 #![allow(dead_code)]
 
+pub mod ops;
 pub mod sys;
+pub mod user;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ovl::{InodeMode, OverlayFS};
 use tempfile::TempDir;
@@ -204,4 +207,16 @@ pub fn errno<T>(r: &std::io::Result<T>) -> i32 {
 
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Polls `f` until it gives a value; fails the test after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
