@@ -49,10 +49,10 @@ use tempfile::TempDir;
 
 #[path = "../common/mod.rs"]
 mod common;
-use common::is_root;
 use common::ops::kind_char;
 use common::sys::*;
 use common::user::*;
+use common::{is_mounted, is_root};
 
 const OVL_RUN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const CRASH_ENV: &str = "OVL_COMMIT_CRASH_AFTER";
@@ -152,14 +152,6 @@ fn run(cmd: &mut Command) {
 
 fn cp_a(from: &Path, to: &Path) {
     run(Command::new("cp").arg("-a").arg(from).arg(to));
-}
-
-fn is_mounted(p: &Path) -> bool {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let s = p.display().to_string();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
 }
 
 /// Names in a directory, sorted.

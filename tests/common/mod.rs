@@ -220,3 +220,12 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+/// Whether `p` is a mount point (exactly, in this mount namespace).
+pub fn is_mounted(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let s = p.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
+}
