@@ -4,6 +4,7 @@
 
 mod common;
 use common::is_root;
+use common::user::{TEST_USER, ensure_test_user};
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -12,7 +13,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
 const PACK: &str = env!("CARGO_BIN_EXE_ovl-pack");
-const USER: &str = "ovl-test";
+const USER: &str = TEST_USER;
 
 /// The static runtime, built (or found up to date) once per test process by the same
 /// script users run, into this build's target directory.
@@ -942,18 +943,7 @@ fn normal_user_runs_a_bundle() {
         .output()
         .unwrap();
     ok(&o);
-    let user_ok = Command::new("id")
-        .arg(USER)
-        .output()
-        .unwrap()
-        .status
-        .success()
-        || Command::new("useradd")
-            .args(["-M", "-s", "/bin/sh", USER])
-            .status()
-            .unwrap()
-            .success();
-    assert!(user_ok, "could not create user {USER}");
+    ensure_test_user();
     let chown = Command::new("chown")
         .args(["-R", USER])
         .arg(&w.root)

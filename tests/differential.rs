@@ -13,15 +13,16 @@
 //! seeds with `OVL_DIFF_SEEDS=<count>`.
 
 mod common;
+use common::ops::*;
 use common::sys::*;
 use common::*;
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use tempfile::TempDir;
@@ -72,108 +73,6 @@ fn setup_lower(l: &Path) {
 
 // ---------------------------------------------------------------------------------------------
 // Operations
-
-#[derive(Clone, Debug)]
-enum Op {
-    /// open(O_WRONLY|O_CREAT|O_TRUNC [|O_EXCL], 0644) + write.
-    Create {
-        path: String,
-        data: String,
-        excl: bool,
-    },
-    Append {
-        path: String,
-        data: String,
-    },
-    Truncate {
-        path: String,
-        len: u64,
-    },
-    WriteAt {
-        path: String,
-        off: u64,
-        data: String,
-    },
-    /// renameat2 with flags 0, RENAME_NOREPLACE or RENAME_EXCHANGE.
-    Rename {
-        from: String,
-        to: String,
-        flags: u32,
-    },
-    Link {
-        from: String,
-        to: String,
-    },
-    Unlink {
-        path: String,
-    },
-    Mkdir {
-        path: String,
-        mode: Mode,
-    },
-    Rmdir {
-        path: String,
-    },
-    Symlink {
-        target: String,
-        path: String,
-    },
-    Chmod {
-        path: String,
-        mode: Mode,
-    },
-    SetXattr {
-        path: String,
-        name: String,
-        value: String,
-        flags: i32,
-    },
-    RemoveXattr {
-        path: String,
-        name: String,
-    },
-    Read {
-        path: String,
-    },
-    Stat {
-        path: String,
-    },
-    ListDir {
-        path: String,
-    },
-}
-
-/// A mode, shown in octal.
-#[derive(Clone, Copy)]
-struct Mode(u32);
-
-impl fmt::Debug for Mode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "0o{:o}", self.0)
-    }
-}
-
-/// What a step returned: data it read (empty for most), or the errno.
-type Res = Result<String, i32>;
-
-fn show(r: &Res) -> String {
-    match r {
-        Ok(s) if s.is_empty() => "ok".into(),
-        Ok(s) => format!("ok {s}"),
-        Err(e) => format!("errno {e} ({})", io::Error::from_raw_os_error(*e)),
-    }
-}
-
-fn pick<'a>(rng: &mut StdRng, from: &[&'a str]) -> &'a str {
-    from[rng.gen_range(0..from.len())]
-}
-
-fn data(rng: &mut StdRng) -> String {
-    let n = rng.gen_range(0..24);
-    (0..n)
-        .map(|_| (b'a' + rng.gen_range(0..26u8)) as char)
-        .collect()
-}
 
 fn gen_op(rng: &mut StdRng) -> Op {
     let p = |rng: &mut StdRng| pick(rng, NAMES).to_string();
@@ -255,121 +154,6 @@ fn gen_op(rng: &mut StdRng) -> Op {
 
 fn pick_mode(rng: &mut StdRng) -> Mode {
     Mode(MODES[rng.gen_range(0..MODES.len())])
-}
-
-fn kind_char(ft: fs::FileType) -> char {
-    if ft.is_dir() {
-        'd'
-    } else if ft.is_file() {
-        'f'
-    } else if ft.is_symlink() {
-        'l'
-    } else {
-        '?'
-    }
-}
-
-/// Applies `op` under `root`.
-fn apply(root: &Path, op: &Op) -> Res {
-    let j = |p: &str| -> PathBuf {
-        if p.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(p)
-        }
-    };
-    let r: io::Result<String> = (|| match op {
-        Op::Create { path, data, excl } => {
-            let mut o = fs::OpenOptions::new();
-            o.write(true).mode(0o644);
-            if *excl {
-                o.create_new(true);
-            } else {
-                o.create(true).truncate(true);
-            }
-            o.open(j(path))?.write_all(data.as_bytes())?;
-            Ok(String::new())
-        }
-        Op::Append { path, data } => {
-            let mut f = fs::OpenOptions::new().append(true).open(j(path))?;
-            f.write_all(data.as_bytes())?;
-            Ok(String::new())
-        }
-        Op::Truncate { path, len } => {
-            let cp = cpath(&j(path));
-            check(unsafe { libc::truncate(cp.as_ptr(), *len as libc::off_t) })?;
-            Ok(String::new())
-        }
-        Op::WriteAt { path, off, data } => {
-            let f = fs::OpenOptions::new().write(true).open(j(path))?;
-            f.write_all_at(data.as_bytes(), *off)?;
-            Ok(String::new())
-        }
-        Op::Rename { from, to, flags } => {
-            renameat2(&j(from), &j(to), *flags)?;
-            Ok(String::new())
-        }
-        Op::Link { from, to } => {
-            fs::hard_link(j(from), j(to))?;
-            Ok(String::new())
-        }
-        Op::Unlink { path } => {
-            fs::remove_file(j(path))?;
-            Ok(String::new())
-        }
-        Op::Mkdir { path, mode } => {
-            fs::DirBuilder::new().mode(mode.0).create(j(path))?;
-            Ok(String::new())
-        }
-        Op::Rmdir { path } => {
-            fs::remove_dir(j(path))?;
-            Ok(String::new())
-        }
-        Op::Symlink { target, path } => {
-            std::os::unix::fs::symlink(target, j(path))?;
-            Ok(String::new())
-        }
-        Op::Chmod { path, mode } => {
-            fs::set_permissions(j(path), fs::Permissions::from_mode(mode.0))?;
-            Ok(String::new())
-        }
-        Op::SetXattr {
-            path,
-            name,
-            value,
-            flags,
-        } => {
-            lsetxattr(&j(path), name, value.as_bytes(), *flags)?;
-            Ok(String::new())
-        }
-        Op::RemoveXattr { path, name } => {
-            lremovexattr(&j(path), name)?;
-            Ok(String::new())
-        }
-        Op::Read { path } => Ok(fs::read(j(path))?.escape_ascii().to_string()),
-        Op::Stat { path } => {
-            let md = fs::symlink_metadata(j(path))?;
-            let k = kind_char(md.file_type());
-            Ok(if k == 'd' {
-                format!("{k} mode={:o}", md.mode() & 0o7777)
-            } else {
-                format!(
-                    "{k} mode={:o} size={} nlink={}",
-                    md.mode() & 0o7777,
-                    md.size(),
-                    md.nlink()
-                )
-            })
-        }
-        Op::ListDir { path } => {
-            let mut names = fs::read_dir(j(path))?
-                .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
-                .collect::<io::Result<Vec<_>>>()?;
-            names.sort();
-            Ok(names.join(","))
-        }
-    })();
-    r.map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,8 +387,8 @@ fn run_seed(seed: u64, ops: usize) -> usize {
     for step in 1..=ops {
         let op = gen_op(&mut rng);
         let dir_rename = matches!(&op, Op::Rename { from, .. } if is_dir(&kern.join(from)));
-        let ro = apply(&ovl, &op);
-        let rk = apply(&kern, &op);
+        let ro = apply(&ovl, &op, true);
+        let rk = apply(&kern, &op, true);
         run.history.push(format!(
             "  {step:4}: {op:?} => {} / {}",
             show(&ro),

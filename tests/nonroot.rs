@@ -1,6 +1,7 @@
 //! A normal user mounts with ovl-mount through fusermount3 (no privileges, no setuid of ours).
 
 mod common;
+use common::user::*;
 use common::*;
 
 use std::fs;
@@ -9,26 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ovl-mount");
-const USER: &str = "ovl-test";
-
-/// Creates the test user once (the only test that does).
-fn ensure_user() -> (u32, u32) {
-    let id = |flag: &str| -> Option<u32> {
-        let out = Command::new("id").args([flag, USER]).output().ok()?;
-        String::from_utf8_lossy(&out.stdout).trim().parse().ok()
-    };
-    if id("-u").is_none() {
-        let st = Command::new("useradd")
-            .args(["-M", "-s", "/bin/sh", USER])
-            .status()
-            .expect("useradd");
-        assert!(
-            st.success() || id("-u").is_some(),
-            "could not create user {USER}"
-        );
-    }
-    (id("-u").unwrap(), id("-g").unwrap())
-}
+const USER: &str = TEST_USER;
 
 fn as_user(script: &str) -> std::process::Output {
     Command::new("runuser")
@@ -49,7 +31,7 @@ fn normal_user_mounts_via_fusermount3() {
         0o006,
         "/dev/fuse is not open to users: run packaging/setup-deps.sh (chmod 0666 /dev/fuse)"
     );
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     let t = tempfile::tempdir().unwrap();
     let r = t.path();
     fs::set_permissions(r, fs::Permissions::from_mode(0o755)).unwrap();
@@ -119,7 +101,7 @@ fn setid_bits_dropped_like_the_kernel() {
         eprintln!("needs root to create the test user; run the suite as root");
         return;
     }
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     // 2 MB files are written through passthrough, 100-byte ones too once opened for writing.
     let script = |m: &Path| {
         let m = m.display();
@@ -217,7 +199,7 @@ fn unreadable_subdirectory_of_another_user_is_listed() {
         eprintln!("needs root to create the test user; run the suite as root");
         return;
     }
-    let (uid, gid) = ensure_user();
+    let (uid, gid) = ensure_test_user();
     let t = tempfile::tempdir().unwrap();
     let r = t.path();
     fs::set_permissions(r, fs::Permissions::from_mode(0o755)).unwrap();

@@ -21,14 +21,6 @@ fn layers() -> (tempfile::TempDir, String) {
     (t, opts)
 }
 
-fn is_mounted(p: &Path) -> bool {
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let s = p.display().to_string();
-    mounts
-        .lines()
-        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
-}
-
 #[test]
 fn daemon_mounts_and_exits_on_umount() {
     let (t, opts) = layers();

@@ -4,6 +4,7 @@
 //! podman (`apt-get install podman`), busybox-static or root is missing.
 
 mod common;
+use common::user::*;
 use common::*;
 
 use std::path::Path;
@@ -11,27 +12,21 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ovl-mount");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/data/podman-smoke.sh");
-/// The unprivileged test user (made by the other non-root tests the same way).
-const USER: &str = "ovl-test";
+/// The unprivileged test user (tests/common/user.rs).
+const USER: &str = TEST_USER;
 
 fn has(prog: &str) -> bool {
     Command::new(prog).arg("--version").output().is_ok()
 }
 
-fn ensure_user() -> bool {
-    let exists = |u: &str| {
-        Command::new("id")
-            .arg(u)
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !exists(USER) {
-        let _ = Command::new("useradd")
-            .args(["-M", "-s", "/bin/sh", USER])
-            .status();
-    }
-    let subuids = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-    exists(USER) && subuids.lines().any(|l| l.starts_with(&format!("{USER}:")))
+/// The test user, made if missing, with subordinate ids (rootless podman needs them).
+fn rootless_user_ready() -> bool {
+    // useradd gives a new user its subordinate ids: read them after.
+    try_ensure_user(USER, &[]).is_some()
+        && std::fs::read_to_string("/etc/subuid")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with(&format!("{USER}:")))
 }
 
 /// Runs the smoke script, as `user` if given, always in a private mount namespace:
@@ -90,7 +85,7 @@ fn podman_runs_and_builds_on_ovl_mount() {
     let t = tempfile::tempdir().unwrap();
     assert_eq!(smoke(t.path(), None), want, "root");
 
-    if !ensure_user() {
+    if !rootless_user_ready() {
         eprintln!("skipped rootless: no user {USER} with subordinate ids in /etc/subuid");
         return;
     }

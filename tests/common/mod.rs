@@ -1,10 +1,13 @@
 //! Shared test harness: real FUSE mounts in private temp dirs (tests run in parallel).
 #![allow(dead_code)]
 
+pub mod ops;
 pub mod sys;
+pub mod user;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ovl::{InodeMode, OverlayFS};
 use tempfile::TempDir;
@@ -204,4 +207,25 @@ pub fn errno<T>(r: &std::io::Result<T>) -> i32 {
 
 pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
+}
+
+/// Polls `f` until it gives a value; fails the test after `timeout`.
+pub fn wait_for<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(start.elapsed() < timeout, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Whether `p` is a mount point (exactly, in this mount namespace).
+pub fn is_mounted(p: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let s = p.display().to_string();
+    mounts
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(s.as_str()))
 }

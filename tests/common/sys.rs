@@ -86,3 +86,32 @@ pub fn renameat2(from: &Path, to: &Path, flags: u32) -> io::Result<()> {
         )
     })
 }
+
+/// utimensat(AT_SYMLINK_NOFOLLOW) with explicit (sec, nsec) pairs; `None` leaves a time as is.
+pub fn set_times(p: &Path, atime: Option<(i64, i64)>, mtime: Option<(i64, i64)>) -> io::Result<()> {
+    let ts = |t: Option<(i64, i64)>| match t {
+        Some((s, n)) => libc::timespec {
+            tv_sec: s,
+            tv_nsec: n,
+        },
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+    };
+    let times = [ts(atime), ts(mtime)];
+    let cp = cpath(p);
+    check(unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            cp.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })
+}
+
+pub fn lchown(p: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let cp = cpath(p);
+    check(unsafe { libc::lchown(cp.as_ptr(), uid, gid) })
+}
