@@ -148,7 +148,7 @@ fn real_main() -> i32 {
             ));
         }
     };
-    let backend = match backend(&args) {
+    let mut backend = match backend(&args) {
         Ok(b) => b,
         Err(e) => return fail(e),
     };
@@ -243,6 +243,36 @@ fn real_main() -> i32 {
         }
     };
 
+    if backend != Backend::Fuse && unsafe { libc::geteuid() } != 0 {
+        // The kernel in a user namespace follows no redirect: directories a FUSE run renamed
+        // would be refused there.
+        match launcher::kernel::find_user_redirect(&upper) {
+            Ok(None) => {}
+            Ok(Some(dir)) if backend == Backend::Auto => {
+                log::info!(
+                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
+                     overlay refuses in a user namespace: using the FUSE engine",
+                    dir.display()
+                );
+                backend = Backend::Fuse;
+            }
+            Ok(Some(dir)) => {
+                drop(scratch);
+                forget(Some(lock));
+                return fail(format!(
+                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
+                     overlay refuses in a user namespace: use --backend fuse or auto",
+                    dir.display()
+                ));
+            }
+            Err(e) if backend == Backend::Auto => {
+                log::info!("{}: {e}: using the FUSE engine", upper.display());
+                backend = Backend::Fuse;
+            }
+            // The kernel says what it thinks of the upper.
+            Err(_) => {}
+        }
+    }
     let res = if args.command.is_empty() {
         launcher::serve(&mut ofs).map(|code| Outcome {
             code,

@@ -125,6 +125,50 @@ pub fn unmount(mountpoint: &Path) -> io::Result<()> {
     Err(io::Error::from_raw_os_error(libc::EBUSY))
 }
 
+/// Empties the kernel's work directory after unmounting. The kernel shares one whiteout inode
+/// among the whiteouts it creates, with a name in its `work/` subdirectory, and removes that
+/// name at its next mount: every whiteout in the upper would then seem changed (its ctime)
+/// by a run that did not touch it. Removed now, the change belongs to the run that made it.
+pub fn clear_work(work: &Path) -> crate::Result<()> {
+    let w = kernel_workdir(work).join("work");
+    if w.symlink_metadata().is_ok() {
+        crate::finalize::remove_dir_tree(&w)?;
+    }
+    Ok(())
+}
+
+/// The first directory below `upper` (itself included) that a FUSE run as a normal user
+/// renamed (`user.overlay.redirect`): the kernel's overlay in a user namespace follows no
+/// redirect and refuses such a directory (EPERM), so such an upper stays on FUSE. Walks the
+/// upper's directories only (a preserve run walks the whole upper anyway).
+pub fn find_user_redirect(upper: &Path) -> io::Result<Option<PathBuf>> {
+    use crate::engine::sys::{self, BorrowFd};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    fn walk(dir: std::os::fd::BorrowedFd<'_>, at: &Path) -> io::Result<Option<PathBuf>> {
+        for e in sys::read_dir(dir)? {
+            if e.dtype != libc::DT_DIR {
+                continue;
+            }
+            let name = std::ffi::CString::new(e.name).map_err(io::Error::other)?;
+            let here = at.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
+            if sys::has_xattr_at(dir.as_raw_fd(), &name, c"user.overlay.redirect")? {
+                return Ok(Some(here));
+            }
+            let sub = sys::openat(dir, &name, libc::O_PATH | libc::O_DIRECTORY, 0)?;
+            if let Some(p) = walk(sub.as_fd_borrowed(), &here)? {
+                return Ok(Some(p));
+            }
+        }
+        Ok(None)
+    }
+    match sys::open_dir_path(upper) {
+        Ok(fd) => walk(fd.as_fd_borrowed(), upper),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

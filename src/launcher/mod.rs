@@ -492,9 +492,9 @@ pub fn run_in_overlay_with(
         (Backend::Fuse, _) | (_, None) => Backend::Fuse,
         (_, Some(n)) => match mount_kernel(ofs, n == Namespace::User) {
             Ok(()) => Backend::Kernel,
-            Err(e) if backend == Backend::Kernel => return Err(e),
+            Err(e) if backend == Backend::Kernel => return Err(format!("{e}: use --backend fuse")),
             Err(e) => {
-                log::info!("{e}; using the FUSE engine");
+                log::info!("{e}: using the FUSE engine");
                 Backend::Fuse
             }
         },
@@ -520,6 +520,9 @@ pub fn run_in_overlay_with(
                 mnt.display()
             )
         })?;
+        if let Some(w) = ofs.workdir() {
+            kernel::clear_work(&w).map_err(|e| e.to_string())?;
+        }
     }
     res.map(|o| (o, used))
 }
@@ -532,8 +535,13 @@ fn mount_kernel(ofs: &crate::OverlayFS, userxattr: bool) -> Result<(), String> {
     else {
         return Err("the kernel backend needs an upper directory".into());
     };
-    kernel::mount(&lowers, upper, &work, mnt, userxattr)
-        .map_err(|e| format!("the kernel refused the overlay mount: {e}"))
+    kernel::mount(&lowers, upper, &work, mnt, userxattr).map_err(|e| {
+        format!(
+            "{}: the kernel refused to mount its overlay with this upper ({e}; the kernel log \
+             says why)",
+            upper.display()
+        )
+    })
 }
 
 /// Runs the command on a mounted overlay and waits for it and all it left running.
