@@ -49,6 +49,8 @@ Examples:
                                                keep the changes: merge them into data
   ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
                                                (root inside; your /etc/subuid ids the others)
+  ovl-run --backend auto --lower src -- make   the kernel's overlay where it allows it
+                                               (no FUSE round trips), else FUSE
   ovl-run --lower rootfs                       mount, print the mount point, serve until
                                                Ctrl-C or `fusermount3 -u`, then finalize
 
