@@ -384,6 +384,35 @@ impl OverlayFS {
         if self.handle.is_some() {
             return Ok(());
         }
+        let lowers = self.prepare()?;
+        let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
+        let work = self.workdir();
+        crate::engine::sys::raise_nofile_limit();
+
+        let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
+            .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
+        let opts = SessionOptions {
+            inode_mode: self.inode_mode,
+            read_only: self.upper.is_none(),
+            allow_other: self.allow_other,
+            suid_dev: self.suid_dev,
+            passthrough: self.passthrough,
+            writeback: self.writeback,
+            fsname: self.fsname.clone().unwrap_or_else(|| "ovl".into()),
+            threads: self.threads,
+            auto_unmount: self.auto_unmount,
+            method: self.method,
+            container: self.container.clone(),
+        };
+        self.handle = Some(session::start(stack, &mountpoint, &opts)?);
+        Ok(())
+    }
+
+    /// What [`OverlayFS::mount`] does on disk before it mounts, for a caller that mounts the
+    /// layers another way (ovl-run's kernel backend): checks the paths, finishes or rolls
+    /// back an interrupted commit, creates the mount point, the upper (a new one gets the
+    /// lower root's metadata) and the work directory. Returns the canonical lowers.
+    pub fn prepare(&self) -> Result<Vec<PathBuf>> {
         let lowers = self.validate()?;
         let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
         let work = self.workdir();
@@ -452,25 +481,7 @@ impl OverlayFS {
         if let Some(w) = &work {
             std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
         }
-        crate::engine::sys::raise_nofile_limit();
-
-        let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
-            .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
-        let opts = SessionOptions {
-            inode_mode: self.inode_mode,
-            read_only: self.upper.is_none(),
-            allow_other: self.allow_other,
-            suid_dev: self.suid_dev,
-            passthrough: self.passthrough,
-            writeback: self.writeback,
-            fsname: self.fsname.clone().unwrap_or_else(|| "ovl".into()),
-            threads: self.threads,
-            auto_unmount: self.auto_unmount,
-            method: self.method,
-            container: self.container.clone(),
-        };
-        self.handle = Some(session::start(stack, &mountpoint, &opts)?);
-        Ok(())
+        Ok(lowers)
     }
 
     /// Unmounts, if mounted (and removes a mount point made by `mountpoint_as_home`).

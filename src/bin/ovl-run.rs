@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use ovl::finalize::Baseline;
 use ovl::launcher::upper::{self, Scratch, UpperLock};
-use ovl::launcher::{self, EXIT_FAILURE, Launch, Outcome};
+use ovl::launcher::{self, Backend, EXIT_FAILURE, Launch, Outcome};
 use ovl::{InodeMode, OverlayAction, OverlayFS};
 
 /// `--on-exit`: the library's finalizations, plus discard-all (a discard of the kept upper
@@ -49,6 +49,8 @@ Examples:
                                                keep the changes: merge them into data
   ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
                                                (root inside; your /etc/subuid ids the others)
+  ovl-run --backend auto --lower src -- make   the kernel's overlay where it allows it
+                                               (no FUSE round trips), else FUSE
   ovl-run --lower rootfs                       mount, print the mount point, serve until
                                                Ctrl-C or `fusermount3 -u`, then finalize
 
@@ -87,6 +89,11 @@ struct Args {
     /// With --root as a normal user: stay your own uid and gid inside instead of root.
     #[arg(long, requires = "root")]
     keep_uid: bool,
+    /// What serves the command's overlay: kernel (the kernel's overlay, mounted in the run's
+    /// private namespace), fuse (ovl's engine) or auto (the kernel's where it accepts the
+    /// mount, else fuse). Default: $OVL_RUN_BACKEND, else fuse. Without a command: fuse.
+    #[arg(long, value_name = "BACKEND")]
+    backend: Option<String>,
     /// Keep the mount point directory afterwards.
     #[arg(long)]
     keep_mountpoint: bool,
@@ -142,6 +149,10 @@ fn real_main() -> i32 {
                 "unknown inode mode '{other}': use virtual or persistent"
             ));
         }
+    };
+    let mut backend = match backend(&args) {
+        Ok(b) => b,
+        Err(e) => return fail(e),
     };
     let dashdash = std::env::args_os().any(|a| a == "--");
     if dashdash && args.command.is_empty() {
@@ -234,13 +245,43 @@ fn real_main() -> i32 {
         }
     };
 
+    if backend != Backend::Fuse && unsafe { libc::geteuid() } != 0 {
+        // The kernel in a user namespace follows no redirect: directories a FUSE run renamed
+        // would be refused there.
+        match launcher::kernel::find_user_redirect(&upper) {
+            Ok(None) => {}
+            Ok(Some(dir)) if backend == Backend::Auto => {
+                log::info!(
+                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
+                     overlay refuses in a user namespace: using the FUSE engine",
+                    dir.display()
+                );
+                backend = Backend::Fuse;
+            }
+            Ok(Some(dir)) => {
+                drop(scratch);
+                forget(Some(lock));
+                return fail(format!(
+                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
+                     overlay refuses in a user namespace: use --backend fuse or auto",
+                    dir.display()
+                ));
+            }
+            Err(e) if backend == Backend::Auto => {
+                log::info!("{}: {e}: using the FUSE engine", upper.display());
+                backend = Backend::Fuse;
+            }
+            // The kernel says what it thinks of the upper.
+            Err(_) => {}
+        }
+    }
     let res = if args.command.is_empty() {
         launcher::serve(&mut ofs).map(|code| Outcome {
             code,
             started: true,
         })
     } else {
-        run_command(&mut ofs, &args)
+        run_command(&mut ofs, &args, backend)
     };
     let code = match res {
         Ok(o) if o.started => o.code,
@@ -379,7 +420,7 @@ fn default_upper(lower: &Path) -> PathBuf {
 
 /// With a command: a private namespace (so the mount dies with us), mount, run, wait for the
 /// command and everything it left running.
-fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
+fn run_command(ofs: &mut OverlayFS, args: &Args, backend: Backend) -> Result<Outcome, String> {
     let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let upper = ofs.upper().expect("an upper").to_path_buf();
     let ids = if args.root && !args.keep_uid {
@@ -390,7 +431,7 @@ fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
     if ids == launcher::Ids::Root && unsafe { libc::geteuid() } != 0 {
         warn_other_id_convention(&args.lowers[0]);
     }
-    launcher::run_in_overlay_outcome(ofs, args.root, ids, |mnt| {
+    let res = launcher::run_in_overlay_with(ofs, args.root, ids, backend, |mnt| {
         let inside = launcher::map_cwd(&cwd, &args.lowers[0], mnt);
         // Absolute paths: the command starts somewhere else.
         let abs = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
@@ -422,7 +463,36 @@ fn run_command(ofs: &mut OverlayFS, args: &Args) -> Result<Outcome, String> {
                 chroot: None,
             }
         }
-    })
+    });
+    res.map(|(outcome, _)| outcome)
+}
+
+/// The backend asked for (`--backend`, else `$OVL_RUN_BACKEND`, else fuse), checked against
+/// what only the FUSE engine does: serving without a command, persistent inode numbers.
+fn backend(args: &Args) -> Result<Backend, String> {
+    let (asked, from) = match (&args.backend, std::env::var("OVL_RUN_BACKEND")) {
+        (Some(b), _) => (b.clone(), "--backend"),
+        (None, Ok(b)) if !b.is_empty() => (b, "OVL_RUN_BACKEND"),
+        _ => return Ok(Backend::Fuse),
+    };
+    let b: Backend = asked.parse().map_err(|e| format!("{from}: {e}"))?;
+    let fuse_only = if args.command.is_empty() {
+        Some("serving without a command")
+    } else if args.inode_mode == "persistent" {
+        Some("--inode-mode persistent")
+    } else {
+        None
+    };
+    match (b, fuse_only) {
+        (Backend::Kernel, Some(what)) if from == "--backend" => Err(format!(
+            "--backend kernel: {what} is the FUSE engine's only: use --backend fuse or auto"
+        )),
+        (Backend::Kernel | Backend::Auto, Some(what)) => {
+            log::info!("{what}: using the FUSE engine");
+            Ok(Backend::Fuse)
+        }
+        (b, _) => Ok(b),
+    }
 }
 
 /// A root filesystem whose `/` belongs to the caller's first subordinate uid was made in a

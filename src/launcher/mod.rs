@@ -15,10 +15,12 @@ use signal_hook::iterator::SignalsInfo;
 use signal_hook::iterator::exfiltrator::WithOrigin;
 use signal_hook::low_level::siginfo::Cause;
 
+pub mod kernel;
 pub mod pidns;
 pub mod upper;
 pub mod userns;
 
+pub use kernel::Backend;
 pub use userns::Ids;
 
 /// Exit status when the launcher itself failed (docker/env convention).
@@ -438,10 +440,26 @@ pub fn run_in_overlay_outcome(
     ids: Ids,
     make: impl FnOnce(&Path) -> Launch,
 ) -> Result<Outcome, String> {
+    run_in_overlay_with(ofs, root, ids, Backend::Fuse, make).map(|(o, _)| o)
+}
+
+/// [`run_in_overlay_outcome`] on the given backend; returns also the backend used (Kernel or
+/// Fuse). With `Auto` the kernel's overlay is tried first and FUSE serves when the kernel
+/// refuses (the reason is logged at info level, `-v`). A kernel overlay is unmounted before
+/// returning, so the caller finalizes the layers as after a FUSE run.
+pub fn run_in_overlay_with(
+    ofs: &mut crate::OverlayFS,
+    root: bool,
+    ids: Ids,
+    backend: Backend,
+    make: impl FnOnce(&Path) -> Launch,
+) -> Result<(Outcome, Backend), String> {
     let mut guardian = None;
+    let mut ns = None;
     match enter_private_namespace_as(ids) {
-        Ok(ns) => {
-            log::info!("running in {ns:?} namespace");
+        Ok(n) => {
+            log::info!("running in {n:?} namespace");
+            ns = Some(n);
             // The mount is the session's own: every id in it may use it (su, daemons, apt's
             // sandbox user), the kernel checking permissions (default_permissions).
             ofs.set_mount_method(crate::MountMethod::Direct)
@@ -458,18 +476,88 @@ pub fn run_in_overlay_outcome(
                  (sysctl kernel.unprivileged_userns_clone=1) or run as root"
             ));
         }
+        Err(e) if backend == Backend::Kernel => {
+            return Err(format!(
+                "--backend kernel needs a private namespace ({e}): enable unprivileged user \
+                 namespaces or use --backend fuse"
+            ));
+        }
         Err(e) => {
             log::info!("no private namespace ({e}); mounting through fusermount3");
             ofs.set_mount_method(crate::MountMethod::Helper)
                 .set_auto_unmount(true);
         }
     }
-    ofs.mount().map_err(|e| e.to_string())?;
+    let used = match (backend, ns) {
+        (Backend::Fuse, _) | (_, None) => Backend::Fuse,
+        (_, Some(n)) => match mount_kernel(ofs, n == Namespace::User) {
+            Ok(()) => Backend::Kernel,
+            Err(e) if backend == Backend::Kernel => return Err(format!("{e}: use --backend fuse")),
+            Err(e) => {
+                log::info!("{e}: using the FUSE engine");
+                Backend::Fuse
+            }
+        },
+    };
+    if used == Backend::Fuse {
+        ofs.mount().map_err(|e| e.to_string())?;
+    }
+    log::info!(
+        "backend: {}",
+        if used == Backend::Kernel {
+            "kernel"
+        } else {
+            "fuse"
+        }
+    );
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
-    let launch = make(&mnt);
+    let res = run_mounted(ofs, &mnt, make, guardian);
+    if used == Backend::Kernel {
+        // Everything that used the mount has exited (we waited for it all).
+        kernel::unmount(&mnt).map_err(|e| {
+            format!(
+                "unmounting the kernel overlay at {}: {e}; nothing was finalized",
+                mnt.display()
+            )
+        })?;
+        if let Some(w) = ofs.workdir() {
+            kernel::clear_work(&w).map_err(|e| e.to_string())?;
+        }
+    }
+    res.map(|o| (o, used))
+}
+
+/// Prepares the layers as [`crate::OverlayFS::mount`] does and mounts the kernel's overlay at
+/// the mount point. The error says why the kernel refused.
+fn mount_kernel(ofs: &crate::OverlayFS, userxattr: bool) -> Result<(), String> {
+    let lowers = ofs.prepare().map_err(|e| e.to_string())?;
+    let (Some(upper), Some(work), Some(mnt)) = (ofs.upper(), ofs.workdir(), ofs.mountpoint())
+    else {
+        return Err("the kernel backend needs an upper directory".into());
+    };
+    kernel::mount(&lowers, upper, &work, mnt, userxattr).map_err(|e| {
+        format!(
+            "{}: the kernel refused to mount its overlay with this upper ({e}; the kernel log \
+             says why)",
+            upper.display()
+        )
+    })
+}
+
+/// Runs the command on a mounted overlay and waits for it and all it left running.
+fn run_mounted(
+    ofs: &crate::OverlayFS,
+    mnt: &Path,
+    make: impl FnOnce(&Path) -> Launch,
+    guardian: Option<i32>,
+) -> Result<Outcome, String> {
+    let launch = make(mnt);
     if launch.chroot.is_some() {
-        prepare_rootfs(&mnt)
-            .map_err(|e| format!("preparing {} as a root filesystem: {e}", mnt.display()))?;
+        prepare_rootfs(mnt).map_err(|e| {
+            // What was mounted goes again: the overlay itself must be unmountable.
+            unprepare_rootfs(mnt);
+            format!("preparing {} as a root filesystem: {e}", mnt.display())
+        })?;
     }
     let target = Arc::new(Target::default());
     let fwd =
@@ -479,7 +567,7 @@ pub fn run_in_overlay_outcome(
     let res = run_outcome(&launch, &target, &helpers);
     fwd.close();
     if launch.chroot.is_some() {
-        unprepare_rootfs(&mnt);
+        unprepare_rootfs(mnt);
     }
     res.map_err(|e| format!("running {:?}: {e}", launch.argv[0]))
 }
