@@ -42,6 +42,7 @@ const APP_RUN: &str = r#"#!/bin/sh
 echo "args=$*"
 echo "appdir=$APPDIR"
 echo "bundle=$OVL_BUNDLE"
+echo "appimage=$APPIMAGE"
 echo "argv0=$ARGV0"
 echo "owd=$OWD"
 echo "pwd=$(pwd)"
@@ -302,6 +303,7 @@ fn runs_the_entry_with_args_env_and_cwd_and_keeps_state() {
     assert_eq!(field(&o, "args"), "one two words");
     assert_eq!(field(&o, "greeting"), "hello bundle");
     assert_eq!(field(&o, "bundle"), b.to_str().unwrap());
+    assert_eq!(field(&o, "appimage"), b.to_str().unwrap());
     assert_eq!(field(&o, "argv0"), b.to_str().unwrap());
     assert_eq!(field(&o, "owd"), w.root.to_str().unwrap());
     assert_eq!(field(&o, "pwd"), w.root.to_str().unwrap());
@@ -897,6 +899,121 @@ fn without_fuse_runs_a_private_copy_and_refuses_commit() {
     );
     let (ids, _) = w.cached();
     assert!(!w.cache().join(&ids[0]).join("state/count").exists());
+}
+
+#[test]
+fn appimage_options_and_variables() {
+    let w = World::new();
+    let b = w.bundle();
+    // Information: offset, versions, help, the sections bundles do not carry.
+    let o = w.run(&b, &["--appimage-offset"]);
+    ok(&o);
+    assert_eq!(stdout(&o), format!("{}\n", runtime_len()));
+    let o = w.run(&b, &["--ovl-version"]);
+    ok(&o);
+    assert!(stdout(&o).starts_with("ovl runtime "), "{}", stdout(&o));
+    let o = w.run(&b, &["--appimage-version"]);
+    ok(&o);
+    assert!(stderr(&o).starts_with("ovl runtime "), "{}", stderr(&o));
+    let o = w.run(&b, &["--appimage-help"]);
+    ok(&o);
+    assert!(stdout(&o).contains("--appimage-extract-and-run"));
+    for opt in ["--appimage-signature", "--appimage-updateinformation"] {
+        let o = w.run(&b, &[opt]);
+        ok(&o);
+        assert_eq!(stdout(&o), "\n", "{opt}");
+    }
+    let o = w.run(&b, &["--appimage-bogus"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("--appimage-bogus"), "{}", stderr(&o));
+
+    // --appimage-extract: the whole tree into ./squashfs-root, replacing what is there.
+    let sq = w.p("squashfs-root");
+    ok(&w.run(&b, &["--appimage-extract"]));
+    assert_eq!(fs::read(sq.join("AppRun")).unwrap(), APP_RUN.as_bytes());
+    assert_eq!(
+        fs::read_link(sq.join("bin/link")).unwrap(),
+        Path::new("../share/greeting.txt")
+    );
+    let ino = |p: &str| fs::metadata(sq.join(p)).unwrap().ino();
+    assert_eq!(ino("share/greeting.txt"), ino("share/hard.txt"));
+    assert_eq!(
+        fs::metadata(sq.join("share/sub/copy.txt")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    fs::write(sq.join("AppRun"), "changed").unwrap();
+    fs::write(sq.join("mine"), "kept").unwrap();
+    ok(&w.run(&b, &["--appimage-extract"]));
+    assert_eq!(fs::read(sq.join("AppRun")).unwrap(), APP_RUN.as_bytes());
+    assert_eq!(fs::read_to_string(sq.join("mine")).unwrap(), "kept");
+    fs::remove_dir_all(&sq).unwrap();
+    // With a pattern: only the matching paths (a matching directory brings its contents).
+    ok(&w.run(&b, &["--appimage-extract", "share/*.txt"]));
+    assert!(sq.join("share/greeting.txt").is_file());
+    assert!(sq.join("share/hard.txt").is_file());
+    assert!(!sq.join("share/sub").exists() && !sq.join("AppRun").exists());
+    assert!(!sq.join("share/big.bin").exists());
+    fs::remove_dir_all(&sq).unwrap();
+    ok(&w.run(&b, &["--appimage-extract", "share"]));
+    assert!(sq.join("share/sub/copy.txt").is_file() && !sq.join("bin").exists());
+    let o = w.run(&b, &["--appimage-extract", "a", "b"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("usage"), "{}", stderr(&o));
+    // Nothing left beside it.
+    let names: Vec<_> = fs::read_dir(&w.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+
+    // --appimage-extract-and-run and APPIMAGE_EXTRACT_AND_RUN: the app runs from a copy,
+    // with the variables AppImage sets, the flag not passed on, this run's changes dropped.
+    let sub = w.p("app/share");
+    for env in [false, true] {
+        let mut c = w.cmd(&b, &[]);
+        if env {
+            c.env("APPIMAGE_EXTRACT_AND_RUN", "1").args(["exit", "3"]);
+        } else {
+            c.args([
+                "--appimage-extract-and-run",
+                "exit",
+                "--appimage-extract-and-run",
+                "3",
+            ]);
+        }
+        c.current_dir(&sub);
+        let o = output(&mut c);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert_eq!(field(&o, "args"), "exit 3");
+        assert_eq!(field(&o, "appimage"), b.to_str().unwrap());
+        assert_eq!(field(&o, "argv0"), b.to_str().unwrap());
+        assert_eq!(field(&o, "owd"), sub.to_str().unwrap());
+        assert_eq!(field(&o, "greeting"), "hello bundle");
+        assert_eq!(field(&o, "count"), "1");
+        let appdir = field(&o, "appdir");
+        assert!(Path::new(&appdir).is_absolute());
+        assert!(!Path::new(&appdir).exists(), "copy left behind: {appdir}");
+        assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    }
+    assert!(!w.upper().join("state/count").exists());
+
+    // --appimage-mount: prints the mount point, serves until interrupted.
+    if is_root() {
+        let mut child = spawn(
+            w.cmd(&b, &["--appimage-mount"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let mnt = PathBuf::from(first_line_starting(&mut child, "").trim());
+        assert_eq!(
+            fs::read_to_string(mnt.join("share/greeting.txt")).unwrap(),
+            "hello bundle"
+        );
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        assert!(child.wait().unwrap().success());
+        assert!(!mnt.join("AppRun").exists());
+    }
 }
 
 #[test]
