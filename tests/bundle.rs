@@ -711,20 +711,61 @@ fn a_second_writer_of_the_same_upper_is_refused() {
 }
 
 #[test]
-fn verify_catches_a_flipped_byte() {
+fn verify_catches_a_flipped_byte_in_every_part() {
     let w = World::new();
     let b = w.bundle();
     ok(&w.run(&b, &["--ovl-verify"]));
-    let len = fs::metadata(&b).unwrap().len();
-    // One byte in the compressed data, one in the manifest region.
-    for at in [runtime_len() + 1000, len - 120] {
-        let c = w.p("c.run");
-        fs::copy(&b, &c).unwrap();
-        flip(&c, at);
-        let o = w.run(&c, &["--ovl-verify"]);
+    let bytes = fs::read(&b).unwrap();
+    let len = bytes.len() as u64;
+    let rt = runtime_len();
+    let mstart = u64::from_le_bytes(
+        bytes[(len - 72) as usize..(len - 64) as usize]
+            .try_into()
+            .unwrap(),
+    );
+    let trailer = len - 128;
+    // The runtime's section headers end the ELF file and are not loaded: the damaged runtime
+    // still runs and must find itself damaged.
+    let unloaded = [rt - 1, rt - 30, rt - 200];
+    let offsets: Vec<u64> = unloaded
+        .into_iter()
+        .chain([0, 1000, rt / 2]) // more of the runtime
+        .chain([rt, rt + 1000, (rt + mstart) / 2, mstart - 1]) // image
+        .chain([mstart, (mstart + trailer) / 2, trailer - 1]) // manifest
+        .chain(trailer..len) // every byte of the trailer
+        .collect();
+    let c = w.p("c.run");
+    for at in offsets {
+        let mut copy = bytes.clone();
+        copy[at as usize] ^= 0x5a;
+        fs::write(&c, &copy).unwrap();
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
+        let o = (0..100)
+            .map(|_| w.cmd(&c, &["--ovl-verify"]).output())
+            .find(|r| !matches!(r, Err(e) if e.raw_os_error() == Some(libc::ETXTBSY)))
+            .unwrap();
+        let o = match o {
+            Ok(o) => o,
+            // A damaged ELF header: the file does not even start, which is a failure too.
+            Err(e) if at < rt => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOEXEC), "flip at {at}: {e}");
+                continue;
+            }
+            Err(e) => panic!("flip at {at}: {e}"),
+        };
+        assert!(!stdout(&o).contains("OK"), "flip at {at} verified");
+        if at < rt && !unloaded.contains(&at) {
+            // Damaged code or data of the runtime may fail in any way, never with success.
+            assert_ne!(o.status.code(), Some(0), "flip at {at}");
+            continue;
+        }
         assert_eq!(o.status.code(), Some(1), "flip at {at}: {}", stderr(&o));
-        assert!(stderr(&o).contains("does not match"), "{}", stderr(&o));
-        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("damaged"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        if at < rt {
+            assert!(err.contains("runtime part does not match"), "{err}");
+        }
     }
 }
 
@@ -742,7 +783,7 @@ fn a_damaged_manifest_is_never_extracted() {
             .unwrap(),
     );
     let c = w.p("c.run");
-    for at in mstart..len - 96 {
+    for at in mstart..len - 128 {
         let mut copy = bytes.clone();
         copy[at as usize] ^= 0x04;
         fs::write(&c, &copy).unwrap();

@@ -24,7 +24,8 @@ options goes to the app.
 Runtime options (before the app's own arguments):
   --ovl-help               this text
   --ovl-info               name, entry point, sizes, id, cache and upper locations
-  --ovl-verify             recompute the payload's BLAKE3; exit 1 if it does not match
+  --ovl-verify             check every byte of the file (BLAKE3 of the runtime part and of
+                           the payload); exit 1 if the file is damaged
   --ovl-extract [DIR]      extract the app's tree into DIR (default NAME.AppDir)
   --ovl-on-exit=ACTION     this run's changes: preserve (keep for the next run), discard
                            (throw away this run's changes, keep earlier ones), or commit
@@ -438,22 +439,35 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     Ok(0)
 }
 
+/// Every byte: the trailer (decoded and checked), the payload, the manifest and the image's
+/// metadata (opened), the runtime part.
 fn verify(path: &Path) -> Result<i32, String> {
-    let (file, trailer) = super::extract::read_trailer(path).map_err(|e| e.to_string())?;
-    let good = super::extract::verify_payload(&file, path, &trailer).map_err(|e| e.to_string())?
-        && Bundle::open(path).is_ok();
-    if good {
-        println!("{}: OK (id {})", path.display(), trailer.id());
-        Ok(0)
-    } else {
+    let damaged = |what: String| {
         eprintln!(
-            "{}: payload does not match its BLAKE3 (id {}): the file is damaged; download or \
-             build it again",
-            path.display(),
-            trailer.id()
+            "{}: {what}: the file is damaged; download or build it again",
+            path.display()
         );
         Ok(1)
+    };
+    let (file, trailer) = match super::extract::read_trailer(path) {
+        Ok(x) => x,
+        Err(crate::error::Error::Io { source, .. }) => {
+            return Err(format!("reading {}: {source}", path.display()));
+        }
+        Err(e) => return damaged(format!("the trailer does not check ({e})")),
+    };
+    let id = trailer.id();
+    let e = |e: crate::error::Error| e.to_string();
+    if !super::extract::verify_payload(&file, path, &trailer).map_err(e)?
+        || Bundle::open(path).is_err()
+    {
+        return damaged(format!("the payload does not match its BLAKE3 (id {id})"));
     }
+    if !super::extract::verify_runtime(&file, path, &trailer).map_err(e)? {
+        return damaged(format!("the runtime part does not match its BLAKE3 (id {id})"));
+    }
+    println!("{}: OK (id {id})", path.display());
+    Ok(0)
 }
 
 fn extract(bundle: &Bundle, dir: Option<&Path>) -> Result<i32, String> {
