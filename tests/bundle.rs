@@ -830,6 +830,80 @@ fn corrupt_data_fails_the_first_run_without_a_half_extracted_cache() {
     assert!(!err.contains("panicked"));
     let (ids, temps) = w.cached();
     assert!(ids.is_empty() && !temps, "{ids:?} {temps}");
+    // No lock files either: nothing of the failed run is left in the cache.
+    let left: Vec<_> = fs::read_dir(w.cache())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The intact bundle then extracts and runs as usual.
+    flip(&b, runtime_len() + 1000);
+    ok(&w.run(&b, &[]));
+    assert_eq!(w.cached().0.len(), 1);
+}
+
+#[test]
+fn an_unwritable_cache_falls_back_with_one_warning() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let id = stdout(&w.run(&b, &["--ovl-info"]))
+        .lines()
+        .find_map(|l| l.strip_prefix("id:").map(|s| s.trim().to_string()))
+        .unwrap();
+    // The cache's place is under a file: it cannot be made. First $XDG_RUNTIME_DIR, then the
+    // temporary directory.
+    fs::write(w.p("home/file"), "").unwrap();
+    fs::create_dir_all(w.p("run")).unwrap();
+    fs::create_dir_all(w.p("tmp")).unwrap();
+    for runtime_dir in [true, false] {
+        let mut c = w.cmd(&b, &["one"]);
+        c.env("XDG_CACHE_HOME", w.p("home/file/cache"))
+            .env("TMPDIR", w.p("tmp"));
+        if runtime_dir {
+            c.env("XDG_RUNTIME_DIR", w.p("run"));
+        } else {
+            c.env_remove("XDG_RUNTIME_DIR");
+        }
+        let o = output(&mut c);
+        ok(&o);
+        assert_eq!(field(&o, "args"), "one");
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("warning") && err.contains("home/file/cache"),
+            "{err}"
+        );
+        let root = if runtime_dir {
+            w.p("run/ovl/bundles")
+        } else {
+            w.p("tmp/ovl-cache-0/bundles")
+        };
+        assert!(err.contains(root.to_str().unwrap()), "{err}");
+        assert!(root.join(&id).join("AppRun").is_file());
+    }
+    assert_eq!(
+        fs::metadata(w.p("tmp/ovl-cache-0")).unwrap().mode() & 0o777,
+        0o700
+    );
+    // A fallback directory that is not ours is refused, with nothing run.
+    fs::remove_dir_all(w.p("tmp/ovl-cache-0")).unwrap();
+    std::os::unix::fs::symlink(w.p("run"), w.p("tmp/ovl-cache-0")).unwrap();
+    let o = output(
+        w.cmd(&b, &["one"])
+            .env("XDG_CACHE_HOME", w.p("home/file/cache"))
+            .env("TMPDIR", w.p("tmp"))
+            .env_remove("XDG_RUNTIME_DIR"),
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a private directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stdout(&o).contains("args="));
 }
 
 #[test]

@@ -464,7 +464,9 @@ fn verify(path: &Path) -> Result<i32, String> {
         return damaged(format!("the payload does not match its BLAKE3 (id {id})"));
     }
     if !super::extract::verify_runtime(&file, path, &trailer).map_err(e)? {
-        return damaged(format!("the runtime part does not match its BLAKE3 (id {id})"));
+        return damaged(format!(
+            "the runtime part does not match its BLAKE3 (id {id})"
+        ));
     }
     println!("{}: OK (id {id})", path.display());
     Ok(0)
