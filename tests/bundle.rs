@@ -1132,6 +1132,51 @@ fn appimage_options_and_variables() {
 }
 
 #[test]
+fn two_copies_share_the_state_by_name_and_a_commit_never_takes_it_from_the_other() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let a = w.bundle();
+    // Another version of the same app (same name, another payload) in another file.
+    fs::write(w.p("app/share/greeting.txt"), "hello version two").unwrap();
+    let b = w.p("b.run");
+    ok(&w.pack(&["-o", b.to_str().unwrap()]));
+    let warned = |o: &Output| stderr(o).matches("another version").count();
+    let o = w.run(&a, &[]);
+    ok(&o);
+    assert_eq!((field(&o, "count"), warned(&o)), ("1".into(), 0));
+    // State belongs to the name: the other version runs on it, with the switch noted once.
+    let o = w.run(&b, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "greeting"), "hello version two");
+    assert_eq!((field(&o, "count"), warned(&o)), ("2".into(), 1));
+    for (f, n) in [(&a, 3), (&b, 4), (&a, 5)] {
+        let o = w.run(f, &[]);
+        ok(&o);
+        assert_eq!((field(&o, "count"), warned(&o)), (n.to_string(), 0));
+    }
+    // A commit into one file would take the state from the other: refused, nothing lost.
+    let o = w.run(&a, &["--ovl-on-exit=commit"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains(b.to_str().unwrap()), "{}", stderr(&o));
+    assert_eq!(
+        fs::read_to_string(w.upper().join("state/count")).unwrap(),
+        "6\n"
+    );
+    let o = w.run(&b, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "count"), "7");
+    // With the other copy gone, the commit goes through.
+    fs::remove_file(&b).unwrap();
+    ok(&w.run(&a, &["--ovl-on-exit=commit"]));
+    assert!(!w.upper().join("state/count").exists());
+    let o = w.run(&a, &[]);
+    ok(&o);
+    assert_eq!((field(&o, "count"), warned(&o)), ("9".into(), 0));
+}
+
+#[test]
 fn mount_option_serves_until_signalled() {
     if !is_root() {
         return;

@@ -690,6 +690,9 @@ fn run_app(
         // already put into the bundle is not shown twice.
         let kept = crate::finalize::count_entries(&upper).unwrap_or(0) > 0
             && !state::upper_already_committed(bundle, &upper);
+        if kept {
+            state::note_user(&upper, bundle)?;
+        }
         let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
         if kept {
             ofs.add_lower(&tree.path);
