@@ -260,6 +260,22 @@ fn flip(p: &Path, at: u64) {
     f.write_all_at(&b, at).unwrap();
 }
 
+/// Creates the unprivileged test user if it does not exist yet.
+fn make_test_user() {
+    let user_ok = Command::new("id")
+        .arg(USER)
+        .output()
+        .unwrap()
+        .status
+        .success()
+        || Command::new("useradd")
+            .args(["-M", "-s", "/bin/sh", USER])
+            .status()
+            .unwrap()
+            .success();
+    assert!(user_ok, "could not create user {USER}");
+}
+
 fn runtime_len() -> u64 {
     fs::metadata(runtime()).unwrap().len()
 }
@@ -904,6 +920,53 @@ fn an_unwritable_cache_falls_back_with_one_warning() {
         stderr(&o)
     );
     assert!(!stdout(&o).contains("args="));
+
+    // A normal user whose cache directory is read-only to them (root's, mode 0555).
+    make_test_user();
+    fs::create_dir_all(w.p("utmp")).unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", USER])
+        .arg(&w.root)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    fs::create_dir_all(w.p("home/rocache")).unwrap();
+    fs::set_permissions(w.p("home/rocache"), fs::Permissions::from_mode(0o555)).unwrap();
+    let script = format!(
+        "cd {root} && HOME={root}/home XDG_CACHE_HOME={root}/home/rocache \
+         XDG_DATA_HOME={root}/home/data TMPDIR={root}/utmp {b} --appimage-extract-and-run two",
+        root = w.root.display(),
+        b = b.display()
+    );
+    let o = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            "-u",
+            "XDG_RUNTIME_DIR",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(field(&o, "args"), "two");
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("home/rocache/ovl/bundles"), "{err}");
+    let fallback: Vec<PathBuf> = fs::read_dir(w.p("utmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(fallback.len(), 1, "{fallback:?}");
+    assert!(
+        fallback[0].join("bundles").join(&id).is_dir(),
+        "{fallback:?}"
+    );
+    assert!(fs::read_dir(w.p("home/rocache")).unwrap().next().is_none());
 }
 
 #[test]
@@ -1219,18 +1282,7 @@ fn normal_user_runs_a_bundle() {
         .output()
         .unwrap();
     ok(&o);
-    let user_ok = Command::new("id")
-        .arg(USER)
-        .output()
-        .unwrap()
-        .status
-        .success()
-        || Command::new("useradd")
-            .args(["-M", "-s", "/bin/sh", USER])
-            .status()
-            .unwrap()
-            .success();
-    assert!(user_ok, "could not create user {USER}");
+    make_test_user();
     let chown = Command::new("chown")
         .args(["-R", USER])
         .arg(&w.root)
