@@ -43,6 +43,7 @@ const APP_RUN: &str = r#"#!/bin/sh
 echo "args=$*"
 echo "appdir=$APPDIR"
 echo "bundle=$OVL_BUNDLE"
+echo "appimage=$APPIMAGE"
 echo "argv0=$ARGV0"
 echo "owd=$OWD"
 echo "pwd=$(pwd)"
@@ -303,6 +304,7 @@ fn runs_the_entry_with_args_env_and_cwd_and_keeps_state() {
     assert_eq!(field(&o, "args"), "one two words");
     assert_eq!(field(&o, "greeting"), "hello bundle");
     assert_eq!(field(&o, "bundle"), b.to_str().unwrap());
+    assert_eq!(field(&o, "appimage"), b.to_str().unwrap());
     assert_eq!(field(&o, "argv0"), b.to_str().unwrap());
     assert_eq!(field(&o, "owd"), w.root.to_str().unwrap());
     assert_eq!(field(&o, "pwd"), w.root.to_str().unwrap());
@@ -710,20 +712,61 @@ fn a_second_writer_of_the_same_upper_is_refused() {
 }
 
 #[test]
-fn verify_catches_a_flipped_byte() {
+fn verify_catches_a_flipped_byte_in_every_part() {
     let w = World::new();
     let b = w.bundle();
     ok(&w.run(&b, &["--ovl-verify"]));
-    let len = fs::metadata(&b).unwrap().len();
-    // One byte in the compressed data, one in the manifest region.
-    for at in [runtime_len() + 1000, len - 120] {
-        let c = w.p("c.run");
-        fs::copy(&b, &c).unwrap();
-        flip(&c, at);
-        let o = w.run(&c, &["--ovl-verify"]);
+    let bytes = fs::read(&b).unwrap();
+    let len = bytes.len() as u64;
+    let rt = runtime_len();
+    let mstart = u64::from_le_bytes(
+        bytes[(len - 72) as usize..(len - 64) as usize]
+            .try_into()
+            .unwrap(),
+    );
+    let trailer = len - 128;
+    // The runtime's section headers end the ELF file and are not loaded: the damaged runtime
+    // still runs and must find itself damaged.
+    let unloaded = [rt - 1, rt - 30, rt - 200];
+    let offsets: Vec<u64> = unloaded
+        .into_iter()
+        .chain([0, 1000, rt / 2]) // more of the runtime
+        .chain([rt, rt + 1000, (rt + mstart) / 2, mstart - 1]) // image
+        .chain([mstart, (mstart + trailer) / 2, trailer - 1]) // manifest
+        .chain(trailer..len) // every byte of the trailer
+        .collect();
+    let c = w.p("c.run");
+    for at in offsets {
+        let mut copy = bytes.clone();
+        copy[at as usize] ^= 0x5a;
+        fs::write(&c, &copy).unwrap();
+        fs::set_permissions(&c, fs::Permissions::from_mode(0o755)).unwrap();
+        let o = (0..100)
+            .map(|_| w.cmd(&c, &["--ovl-verify"]).output())
+            .find(|r| !matches!(r, Err(e) if e.raw_os_error() == Some(libc::ETXTBSY)))
+            .unwrap();
+        let o = match o {
+            Ok(o) => o,
+            // A damaged ELF header: the file does not even start, which is a failure too.
+            Err(e) if at < rt => {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOEXEC), "flip at {at}: {e}");
+                continue;
+            }
+            Err(e) => panic!("flip at {at}: {e}"),
+        };
+        assert!(!stdout(&o).contains("OK"), "flip at {at} verified");
+        if at < rt && !unloaded.contains(&at) {
+            // Damaged code or data of the runtime may fail in any way, never with success.
+            assert_ne!(o.status.code(), Some(0), "flip at {at}");
+            continue;
+        }
         assert_eq!(o.status.code(), Some(1), "flip at {at}: {}", stderr(&o));
-        assert!(stderr(&o).contains("does not match"), "{}", stderr(&o));
-        assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+        let err = stderr(&o);
+        assert!(err.contains("damaged"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        if at < rt {
+            assert!(err.contains("runtime part does not match"), "{err}");
+        }
     }
 }
 
@@ -741,7 +784,7 @@ fn a_damaged_manifest_is_never_extracted() {
             .unwrap(),
     );
     let c = w.p("c.run");
-    for at in mstart..len - 96 {
+    for at in mstart..len - 128 {
         let mut copy = bytes.clone();
         copy[at as usize] ^= 0x04;
         fs::write(&c, &copy).unwrap();
@@ -788,6 +831,127 @@ fn corrupt_data_fails_the_first_run_without_a_half_extracted_cache() {
     assert!(!err.contains("panicked"));
     let (ids, temps) = w.cached();
     assert!(ids.is_empty() && !temps, "{ids:?} {temps}");
+    // No lock files either: nothing of the failed run is left in the cache.
+    let left: Vec<_> = fs::read_dir(w.cache())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // The intact bundle then extracts and runs as usual.
+    flip(&b, runtime_len() + 1000);
+    ok(&w.run(&b, &[]));
+    assert_eq!(w.cached().0.len(), 1);
+}
+
+#[test]
+fn an_unwritable_cache_falls_back_with_one_warning() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let id = stdout(&w.run(&b, &["--ovl-info"]))
+        .lines()
+        .find_map(|l| l.strip_prefix("id:").map(|s| s.trim().to_string()))
+        .unwrap();
+    // The cache's place is under a file: it cannot be made. First $XDG_RUNTIME_DIR, then the
+    // temporary directory.
+    fs::write(w.p("home/file"), "").unwrap();
+    fs::create_dir_all(w.p("run")).unwrap();
+    fs::create_dir_all(w.p("tmp")).unwrap();
+    for runtime_dir in [true, false] {
+        let mut c = w.cmd(&b, &["one"]);
+        c.env("XDG_CACHE_HOME", w.p("home/file/cache"))
+            .env("TMPDIR", w.p("tmp"));
+        if runtime_dir {
+            c.env("XDG_RUNTIME_DIR", w.p("run"));
+        } else {
+            c.env_remove("XDG_RUNTIME_DIR");
+        }
+        let o = output(&mut c);
+        ok(&o);
+        assert_eq!(field(&o, "args"), "one");
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(
+            err.contains("warning") && err.contains("home/file/cache"),
+            "{err}"
+        );
+        let root = if runtime_dir {
+            w.p("run/ovl/bundles")
+        } else {
+            w.p("tmp/ovl-cache-0/bundles")
+        };
+        assert!(err.contains(root.to_str().unwrap()), "{err}");
+        assert!(root.join(&id).join("AppRun").is_file());
+    }
+    assert_eq!(
+        fs::metadata(w.p("tmp/ovl-cache-0")).unwrap().mode() & 0o777,
+        0o700
+    );
+    // A fallback directory that is not ours is refused, with nothing run.
+    fs::remove_dir_all(w.p("tmp/ovl-cache-0")).unwrap();
+    std::os::unix::fs::symlink(w.p("run"), w.p("tmp/ovl-cache-0")).unwrap();
+    let o = output(
+        w.cmd(&b, &["one"])
+            .env("XDG_CACHE_HOME", w.p("home/file/cache"))
+            .env("TMPDIR", w.p("tmp"))
+            .env_remove("XDG_RUNTIME_DIR"),
+    );
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("not a private directory"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stdout(&o).contains("args="));
+
+    // A normal user whose cache directory is read-only to them (root's, mode 0555).
+    ensure_test_user();
+    fs::create_dir_all(w.p("utmp")).unwrap();
+    let chown = Command::new("chown")
+        .args(["-R", USER])
+        .arg(&w.root)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    fs::create_dir_all(w.p("home/rocache")).unwrap();
+    fs::set_permissions(w.p("home/rocache"), fs::Permissions::from_mode(0o555)).unwrap();
+    let script = format!(
+        "cd {root} && HOME={root}/home XDG_CACHE_HOME={root}/home/rocache \
+         XDG_DATA_HOME={root}/home/data TMPDIR={root}/utmp {b} --appimage-extract-and-run two",
+        root = w.root.display(),
+        b = b.display()
+    );
+    let o = Command::new("runuser")
+        .args([
+            "-u",
+            USER,
+            "--",
+            "env",
+            "-u",
+            "XDG_RUNTIME_DIR",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .unwrap();
+    ok(&o);
+    assert_eq!(field(&o, "args"), "two");
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("home/rocache/ovl/bundles"), "{err}");
+    let fallback: Vec<PathBuf> = fs::read_dir(w.p("utmp"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(fallback.len(), 1, "{fallback:?}");
+    assert!(
+        fallback[0].join("bundles").join(&id).is_dir(),
+        "{fallback:?}"
+    );
+    assert!(fs::read_dir(w.p("home/rocache")).unwrap().next().is_none());
 }
 
 #[test]
@@ -898,6 +1062,166 @@ fn without_fuse_runs_a_private_copy_and_refuses_commit() {
     );
     let (ids, _) = w.cached();
     assert!(!w.cache().join(&ids[0]).join("state/count").exists());
+}
+
+#[test]
+fn appimage_options_and_variables() {
+    let w = World::new();
+    let b = w.bundle();
+    // Information: offset, versions, help, the sections bundles do not carry.
+    let o = w.run(&b, &["--appimage-offset"]);
+    ok(&o);
+    assert_eq!(stdout(&o), format!("{}\n", runtime_len()));
+    let o = w.run(&b, &["--ovl-version"]);
+    ok(&o);
+    assert!(stdout(&o).starts_with("ovl runtime "), "{}", stdout(&o));
+    let o = w.run(&b, &["--appimage-version"]);
+    ok(&o);
+    assert!(stderr(&o).starts_with("ovl runtime "), "{}", stderr(&o));
+    let o = w.run(&b, &["--appimage-help"]);
+    ok(&o);
+    assert!(stdout(&o).contains("--appimage-extract-and-run"));
+    for opt in ["--appimage-signature", "--appimage-updateinformation"] {
+        let o = w.run(&b, &[opt]);
+        ok(&o);
+        assert_eq!(stdout(&o), "\n", "{opt}");
+    }
+    let o = w.run(&b, &["--appimage-bogus"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("--appimage-bogus"), "{}", stderr(&o));
+
+    // --appimage-extract: the whole tree into ./squashfs-root, replacing what is there.
+    let sq = w.p("squashfs-root");
+    ok(&w.run(&b, &["--appimage-extract"]));
+    assert_eq!(fs::read(sq.join("AppRun")).unwrap(), APP_RUN.as_bytes());
+    assert_eq!(
+        fs::read_link(sq.join("bin/link")).unwrap(),
+        Path::new("../share/greeting.txt")
+    );
+    let ino = |p: &str| fs::metadata(sq.join(p)).unwrap().ino();
+    assert_eq!(ino("share/greeting.txt"), ino("share/hard.txt"));
+    assert_eq!(
+        fs::metadata(sq.join("share/sub/copy.txt")).unwrap().mode() & 0o7777,
+        0o640
+    );
+    fs::write(sq.join("AppRun"), "changed").unwrap();
+    fs::write(sq.join("mine"), "kept").unwrap();
+    ok(&w.run(&b, &["--appimage-extract"]));
+    assert_eq!(fs::read(sq.join("AppRun")).unwrap(), APP_RUN.as_bytes());
+    assert_eq!(fs::read_to_string(sq.join("mine")).unwrap(), "kept");
+    fs::remove_dir_all(&sq).unwrap();
+    // With a pattern: only the matching paths (a matching directory brings its contents).
+    ok(&w.run(&b, &["--appimage-extract", "share/*.txt"]));
+    assert!(sq.join("share/greeting.txt").is_file());
+    assert!(sq.join("share/hard.txt").is_file());
+    assert!(!sq.join("share/sub").exists() && !sq.join("AppRun").exists());
+    assert!(!sq.join("share/big.bin").exists());
+    fs::remove_dir_all(&sq).unwrap();
+    ok(&w.run(&b, &["--appimage-extract", "share"]));
+    assert!(sq.join("share/sub/copy.txt").is_file() && !sq.join("bin").exists());
+    let o = w.run(&b, &["--appimage-extract", "a", "b"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(stderr(&o).contains("usage"), "{}", stderr(&o));
+    // Nothing left beside it.
+    let names: Vec<_> = fs::read_dir(&w.root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with('.'))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
+
+    // --appimage-extract-and-run and APPIMAGE_EXTRACT_AND_RUN: the app runs from a copy,
+    // with the variables AppImage sets, the flag not passed on, this run's changes dropped.
+    let sub = w.p("app/share");
+    for env in [false, true] {
+        let mut c = w.cmd(&b, &[]);
+        if env {
+            c.env("APPIMAGE_EXTRACT_AND_RUN", "1").args(["exit", "3"]);
+        } else {
+            c.args([
+                "--appimage-extract-and-run",
+                "exit",
+                "--appimage-extract-and-run",
+                "3",
+            ]);
+        }
+        c.current_dir(&sub);
+        let o = output(&mut c);
+        assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+        assert_eq!(field(&o, "args"), "exit 3");
+        assert_eq!(field(&o, "appimage"), b.to_str().unwrap());
+        assert_eq!(field(&o, "argv0"), b.to_str().unwrap());
+        assert_eq!(field(&o, "owd"), sub.to_str().unwrap());
+        assert_eq!(field(&o, "greeting"), "hello bundle");
+        assert_eq!(field(&o, "count"), "1");
+        let appdir = field(&o, "appdir");
+        assert!(Path::new(&appdir).is_absolute());
+        assert!(!Path::new(&appdir).exists(), "copy left behind: {appdir}");
+        assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    }
+    assert!(!w.upper().join("state/count").exists());
+
+    // --appimage-mount: prints the mount point, serves until interrupted.
+    if is_root() {
+        let mut child = spawn(
+            w.cmd(&b, &["--appimage-mount"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        );
+        let mnt = PathBuf::from(first_line_starting(&mut child, "").trim());
+        assert_eq!(
+            fs::read_to_string(mnt.join("share/greeting.txt")).unwrap(),
+            "hello bundle"
+        );
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        assert!(child.wait().unwrap().success());
+        assert!(!mnt.join("AppRun").exists());
+    }
+}
+
+#[test]
+fn two_copies_share_the_state_by_name_and_a_commit_never_takes_it_from_the_other() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let a = w.bundle();
+    // Another version of the same app (same name, another payload) in another file.
+    fs::write(w.p("app/share/greeting.txt"), "hello version two").unwrap();
+    let b = w.p("b.run");
+    ok(&w.pack(&["-o", b.to_str().unwrap()]));
+    let warned = |o: &Output| stderr(o).matches("another version").count();
+    let o = w.run(&a, &[]);
+    ok(&o);
+    assert_eq!((field(&o, "count"), warned(&o)), ("1".into(), 0));
+    // State belongs to the name: the other version runs on it, with the switch noted once.
+    let o = w.run(&b, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "greeting"), "hello version two");
+    assert_eq!((field(&o, "count"), warned(&o)), ("2".into(), 1));
+    for (f, n) in [(&a, 3), (&b, 4), (&a, 5)] {
+        let o = w.run(f, &[]);
+        ok(&o);
+        assert_eq!((field(&o, "count"), warned(&o)), (n.to_string(), 0));
+    }
+    // A commit into one file would take the state from the other: refused, nothing lost.
+    let o = w.run(&a, &["--ovl-on-exit=commit"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains(b.to_str().unwrap()), "{}", stderr(&o));
+    assert_eq!(
+        fs::read_to_string(w.upper().join("state/count")).unwrap(),
+        "6\n"
+    );
+    let o = w.run(&b, &[]);
+    ok(&o);
+    assert_eq!(field(&o, "count"), "7");
+    // With the other copy gone, the commit goes through.
+    fs::remove_file(&b).unwrap();
+    ok(&w.run(&a, &["--ovl-on-exit=commit"]));
+    assert!(!w.upper().join("state/count").exists());
+    let o = w.run(&a, &[]);
+    ok(&o);
+    assert_eq!((field(&o, "count"), warned(&o)), ("9".into(), 0));
 }
 
 #[test]

@@ -28,15 +28,90 @@ pub struct CachedTree {
     _use_lock: File,
 }
 
-/// `$XDG_CACHE_HOME/ovl/bundles`.
+/// `$XDG_CACHE_HOME/ovl/bundles`; when that cannot be made or written (a read-only home, a
+/// cache directory of another user), `$XDG_RUNTIME_DIR/ovl/bundles` or a private directory in
+/// the temporary directory, with one warning line. Chosen once per process.
 pub fn cache_root() -> Result<PathBuf> {
+    static CHOSEN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    if let Some(p) = CHOSEN.get() {
+        return Ok(p.clone());
+    }
     let base = dirs::cache_dir().ok_or_else(|| {
         Error::bad(
             "$XDG_CACHE_HOME",
             "no cache directory: set XDG_CACHE_HOME or HOME",
         )
     })?;
-    Ok(base.join("ovl").join("bundles"))
+    let primary = base.join("ovl").join("bundles");
+    let chosen = match usable_dir(&primary) {
+        Ok(()) => primary,
+        Err(why) => {
+            let fallback = fallback_root()?;
+            eprintln!(
+                "ovl: warning: cache {} is not usable ({why}); using {} (make the cache \
+                 writable or set XDG_CACHE_HOME to keep extracted apps)",
+                primary.display(),
+                fallback.display()
+            );
+            fallback
+        }
+    };
+    Ok(CHOSEN.get_or_init(|| chosen).clone())
+}
+
+/// Makes `dir` (mode 0700) if needed and checks that we may write in it.
+fn usable_dir(dir: &Path) -> std::result::Result<(), io::Error> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let c = crate::engine::sys::cstr(dir.as_os_str())?;
+    // access() answers for root too where it matters here: a read-only filesystem.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `$XDG_RUNTIME_DIR/ovl/bundles`, else `<tmp>/ovl-cache-<uid>/bundles` in a directory only we
+/// own (a shared temporary directory may hold someone else's dir or symlink under that name).
+fn fallback_root() -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(run) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        let root = PathBuf::from(run).join("ovl").join("bundles");
+        if usable_dir(&root).is_ok() {
+            return Ok(root);
+        }
+    }
+    let uid = unsafe { libc::geteuid() };
+    let own = std::env::temp_dir().join(format!("ovl-cache-{uid}"));
+    match fs::DirBuilder::new().mode(0o700).create(&own) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::io("creating", &own, e)),
+    }
+    let m = fs::symlink_metadata(&own).map_err(|e| Error::io("reading", &own, e))?;
+    if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        return Err(Error::bad(
+            &own,
+            "the cache is not writable and this fallback is not a private directory of ours: \
+             remove it, or set XDG_CACHE_HOME to a writable directory",
+        ));
+    }
+    let root = own.join("bundles");
+    usable_dir(&root).map_err(|e| Error::io("creating", &root, e))?;
+    Ok(root)
+}
+
+/// Whether `f` (locked) is still the file at `path`: a failed first run unlinks its lock
+/// files, so a lock taken on an unlinked file protects nothing and must be taken again.
+fn is_current(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), fs::metadata(path)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
+    }
 }
 
 fn lock_file(path: &Path) -> Result<File> {
@@ -88,6 +163,9 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
     loop {
         let use_lock = lock_file(&use_path)?;
         flock(&use_lock, libc::LOCK_SH, &use_path)?;
+        if !is_current(&use_lock, &use_path) {
+            continue;
+        }
         // Under the shared lock gc cannot remove the tree: if it is there, it stays.
         if tree.is_dir() {
             record_user(&root, &id, bundle.path());
@@ -100,6 +178,9 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
         let lock_path = root.join(format!("{id}.lock"));
         let lock = lock_file(&lock_path)?;
         flock(&lock, libc::LOCK_EX, &lock_path)?;
+        if !is_current(&lock, &lock_path) {
+            continue;
+        }
         if !tree.is_dir() {
             // Under this id's lock no one else extracts it: its temporaries are leftovers.
             remove_stale_temps(&root, &format!(".tmp-{id}-"));
@@ -125,7 +206,11 @@ pub fn tree_for(bundle: &Bundle) -> Result<CachedTree> {
                 }
             });
             if let Err(e) = res {
+                // Nothing of a failed run stays: the temporary tree, then the lock files
+                // (`.lock` last, while held; waiters on it see it unlinked and start over).
                 let _ = crate::finalize::remove_dir_tree(&tmp);
+                let _ = fs::remove_file(&use_path);
+                let _ = fs::remove_file(&lock_path);
                 return Err(e);
             }
             sync_dir(&root);

@@ -130,9 +130,12 @@ impl Bundle {
         Ok(b)
     }
 
-    /// Recomputes the payload's BLAKE3 and compares it with the trailer's.
+    /// Recomputes the BLAKE3 of the payload and of the runtime part and compares them with
+    /// the trailer's (every byte of the file is then checked: the trailer's own fields are
+    /// checked when it is decoded).
     pub fn verify(&self) -> Result<bool> {
-        verify_payload(&self.file, &self.path, &self.trailer)
+        Ok(verify_payload(&self.file, &self.path, &self.trailer)?
+            && verify_runtime(&self.file, &self.path, &self.trailer)?)
     }
 }
 
@@ -157,11 +160,16 @@ pub fn read_trailer(path: &Path) -> Result<(File, Trailer)> {
 /// Recomputes the payload's BLAKE3 and compares it with the trailer's.
 pub fn verify_payload(file: &File, path: &Path, trailer: &Trailer) -> Result<bool> {
     let end = trailer.manifest_offset + trailer.manifest_clen;
-    let mut r = RangeReader {
-        file,
-        pos: trailer.payload_offset,
-        end,
-    };
+    Ok(hash_range(file, path, trailer.payload_offset, end)? == trailer.hash)
+}
+
+/// Recomputes the runtime part's BLAKE3 and compares it with the trailer's.
+pub fn verify_runtime(file: &File, path: &Path, trailer: &Trailer) -> Result<bool> {
+    Ok(hash_range(file, path, 0, trailer.payload_offset)? == trailer.runtime_hash)
+}
+
+fn hash_range(file: &File, path: &Path, pos: u64, end: u64) -> Result<[u8; 32]> {
+    let mut r = RangeReader { file, pos, end };
     let mut h = blake3::Hasher::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -173,7 +181,7 @@ pub fn verify_payload(file: &File, path: &Path, trailer: &Trailer) -> Result<boo
         }
         h.update(&buf[..n]);
     }
-    Ok(*h.finalize().as_bytes() == trailer.hash)
+    Ok(*h.finalize().as_bytes())
 }
 
 /// An image's failed check is a corrupt bundle; other errors are read errors of the file.

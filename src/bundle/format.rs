@@ -1,14 +1,17 @@
 //! The on-disk format of an `app.run` bundle.
 //!
 //! ```text
-//! [ runtime (static ELF) ][ image ][ manifest (zstd) ][ trailer (96 bytes) ]
-//!                         ^ payload_offset              ^ file length − 96
+//! [ runtime (static ELF) ][ image ][ manifest (zstd) ][ trailer (128 bytes) ]
+//!                         ^ payload_offset              ^ file length − 128
 //! ```
 //!
 //! The **trailer** is fixed-size and last, so the runtime finds everything with one read from
 //! the end. The **payload** is every byte from `payload_offset` to the trailer; its BLAKE3 is
 //! stored in the trailer and is the bundle's identity (the name of its cached lower), so a
-//! launch never rehashes. The **image** is the app's tree, read in place
+//! launch never rehashes. The trailer also holds the BLAKE3 of the runtime part, which only
+//! `--ovl-verify` checks: with both, and the trailer's own fields checked when it is decoded,
+//! every byte of the file is covered, while bundles of one payload built with different
+//! runtimes still share their cached tree. The **image** is the app's tree, read in place
 //! ([`super::image`]: compressed blocks with their own BLAKE3, checked on every read). The
 //! **manifest** says what to run: name, entry point, default finalization; it has a check of
 //! its own in the trailer.
@@ -21,18 +24,22 @@ use std::io;
 use crate::OverlayAction;
 
 /// Size of the trailer at the end of every bundle.
-pub const TRAILER_LEN: u64 = 96;
+pub const TRAILER_LEN: u64 = 128;
+/// Where version 2's 96-byte trailer started within the last [`TRAILER_LEN`] bytes.
+const V2_START: usize = 32;
 const MAGIC: &[u8; 8] = b"OVLBNDL\0";
 const MAGIC_END: &[u8; 8] = b"OVLTRAIL";
 const MANIFEST_MAGIC: &[u8; 4] = b"OVLM";
 /// Format version written and understood.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 /// Upper bound of a manifest (two names and a byte).
 const MAX_MANIFEST: u64 = 1 << 16;
 
 /// The fixed-size record at the end of a bundle.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Trailer {
+    /// BLAKE3 of the runtime part (bytes `0..payload_offset`); not part of the id.
+    pub runtime_hash: [u8; 32],
     /// Where the payload starts (the runtime's size).
     pub payload_offset: u64,
     /// Where the compressed manifest starts (absolute); the image ends here.
@@ -56,21 +63,35 @@ impl Trailer {
         b[0..8].copy_from_slice(MAGIC);
         b[8..12].copy_from_slice(&VERSION.to_le_bytes());
         // 12..16: flags, none defined.
-        b[16..24].copy_from_slice(&self.payload_offset.to_le_bytes());
-        b[24..32].copy_from_slice(&self.manifest_offset.to_le_bytes());
-        b[32..40].copy_from_slice(&self.manifest_clen.to_le_bytes());
-        b[40..48].copy_from_slice(&self.manifest_len.to_le_bytes());
-        b[48..80].copy_from_slice(&self.hash);
-        b[80..88].copy_from_slice(&self.manifest_check);
-        b[88..96].copy_from_slice(MAGIC_END);
+        b[16..48].copy_from_slice(&self.runtime_hash);
+        b[48..56].copy_from_slice(&self.payload_offset.to_le_bytes());
+        b[56..64].copy_from_slice(&self.manifest_offset.to_le_bytes());
+        b[64..72].copy_from_slice(&self.manifest_clen.to_le_bytes());
+        b[72..80].copy_from_slice(&self.manifest_len.to_le_bytes());
+        b[80..112].copy_from_slice(&self.hash);
+        b[112..120].copy_from_slice(&self.manifest_check);
+        b[120..128].copy_from_slice(MAGIC_END);
         b
     }
 
     /// Parses and checks a trailer read from the end of a file of `file_len` bytes.
     pub fn decode(b: &[u8], file_len: u64) -> Result<Trailer, String> {
+        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
+        if b.len() == TRAILER_LEN as usize
+            && &b[120..128] == MAGIC_END
+            && &b[V2_START..V2_START + 8] == MAGIC
+        {
+            // An older, shorter trailer: say which version rather than "no trailer".
+            return Err(format!(
+                "bundle format version {}; this runtime reads version {VERSION}: rebuild it \
+                 with this ovl-pack",
+                u32_at(V2_START + 8)
+            ));
+        }
         if file_len < TRAILER_LEN
             || b.len() != TRAILER_LEN as usize
-            || &b[88..96] != MAGIC_END
+            || &b[120..128] != MAGIC_END
             || &b[0..8] != MAGIC
         {
             return Err(
@@ -79,8 +100,6 @@ impl Trailer {
                     .into(),
             );
         }
-        let u32_at = |i: usize| u32::from_le_bytes(b[i..i + 4].try_into().unwrap());
-        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap());
         let version = u32_at(8);
         if version != VERSION {
             return Err(format!(
@@ -91,12 +110,13 @@ impl Trailer {
             return Err("unknown bundle flags (built by a newer ovl-pack)".into());
         }
         let t = Trailer {
-            payload_offset: u64_at(16),
-            manifest_offset: u64_at(24),
-            manifest_clen: u64_at(32),
-            manifest_len: u64_at(40),
-            hash: b[48..80].try_into().unwrap(),
-            manifest_check: b[80..88].try_into().unwrap(),
+            runtime_hash: b[16..48].try_into().unwrap(),
+            payload_offset: u64_at(48),
+            manifest_offset: u64_at(56),
+            manifest_clen: u64_at(64),
+            manifest_len: u64_at(72),
+            hash: b[80..112].try_into().unwrap(),
+            manifest_check: b[112..120].try_into().unwrap(),
         };
         let end = file_len - TRAILER_LEN;
         if t.payload_offset > t.manifest_offset
@@ -302,6 +322,7 @@ mod tests {
     #[test]
     fn trailer_round_trips_and_checks_size() {
         let t = Trailer {
+            runtime_hash: [7; 32],
             payload_offset: 100,
             manifest_offset: 150,
             manifest_clen: 50,
@@ -313,7 +334,7 @@ mod tests {
         assert_eq!(Trailer::decode(&b, 200 + TRAILER_LEN).unwrap(), t);
         assert!(Trailer::decode(&b, 199 + TRAILER_LEN).is_err());
         let mut bad = b;
-        bad[90] ^= 1;
+        bad[122] ^= 1;
         assert!(Trailer::decode(&bad, 200 + TRAILER_LEN).is_err());
         assert_eq!(t.id().len(), 32);
     }

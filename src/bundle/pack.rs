@@ -268,6 +268,7 @@ fn write_bundle(
         pos += n as u64;
     }
     let trailer = Trailer {
+        runtime_hash: *blake3::hash(runtime).as_bytes(),
         payload_offset,
         manifest_offset,
         manifest_clen: mz.len() as u64,

@@ -18,12 +18,14 @@ use crate::{OverlayAction, OverlayFS};
 
 const HELP: &str = "\
 This file is an ovl bundle: a runtime followed by an app's files. Running it mounts the app
-with a writable layer and runs it; every argument not starting with --ovl- goes to the app.
+with a writable layer and runs it; every argument after the leading --ovl-* and --appimage-*
+options goes to the app.
 
 Runtime options (before the app's own arguments):
   --ovl-help               this text
   --ovl-info               name, entry point, sizes, id, cache and upper locations
-  --ovl-verify             recompute the payload's BLAKE3; exit 1 if it does not match
+  --ovl-verify             check every byte of the file (BLAKE3 of the runtime part and of
+                           the payload); exit 1 if the file is damaged
   --ovl-extract [DIR]      extract the app's tree into DIR (default NAME.AppDir)
   --ovl-on-exit=ACTION     this run's changes: preserve (keep for the next run), discard
                            (throw away this run's changes, keep earlier ones), or commit
@@ -33,9 +35,21 @@ Runtime options (before the app's own arguments):
   --ovl-mount              mount, print the mount point, serve until Ctrl-C, then finalize
   --ovl-gc                 remove cached trees that no bundle uses any more
   --ovl-verbose            log what the runtime does
+  --ovl-version            the runtime's version and bundle format
+
+AppImage's runtime options, same meaning:
+  --appimage-extract [PATTERN]  extract into ./squashfs-root (the entries whose path matches
+                                the glob PATTERN, e.g. 'usr/share/*'; existing files replaced)
+  --appimage-extract-and-run    run from a private extracted copy, without FUSE (this run's
+                                changes are discarded); also APPIMAGE_EXTRACT_AND_RUN=1
+  --appimage-mount              as --ovl-mount
+  --appimage-offset             byte offset of the payload (the runtime's size)
+  --appimage-help, --appimage-version
+  --appimage-signature, --appimage-updateinformation   an empty line: bundles carry neither
 
 Exit status: the app's own; 128+N if it died of signal N; 125 if the runtime failed.
-Environment for the app: APPDIR (its mounted tree), OVL_BUNDLE (this file), ARGV0, OWD.";
+Environment for the app: APPIMAGE and OVL_BUNDLE (this file, absolute), APPDIR (its mounted
+tree), ARGV0 (how it was started), OWD (the directory it was started from).";
 
 /// Runtime options, from the leading `--ovl-*` arguments.
 #[derive(Debug, Default)]
@@ -49,6 +63,23 @@ struct Opts {
     mount: bool,
     gc: bool,
     verbose: bool,
+    version: bool,
+    /// `--appimage-extract [PATTERN]`.
+    appimage_extract: Option<Option<String>>,
+    /// `--appimage-extract-and-run` (or `APPIMAGE_EXTRACT_AND_RUN`, applied in [`main`]).
+    extract_and_run: bool,
+    appimage_offset: bool,
+    appimage_version: bool,
+    /// `--appimage-signature`, `--appimage-updateinformation`: data bundles do not carry.
+    appimage_absent: bool,
+}
+
+/// What `--appimage-extract-and-run` is called when it appears among the app's arguments
+/// (AppImage removes it there too).
+const EXTRACT_AND_RUN: &str = "--appimage-extract-and-run";
+
+fn is_runtime_option(a: &str) -> bool {
+    a.starts_with("--ovl-") || a.starts_with("--appimage-")
 }
 
 /// Splits the runtime's own leading `--ovl-*` options from the app's arguments.
@@ -56,7 +87,7 @@ fn parse(args: &[OsString]) -> Result<(Opts, Vec<OsString>), String> {
     let mut o = Opts::default();
     let mut i = 0;
     while let Some(a) = args.get(i).and_then(|a| a.to_str()) {
-        if !a.starts_with("--ovl-") {
+        if !is_runtime_option(a) {
             break;
         }
         i += 1;
@@ -83,11 +114,31 @@ fn parse(args: &[OsString]) -> Result<(Opts, Vec<OsString>), String> {
             "--ovl-mount" => o.mount = true,
             "--ovl-gc" => o.gc = true,
             "--ovl-verbose" => o.verbose = true,
+            "--ovl-version" => o.version = true,
+            "--appimage-help" => o.help = true,
+            "--appimage-mount" => o.mount = true,
+            "--appimage-offset" => o.appimage_offset = true,
+            "--appimage-version" => o.appimage_version = true,
+            "--appimage-signature" | "--appimage-updateinformation" | "--appimage-updateinfo" => {
+                o.appimage_absent = true
+            }
+            "--appimage-extract-and-run" => o.extract_and_run = true,
+            "--appimage-extract" => {
+                // As AppImage: the one argument after it, if any, is the pattern.
+                let pattern = match args.get(i) {
+                    Some(next) if !is_runtime_option(&next.to_string_lossy()) => {
+                        i += 1;
+                        Some(next.to_string_lossy().into_owned())
+                    }
+                    _ => None,
+                };
+                o.appimage_extract = Some(pattern);
+            }
             "--ovl-extract" => {
                 let dir = match val {
                     Some(v) => Some(PathBuf::from(v)),
                     None => match args.get(i) {
-                        Some(next) if !next.to_string_lossy().starts_with("--ovl-") => {
+                        Some(next) if !is_runtime_option(&next.to_string_lossy()) => {
                             i += 1;
                             Some(PathBuf::from(next))
                         }
@@ -134,7 +185,7 @@ pub fn main() -> i32 {
         eprintln!("{prog}: {msg}");
         EXIT_FAILURE
     };
-    let (opts, app_args) = match parse(&args) {
+    let (mut opts, mut app_args) = match parse(&args) {
         Ok(x) => x,
         Err(e) => return fail(e),
     };
@@ -152,6 +203,20 @@ pub fn main() -> i32 {
         println!("{HELP}");
         return 0;
     }
+    if opts.version {
+        println!("{}", version());
+        return 0;
+    }
+    if opts.appimage_version {
+        // AppImage's runtime prints its version on stderr.
+        eprintln!("{}", version());
+        return 0;
+    }
+    if opts.appimage_absent {
+        // What AppImage's runtime prints when the file has no such section: an empty line.
+        println!();
+        return 0;
+    }
     let exe = match fs::read_link("/proc/self/exe") {
         Ok(p) => p,
         Err(e) => return fail(format!("finding our own file (/proc/self/exe): {e}")),
@@ -162,13 +227,27 @@ pub fn main() -> i32 {
         opts.extract.is_some(),
         opts.gc,
         opts.mount,
+        opts.appimage_extract.is_some(),
+        opts.appimage_offset,
+        opts.extract_and_run,
     ];
-    if actions.iter().filter(|&&a| a).count() > 1 {
+    let chosen = actions.iter().filter(|&&a| a).count();
+    if chosen > 1 {
         return fail(
-            "--ovl-info, --ovl-verify, --ovl-extract, --ovl-gc and --ovl-mount do different \
-             things: give one"
+            "--ovl-info, --ovl-verify, --ovl-extract, --ovl-gc, --ovl-mount and the \
+             --appimage-* actions do different things: give one"
                 .into(),
         );
+    }
+    // AppImage's variable: set (to anything) means extract and run, unless an action is given.
+    if chosen == 0 && std::env::var_os("APPIMAGE_EXTRACT_AND_RUN").is_some() {
+        opts.extract_and_run = true;
+    }
+    if opts.extract_and_run {
+        app_args.retain(|a| a != EXTRACT_AND_RUN);
+    }
+    if opts.appimage_extract.is_some() && !app_args.is_empty() {
+        return fail("usage: --appimage-extract [PATTERN] (one pattern at most)".into());
     }
     if opts.verify {
         // Needs only the trailer: a damaged manifest is reported as a mismatch too.
@@ -192,6 +271,11 @@ pub fn main() -> i32 {
     };
     let res = if opts.info {
         info(&bundle, &opts)
+    } else if opts.appimage_offset {
+        println!("{}", bundle.trailer().payload_offset);
+        Ok(0)
+    } else if let Some(pattern) = &opts.appimage_extract {
+        appimage_extract(&bundle, pattern.as_deref())
     } else if let Some(dir) = &opts.extract {
         extract(&bundle, dir.as_deref())
     } else if opts.gc {
@@ -203,6 +287,81 @@ pub fn main() -> i32 {
         Ok(code) => code,
         Err(e) => fail(e),
     }
+}
+
+fn version() -> String {
+    format!(
+        "ovl runtime {} (bundle format {})",
+        env!("CARGO_PKG_VERSION"),
+        super::format::VERSION
+    )
+}
+
+/// glibc's `FNM_LEADING_DIR` (not in the libc crate): a pattern matching a directory matches
+/// everything under it, as AppImage's extraction patterns do.
+const FNM_LEADING_DIR: libc::c_int = 1 << 3;
+
+/// `--appimage-extract [PATTERN]`: the tree (or the entries whose path relative to its root
+/// matches the glob) into `./squashfs-root`, replacing what is there, as AppImage does. The
+/// tree is extracted beside it first, then moved in entry by entry, so a failed extraction
+/// leaves `squashfs-root` as it was.
+fn appimage_extract(bundle: &Bundle, pattern: Option<&str>) -> Result<i32, String> {
+    let dest = Path::new("squashfs-root");
+    let pattern = pattern
+        .map(|p| std::ffi::CString::new(p).map_err(|_| "the pattern contains a NUL byte"))
+        .transpose()?;
+    let tmp = PathBuf::from(format!(".squashfs-root.ovl-extract-{}", std::process::id()));
+    fs::create_dir(&tmp).map_err(|e| format!("creating {}: {e}", tmp.display()))?;
+    let res = bundle
+        .extract_to(&tmp, 0)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            fs::create_dir_all(dest).map_err(|e| format!("creating {}: {e}", dest.display()))?;
+            move_matching(&tmp, dest, "", pattern.as_deref())
+        });
+    let cleanup = crate::finalize::remove_dir_tree(&tmp);
+    res?;
+    cleanup.map_err(|e| e.to_string())?;
+    Ok(0)
+}
+
+/// Moves the entries of `src` whose path (`rel` + name) matches `pattern` into `dst`, creating
+/// the directories above them; a matched directory that `dst` lacks moves whole.
+fn move_matching(
+    src: &Path,
+    dst: &Path,
+    rel: &str,
+    pattern: Option<&std::ffi::CStr>,
+) -> Result<(), String> {
+    let rd = fs::read_dir(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    for e in rd {
+        let e = e.map_err(|e| format!("{}: {e}", src.display()))?;
+        let name = e.file_name();
+        let path = if rel.is_empty() {
+            name.to_string_lossy().into_owned()
+        } else {
+            format!("{rel}/{}", name.to_string_lossy())
+        };
+        let matched = pattern.is_none_or(|p| {
+            let c = std::ffi::CString::new(path.as_bytes()).unwrap_or_default();
+            let flags = libc::FNM_PATHNAME | FNM_LEADING_DIR;
+            (unsafe { libc::fnmatch(p.as_ptr(), c.as_ptr(), flags) }) == 0
+        });
+        let (from, to) = (e.path(), dst.join(&name));
+        let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+        let target_dir = to.symlink_metadata().is_ok_and(|m| m.is_dir());
+        if is_dir && (!matched || target_dir) {
+            move_matching(&from, &to, &path, pattern)?;
+        } else if matched {
+            fs::create_dir_all(dst).map_err(|e| format!("creating {}: {e}", dst.display()))?;
+            if is_dir && to.symlink_metadata().is_ok() {
+                // A file where the tree has a directory: the tree's entry wins.
+                fs::remove_file(&to).map_err(|e| format!("{}: {e}", to.display()))?;
+            }
+            fs::rename(&from, &to).map_err(|e| format!("{}: {e}", to.display()))?;
+        }
+    }
+    Ok(())
 }
 
 /// Whether the file is just the runtime's ELF image with nothing appended (a bare runtime,
@@ -280,22 +439,37 @@ fn info(bundle: &Bundle, opts: &Opts) -> Result<i32, String> {
     Ok(0)
 }
 
+/// Every byte: the trailer (decoded and checked), the payload, the manifest and the image's
+/// metadata (opened), the runtime part.
 fn verify(path: &Path) -> Result<i32, String> {
-    let (file, trailer) = super::extract::read_trailer(path).map_err(|e| e.to_string())?;
-    let good = super::extract::verify_payload(&file, path, &trailer).map_err(|e| e.to_string())?
-        && Bundle::open(path).is_ok();
-    if good {
-        println!("{}: OK (id {})", path.display(), trailer.id());
-        Ok(0)
-    } else {
+    let damaged = |what: String| {
         eprintln!(
-            "{}: payload does not match its BLAKE3 (id {}): the file is damaged; download or \
-             build it again",
-            path.display(),
-            trailer.id()
+            "{}: {what}: the file is damaged; download or build it again",
+            path.display()
         );
         Ok(1)
+    };
+    let (file, trailer) = match super::extract::read_trailer(path) {
+        Ok(x) => x,
+        Err(crate::error::Error::Io { source, .. }) => {
+            return Err(format!("reading {}: {source}", path.display()));
+        }
+        Err(e) => return damaged(format!("the trailer does not check ({e})")),
+    };
+    let id = trailer.id();
+    let e = |e: crate::error::Error| e.to_string();
+    if !super::extract::verify_payload(&file, path, &trailer).map_err(e)?
+        || Bundle::open(path).is_err()
+    {
+        return damaged(format!("the payload does not match its BLAKE3 (id {id})"));
     }
+    if !super::extract::verify_runtime(&file, path, &trailer).map_err(e)? {
+        return damaged(format!(
+            "the runtime part does not match its BLAKE3 (id {id})"
+        ));
+    }
+    println!("{}: OK (id {id})", path.display());
+    Ok(0)
 }
 
 fn extract(bundle: &Bundle, dir: Option<&Path>) -> Result<i32, String> {
@@ -464,6 +638,7 @@ fn app_env(
     owd: &Path,
 ) -> Vec<(OsString, OsString)> {
     vec![
+        ("APPIMAGE".into(), bundle.path().as_os_str().to_owned()),
         ("APPDIR".into(), appdir.as_os_str().to_owned()),
         ("OVL_BUNDLE".into(), bundle.path().as_os_str().to_owned()),
         ("ARGV0".into(), argv0.clone()),
@@ -484,8 +659,20 @@ fn run_app(
         None => default_upper(&m.name)?,
     };
     let owd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    if opts.extract_and_run {
+        return run_without_fuse(bundle, opts, action, &upper, None, app_args, argv0, &owd);
+    }
     if let Some(why) = fuse_missing() {
-        return run_without_fuse(bundle, opts, action, &upper, &why, app_args, argv0, &owd);
+        return run_without_fuse(
+            bundle,
+            opts,
+            action,
+            &upper,
+            Some(&why),
+            app_args,
+            argv0,
+            &owd,
+        );
     }
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let writer = action != OverlayAction::Discard;
@@ -503,6 +690,9 @@ fn run_app(
         // already put into the bundle is not shown twice.
         let kept = crate::finalize::count_entries(&upper).unwrap_or(0) > 0
             && !state::upper_already_committed(bundle, &upper);
+        if kept {
+            state::note_user(&upper, bundle)?;
+        }
         let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
         if kept {
             ofs.add_lower(&tree.path);
@@ -542,7 +732,16 @@ fn run_app(
             drop(_lock);
             drop(scratch);
             drop(tree);
-            return run_without_fuse(bundle, opts, action, &upper, &e, app_args_copy, argv0, &owd);
+            return run_without_fuse(
+                bundle,
+                opts,
+                action,
+                &upper,
+                Some(&e),
+                app_args_copy,
+                argv0,
+                &owd,
+            );
         }
         Err(e) => {
             let _ = ofs.umount();
@@ -560,34 +759,40 @@ fn run_app(
     fin.map(|()| code)
 }
 
-/// No FUSE: one line of warning, then the entry runs from a private copy of the cached tree
-/// with the kept state merged in, removed afterwards (Discard). A commit cannot work.
+/// No FUSE (`why`), or `--appimage-extract-and-run` (`None`): one line of warning if FUSE is
+/// missing, then the entry runs from a private copy of the cached tree with the kept state
+/// merged in, removed afterwards (Discard). A commit cannot work.
 #[allow(clippy::too_many_arguments)]
 fn run_without_fuse(
     bundle: &Bundle,
     opts: &Opts,
     action: OverlayAction,
     upper: &Path,
-    why: &str,
+    why: Option<&str>,
     app_args: Vec<OsString>,
     argv0: OsString,
     owd: &Path,
 ) -> Result<i32, String> {
     let name = &bundle.manifest().name;
     if action == OverlayAction::Commit || opts.mount {
-        return Err(format!(
-            "{} needs FUSE ({why}): run where FUSE works (apt install fuse3)",
-            if opts.mount {
-                "--ovl-mount"
-            } else {
-                "--ovl-on-exit=commit"
+        let what = if opts.mount {
+            "--ovl-mount"
+        } else {
+            "--ovl-on-exit=commit"
+        };
+        return Err(match why {
+            Some(why) => {
+                format!("{what} needs FUSE ({why}): run where FUSE works (apt install fuse3)")
             }
-        ));
+            None => format!("{what} needs FUSE: leave out --appimage-extract-and-run"),
+        });
     }
-    eprintln!(
-        "{name}: warning: FUSE is not available ({why}); running from a private copy, this \
-         run's changes will be discarded"
-    );
+    if let Some(why) = why {
+        eprintln!(
+            "{name}: warning: FUSE is not available ({why}); running from a private copy, \
+             this run's changes will be discarded"
+        );
+    }
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let _lock = state::lock_upper(upper, name, false)?;
     let scratch = Scratch::new()?;

@@ -125,8 +125,10 @@ pub fn note_lower(upper: &Path, bundle: &Bundle, tree: &Path) -> Result<(), Stri
         crate::finalize::remove_dir_tree(&index).map_err(|e| e.to_string())?;
     }
     let changes = crate::finalize::count_entries(upper).unwrap_or(0);
+    let seen = note_user(upper, bundle)?;
     if let Some(old_id) = before.as_deref().and_then(|b| b.split(' ').next()) {
-        if old_id != bundle.id() && changes > 0 {
+        // Noted once per version: copies of two versions used in turn do not warn each time.
+        if old_id != bundle.id() && changes > 0 && !seen {
             log::warn!(
                 "{}: the kept state was made with another version of this app ({old_id}); it \
                  stays on top of this one (--ovl-upper=DIR starts from a clean state)",
@@ -140,6 +142,57 @@ pub fn note_lower(upper: &Path, bundle: &Bundle, tree: &Path) -> Result<(), Stri
         .create(&work)
         .map_err(|e| format!("creating {}: {e}", work.display()))?;
     write_synced(&record, now.as_bytes())
+}
+
+/// The bundle files that use this state, one `<id> <path>` line each, beside the work dir's
+/// other records.
+fn users_record(upper: &Path) -> PathBuf {
+    crate::overlayfs::default_workdir(upper).join("ovl-bundle-users")
+}
+
+fn read_users(upper: &Path) -> Vec<(String, PathBuf)> {
+    fs::read_to_string(users_record(upper))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split_once(' '))
+        .map(|(id, p)| (id.to_string(), PathBuf::from(p)))
+        .collect()
+}
+
+/// Records that `bundle` (its path and payload id) uses the state in `upper`, forgetting files
+/// that are gone; returns whether a file with this payload had used it before.
+pub fn note_user(upper: &Path, bundle: &Bundle) -> Result<bool, String> {
+    let before = read_users(upper);
+    let seen = before.iter().any(|(id, _)| *id == bundle.id());
+    let mut now: Vec<(String, PathBuf)> = before
+        .iter()
+        .filter(|(_, p)| p != bundle.path() && p.exists())
+        .cloned()
+        .collect();
+    now.push((bundle.id(), bundle.path().to_path_buf()));
+    if now != before {
+        let work = crate::overlayfs::default_workdir(upper);
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&work)
+            .map_err(|e| format!("creating {}: {e}", work.display()))?;
+        let text: String = now
+            .iter()
+            .map(|(id, p)| format!("{id} {}\n", p.display()))
+            .collect();
+        write_synced(&users_record(upper), text.as_bytes())?;
+    }
+    Ok(seen)
+}
+
+/// Other bundle files that still exist and use this state (another copy, another version).
+fn other_users(upper: &Path, bundle: &Bundle) -> Vec<PathBuf> {
+    read_users(upper)
+        .into_iter()
+        .map(|(_, p)| p)
+        .filter(|p| p != bundle.path() && super::extract::read_trailer(p).is_ok())
+        .collect()
 }
 
 /// Exclusive hold on the bundle file for a commit, valid only while the path still names
@@ -197,6 +250,17 @@ pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Resu
         )
     };
     let res = (|| {
+        // The state is shared by name: moving it into this file would take it from the
+        // others, which would then show their tree without it.
+        if let Some(other) = other_users(upper, bundle).first() {
+            return Err(format!(
+                "the kept state is also used by {} (another copy of {}); committing it into \
+                 this file would take it from that one: remove that copy, or give this one a \
+                 state of its own with --ovl-upper=DIR",
+                other.display(),
+                m.name
+            ));
+        }
         let _lock = lock_bundle(bundle)?;
         remove_stale_pack_temps(bundle.path());
         ofs.mount().map_err(|e| e.to_string())?;
