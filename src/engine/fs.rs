@@ -32,6 +32,18 @@ fn err(e: io::Error) -> Errno {
 pub struct OverlayFs(pub Arc<Overlay>);
 
 impl OverlayFs {
+    /// Answers a mknod, mkdir or symlink with the entry it made.
+    fn reply_new_entry<T>(&self, made: std::io::Result<(T, fuser::FileAttr)>, reply: ReplyEntry) {
+        match made {
+            Ok((_, attr)) => reply.entry(
+                &self.0.ttl,
+                &self.0.idmap.show(attr),
+                self.generation(&attr),
+            ),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
     /// Who a new entry belongs to: the caller's ids as stored on disk (through the mount's id
     /// mapping), with the mode asked for.
     fn creator(&self, req: &Request, mode: u32) -> Creator {
@@ -250,14 +262,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = self.creator(req, mode);
-        match self.0.mknod(parent.0, name, who, rdev) {
-            Ok((_, attr)) => reply.entry(
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        self.reply_new_entry(self.0.mknod(parent.0, name, who, rdev), reply);
     }
 
     fn mkdir(
@@ -270,14 +275,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = self.creator(req, mode);
-        match self.0.mkdir(parent.0, name, who) {
-            Ok((_, attr)) => reply.entry(
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        self.reply_new_entry(self.0.mkdir(parent.0, name, who), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -303,14 +301,10 @@ impl Filesystem for OverlayFs {
         reply: ReplyEntry,
     ) {
         let who = self.creator(req, 0);
-        match self.0.symlink(parent.0, link_name, target.as_os_str(), who) {
-            Ok((_, attr)) => reply.entry(
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        self.reply_new_entry(
+            self.0.symlink(parent.0, link_name, target.as_os_str(), who),
+            reply,
+        );
     }
 
     fn rename(
