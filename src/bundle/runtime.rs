@@ -5,14 +5,14 @@
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use super::cache;
 use super::extract::Bundle;
 use super::format::Manifest;
 use super::state;
+use crate::launcher::upper::Scratch;
 use crate::launcher::{self, EXIT_FAILURE, Launch};
 use crate::{OverlayAction, OverlayFS};
 
@@ -543,92 +543,18 @@ fn fuse_missing() -> Option<String> {
     }
 }
 
-/// Per-run scratch space under `$XDG_CACHE_HOME/ovl/runs/`, alive as long as this value: a
-/// lock file beside it says so (a process id would not: it may belong to another PID namespace
-/// or host sharing the home directory). Scratch dirs whose lock nobody holds are removed.
-struct Scratch {
-    dir: PathBuf,
-    lock_path: PathBuf,
-    _lock: fs::File,
-}
-
-impl Scratch {
-    fn new() -> Result<Scratch, String> {
-        let root = cache::cache_root().map_err(|e| e.to_string())?;
-        let runs = root.parent().expect("cache root has a parent").join("runs");
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&runs)
-            .map_err(|e| format!("creating {}: {e}", runs.display()))?;
-        remove_dead_scratch(&runs);
-        for n in 0u32..100 {
-            let name = format!("{}-{n}", std::process::id());
-            let lock_path = runs.join(format!("{name}.lock"));
-            let lock = match fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&lock_path)
-            {
-                Ok(f) => f,
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
-                Err(e) => return Err(format!("creating {}: {e}", lock_path.display())),
-            };
-            if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } < 0 {
-                continue; // a cleaner took it first; it removes the file
-            }
-            // A cleaner may have locked, judged dead and unlinked the file between our create
-            // and our lock: then it is not ours to use.
-            let same = fs::metadata(&lock_path).is_ok_and(|p| {
-                lock.metadata()
-                    .is_ok_and(|f| (f.dev(), f.ino()) == (p.dev(), p.ino()))
-            });
-            if !same {
-                continue;
-            }
-            let dir = runs.join(&name);
-            if dir.exists() {
-                crate::finalize::remove_dir_tree(&dir).map_err(|e| e.to_string())?;
-            }
-            fs::create_dir(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-            return Ok(Scratch {
-                dir,
-                lock_path,
-                _lock: lock,
-            });
-        }
-        Err(format!("{}: no free scratch name", runs.display()))
-    }
-}
-
-/// Removes the scratch dirs of runs that are gone: their `<name>.lock` can be locked. The dir
-/// goes first, the lock file last (while locked), so a live run is never left without one.
-fn remove_dead_scratch(runs: &Path) {
-    let Ok(rd) = fs::read_dir(runs) else { return };
-    for e in rd.flatten() {
-        let file = e.file_name().to_string_lossy().into_owned();
-        let Some(name) = file.strip_suffix(".lock") else {
-            continue;
-        };
-        let Ok(f) = fs::File::open(e.path()) else {
-            continue;
-        };
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            let dir = runs.join(name);
-            if !dir.exists() || crate::finalize::remove_dir_tree(&dir).is_ok() {
-                let _ = fs::remove_file(e.path());
-            }
-        }
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        // Left for the next run's cleanup if it cannot go now; the lock file goes last.
-        if crate::finalize::remove_dir_tree(&self.dir).is_ok() {
-            let _ = fs::remove_file(&self.lock_path);
-        }
-    }
+/// Per-run scratch space under `$XDG_CACHE_HOME/ovl/runs/`, alive as long as the value (the
+/// launcher's lock-file protocol: a process id would not do, it may belong to another PID
+/// namespace or host sharing the home directory). Dirs of runs that are gone are removed.
+fn new_scratch() -> Result<Scratch, String> {
+    let root = cache::cache_root().map_err(|e| e.to_string())?;
+    let runs = root.parent().expect("cache root has a parent").join("runs");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&runs)
+        .map_err(|e| format!("creating {}: {e}", runs.display()))?;
+    Scratch::create_in(&runs, "")
 }
 
 fn app_env(
@@ -677,7 +603,7 @@ fn run_app(
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let writer = action != OverlayAction::Discard;
     let _lock = state::lock_upper(&upper, &m.name, writer)?;
-    let scratch = Scratch::new()?;
+    let scratch = new_scratch()?;
     let mut ofs = if writer {
         state::finish_interrupted_commit(bundle, &upper)?;
         state::note_lower(&upper, bundle, &tree.path)?;
@@ -795,7 +721,7 @@ fn run_without_fuse(
     }
     let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let _lock = state::lock_upper(upper, name, false)?;
-    let scratch = Scratch::new()?;
+    let scratch = new_scratch()?;
     let copy = scratch.dir.join("tree");
     cache::copy_tree(&tree.path, &copy).map_err(|e| e.to_string())?;
     if crate::finalize::count_entries(upper).unwrap_or(0) > 0

@@ -141,9 +141,14 @@ fn scratch_prefix(upper: &Path) -> String {
 impl Scratch {
     /// Makes a fresh scratch dir beside `upper` (whose parent must exist).
     pub fn beside(upper: &Path) -> Result<Scratch, String> {
-        remove_dead_scratch(upper);
         let parent = upper.parent().unwrap_or(Path::new("/"));
-        let prefix = scratch_prefix(upper);
+        Self::create_in(parent, &scratch_prefix(upper))
+    }
+
+    /// Makes a fresh scratch dir `<prefix><pid>-<n>` in `parent`, after removing those of
+    /// runs that are gone (the bundle runtime keeps its runs' dirs this way too).
+    pub fn create_in(parent: &Path, prefix: &str) -> Result<Scratch, String> {
+        remove_dead_scratch_in(parent, prefix);
         for n in 0u32..100 {
             let dir = parent.join(format!("{prefix}{}-{n}", std::process::id()));
             let mut lock_path = dir.clone().into_os_string();
@@ -172,10 +177,7 @@ impl Scratch {
                 _lock: lock,
             });
         }
-        Err(format!(
-            "{}: no free scratch name beside it",
-            upper.display()
-        ))
+        Err(format!("{}: no free scratch name in it", parent.display()))
     }
 
     /// The scratch upper.
@@ -198,16 +200,20 @@ impl Drop for Scratch {
     }
 }
 
-/// Removes the scratch dirs beside `upper` of runs that are gone (their lock file can be
-/// locked). The dir goes first, the lock file last, while locked.
+/// Removes the scratch dirs beside `upper` of runs that are gone.
 pub fn remove_dead_scratch(upper: &Path) {
     let parent = upper.parent().unwrap_or(Path::new("/"));
-    let prefix = scratch_prefix(upper);
+    remove_dead_scratch_in(parent, &scratch_prefix(upper));
+}
+
+/// Removes the scratch dirs `<prefix>*` in `parent` of runs that are gone (their lock file can
+/// be locked). The dir goes first, the lock file last, while locked.
+pub fn remove_dead_scratch_in(parent: &Path, prefix: &str) {
     let Ok(rd) = fs::read_dir(parent) else { return };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(base) = name
-            .strip_prefix(&prefix)
+            .strip_prefix(prefix)
             .and_then(|r| r.strip_suffix(".lock"))
         else {
             continue;
