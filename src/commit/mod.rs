@@ -673,8 +673,21 @@ fn commit_in_place(
         Err(e) if !journal.redirects.is_empty() => {
             // Directories may wait in staging: it stays, and the next commit or mount
             // finishes from the journal.
-            log::warn!("commit stopped after moving directories; the next one finishes it");
-            return Err(prefix_error(e, lower));
+            // Said in the error itself: a log line is not seen without -v.
+            return Err(match prefix_error(e, lower) {
+                Error::Io { what, path, source } => Error::Io {
+                    what,
+                    path,
+                    source: std::io::Error::new(
+                        source.kind(),
+                        format!(
+                            "{source} (directories were already moved: the next commit or \
+                             mount finishes this commit)"
+                        ),
+                    ),
+                },
+                other => other,
+            });
         }
         _ => {}
     }
