@@ -15,6 +15,9 @@
 //! ```
 //!
 //! Layers, each using only the ones below it:
+//! - [`image`]: a read-only tree packed into one file, read in place (lookups, reads) without
+//!   extracting it: an app.run bundle's payload, and a kind of lower layer (it borrows the
+//!   engine's syscall wrappers, `engine::sys`).
 //! - [`engine`]: the filesystem, split by operation like the kernel's fs/overlayfs, and the
 //!   FUSE session that serves it.
 //! - [`commit`]: merging an upper into its lower, crash-safe (journal, recovery).
@@ -30,6 +33,7 @@ pub mod commit;
 pub mod engine;
 pub mod error;
 pub mod finalize;
+pub mod image;
 pub mod launcher;
 pub mod overlayfs;
 

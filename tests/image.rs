@@ -1,4 +1,4 @@
-//! The payload image (ovl::bundle::image): real trees packed, read back in place through the
+//! The payload image (ovl::image): real trees packed, read back in place through the
 //! reader, extracted, compared with the originals; damaged images refused.
 
 mod common;
@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use ovl::bundle::image::{Image, ImageOptions, ROOT_INO, write_image};
+use ovl::image::{Image, ImageOptions, ROOT_INO, write_image};
 
 const PACK: &str = env!("CARGO_BIN_EXE_ovl-pack");
 
@@ -136,7 +136,7 @@ fn make_tree(root: &Path) {
     set_mtime(root, 1_300_000_000, 2);
 }
 
-fn pack(tree: &Path, out: &Path, threads: usize) -> ovl::bundle::image::ImageSummary {
+fn pack(tree: &Path, out: &Path, threads: usize) -> ovl::image::ImageSummary {
     let f = File::create(out).unwrap();
     let opts = ImageOptions {
         block_size: BS,
@@ -620,7 +620,7 @@ fn a_damaged_byte_is_an_error_never_wrong_data() {
             match img.read(ino, 0, &mut buf) {
                 Ok(n) => assert!(n == want.len() && buf == want, "{name} read wrong data"),
                 Err(e) => {
-                    assert_eq!(ovl::bundle::image::read::errno(&e), libc::EIO);
+                    assert_eq!(ovl::image::read::errno(&e), libc::EIO);
                     assert!(e.to_string().contains("does not match its hash"), "{e}");
                     failed += 1;
                 }
@@ -794,7 +794,7 @@ fn crafted_images_are_refused_at_open() {
         craft(&path, &crafted, edit);
         let e = Image::open(File::open(&crafted).unwrap(), 0, 1 << 20).unwrap_err();
         assert!(e.to_string().contains(want), "case {i}: {e}");
-        assert_eq!(ovl::bundle::image::read::errno(&e), libc::EIO);
+        assert_eq!(ovl::image::read::errno(&e), libc::EIO);
     }
     // The same round through craft() without an edit opens: the refusals are the edits'.
     craft(&path, &t.path().join("same"), Box::new(|_, _| {}));

@@ -43,7 +43,7 @@ struct Args {
     #[arg(long, default_value_t = 9)]
     level: i32,
     /// Write only the payload image (the format app.run will serve in place: see
-    /// ovl::bundle::image), without runtime or bundle trailer; for measuring it and for tools.
+    /// ovl::image), without runtime or bundle trailer; for measuring it and for tools.
     #[arg(long)]
     image_only: bool,
     /// With --image-only: the largest block in KiB (a power of two, 4 to 16384).
@@ -102,7 +102,7 @@ fn is_static(elf: &[u8]) -> bool {
 /// `--image-only`: the tree's image alone, written beside OUTPUT, synced, renamed over it.
 fn pack_image(args: &Args) -> ExitCode {
     use std::os::unix::fs::OpenOptionsExt;
-    let opts = ovl::bundle::image::ImageOptions {
+    let opts = ovl::image::ImageOptions {
         level: args.level,
         block_size: args.block_size.saturating_mul(1024),
         pack_size: args.pack_size.saturating_mul(1024),
@@ -133,7 +133,7 @@ fn pack_image(args: &Args) -> ExitCode {
         Ok(f) => f,
         Err(e) => return fail(format!("creating {}: {e}", tmp.display())),
     };
-    let res = ovl::bundle::image::write_image(&args.appdir, &file, 0, &opts).and_then(|s| {
+    let res = ovl::image::write_image(&args.appdir, &file, 0, &opts).and_then(|s| {
         file.sync_all()
             .and_then(|()| std::fs::rename(&tmp, out))
             .map_err(|e| ovl::Error::Io {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::format::{Manifest, TRAILER_LEN, Trailer};
-use super::image::Image;
 use crate::error::{Error, Result};
+use crate::image::Image;
 
 /// An opened bundle: manifest parsed and validated, image opened (its metadata checked).
 #[derive(Debug)]
@@ -75,7 +75,7 @@ impl Bundle {
         let image = Image::open(
             image_file,
             trailer.payload_offset,
-            super::image::read::DEFAULT_CACHE,
+            crate::image::read::DEFAULT_CACHE,
         )
         .map_err(|e| image_error(path, e))?;
         if image.superblock().image_len != trailer.manifest_offset - trailer.payload_offset {
@@ -234,7 +234,7 @@ pub(super) fn apply_meta(p: &Path, e: &Meta, root: bool, skipped: &AtomicUsize) 
     for (k, v) in e
         .xattrs
         .iter()
-        .filter(|(k, _)| super::pack::packable_xattr(k))
+        .filter(|(k, _)| crate::image::packable_xattr(k))
     {
         if let Err(err) = xattr::set(p, OsStr::from_bytes(k), v) {
             let host_specific = k.starts_with(b"security.") || !root;

@@ -12,7 +12,7 @@
 //! `--ovl-verify` checks: with both, and the trailer's own fields checked when it is decoded,
 //! every byte of the file is covered, while bundles of one payload built with different
 //! runtimes still share their cached tree. The **image** is the app's tree, read in place
-//! ([`super::image`]: compressed blocks with their own BLAKE3, checked on every read). The
+//! ([`crate::image`]: compressed blocks with their own BLAKE3, checked on every read). The
 //! **manifest** says what to run: name, entry point, default finalization; it has a check of
 //! its own in the trailer.
 //!

@@ -2,8 +2,7 @@
 //! app inside an overlay with a writable layer of its own.
 //!
 //! A layer above the engine, like the launcher and the commit engine:
-//! - [`format`]: the bytes (trailer, manifest; the tree is an [`image`]);
-//! - [`image`]: the app's tree as a read-only filesystem image (format, packer, reader);
+//! - [`format`]: the bytes (trailer, manifest; the tree is an [`crate::image`]);
 //! - [`pack`](mod@pack): building a bundle from a directory (`ovl-pack`);
 //! - [`extract`]: opening, verifying and extracting one;
 //! - [`cache`]: the shared cache of extracted trees, and `--ovl-gc`;
@@ -22,7 +21,6 @@
 pub mod cache;
 pub mod extract;
 pub mod format;
-pub mod image;
 pub mod pack;
 pub mod runtime;
 pub mod state;

@@ -8,9 +8,9 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::format::{Manifest, Trailer, check_name, check_path};
-use super::image::{ImageOptions, write_image};
 use crate::OverlayAction;
 use crate::error::{Error, Result};
+use crate::image::{ImageOptions, packable_xattr, write_image};
 
 /// What to put in the manifest and how hard to compress.
 #[derive(Clone, Debug)]
@@ -51,14 +51,6 @@ pub struct PackSummary {
     pub data_bytes: u64,
     /// The bundle file's size.
     pub bundle_bytes: u64,
-}
-
-/// Private xattrs of an overlay describe layer structure, never content, and SELinux labels
-/// belong to the host's policy: neither is packed (nor extracted from a crafted bundle).
-pub(crate) fn packable_xattr(name: &[u8]) -> bool {
-    !(name.starts_with(b"trusted.overlay.")
-        || name.starts_with(b"user.overlay.")
-        || name == b"security.selinux")
 }
 
 /// The packable xattrs of `path` (not following a symlink), sorted by name.

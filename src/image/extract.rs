@@ -246,7 +246,7 @@ impl Image {
             sys::fchown_fd(fd, a.uid, a.gid)?;
         }
         for (k, v) in self.xattrs(ino)? {
-            if !crate::bundle::pack::packable_xattr(k) {
+            if !packable_xattr(k) {
                 continue;
             }
             let ck = cstr(k)?;

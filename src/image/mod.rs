@@ -43,6 +43,14 @@ pub mod write;
 pub use read::{Attr, DirEntry, Image, ImageError, Stats};
 pub use write::{ImageOptions, ImageSummary, write_image};
 
+/// Private xattrs of an overlay describe layer structure, never content, and SELinux labels
+/// belong to the host's policy: neither is packed (nor extracted from a crafted bundle).
+pub fn packable_xattr(name: &[u8]) -> bool {
+    !(name.starts_with(b"trusted.overlay.")
+        || name.starts_with(b"user.overlay.")
+        || name == b"security.selinux")
+}
+
 /// Bytes of the superblock at the start of an image.
 pub const SUPERBLOCK_LEN: u64 = 128;
 const MAGIC: &[u8; 8] = b"OVLIMG\0\x01";

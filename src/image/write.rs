@@ -139,7 +139,7 @@ fn xattrs_at(dir: BorrowedFd<'_>, name: &CStr) -> io::Result<Vec<(Vec<u8>, Vec<u
     let list = sys::llistxattr_at(dir.as_raw_fd(), name)?;
     let mut out = Vec::new();
     for attr in list.split(|&b| b == 0).filter(|a| !a.is_empty()) {
-        if !crate::bundle::pack::packable_xattr(attr) {
+        if !packable_xattr(attr) {
             continue;
         }
         let ca = c(attr)?;
