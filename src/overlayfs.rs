@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::inode::InodeMode;
 use crate::engine::layers::LayerStack;
+use crate::engine::lower::LowerSource;
 use crate::engine::session::{self, MountHandle, MountMethod, SessionOptions};
 use crate::error::{Error, Result};
 
 /// An overlay to mount: lower layers, optional upper, mount point and options.
 #[derive(Debug, Default)]
 pub struct OverlayFS {
-    lowers: Vec<PathBuf>,
+    lowers: Vec<LowerSource>,
     upper: Option<PathBuf>,
     work: Option<PathBuf>,
     mountpoint: Option<PathBuf>,
@@ -117,15 +118,43 @@ impl OverlayFS {
     /// An overlay over one lower directory (more with [`OverlayFS::add_lower`]).
     pub fn new(lower: impl Into<PathBuf>) -> Self {
         OverlayFS {
-            lowers: vec![lower.into()],
+            lowers: vec![LowerSource::Dir(lower.into())],
             passthrough: true,
             ..Default::default()
         }
     }
 
-    /// Adds a lower layer below the ones given so far.
+    /// An overlay over one lower layer of any kind: a directory, or an image read in place.
+    ///
+    /// ```no_run
+    /// use ovl::engine::lower::LowerSource;
+    /// // The tree packed by `ovl-pack DIR --image-only -o app.img`, never extracted.
+    /// let mut ofs = ovl::OverlayFS::with_lower(LowerSource::Image {
+    ///     path: "app.img".into(),
+    ///     offset: 0,
+    ///     owner: None,
+    /// });
+    /// ofs.set_upper("app_upper").set_mountpoint("merged");
+    /// ofs.mount()?;
+    /// # Ok::<(), ovl::Error>(())
+    /// ```
+    pub fn with_lower(lower: LowerSource) -> Self {
+        OverlayFS {
+            lowers: vec![lower],
+            passthrough: true,
+            ..Default::default()
+        }
+    }
+
+    /// Adds a lower directory below the ones given so far.
     pub fn add_lower(&mut self, lower: impl Into<PathBuf>) -> &mut Self {
-        self.lowers.push(lower.into());
+        self.lowers.push(LowerSource::Dir(lower.into()));
+        self
+    }
+
+    /// Adds a lower layer of any kind below the ones given so far.
+    pub fn add_lower_source(&mut self, lower: LowerSource) -> &mut Self {
+        self.lowers.push(lower);
         self
     }
 
@@ -220,6 +249,7 @@ impl OverlayFS {
     /// mount and removed after unmount.
     pub fn mountpoint_as_home(&mut self) -> &mut Self {
         let name = self.lowers[0]
+            .path()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "root".into());
@@ -260,9 +290,22 @@ impl OverlayFS {
         self
     }
 
+    /// The paths of the lower layers (directories or image files), topmost first.
+    pub fn lowers(&self) -> Vec<PathBuf> {
+        self.lowers.iter().map(|l| l.path().to_path_buf()).collect()
+    }
+
     /// The lower layers, topmost first.
-    pub fn lowers(&self) -> &[PathBuf] {
+    pub fn lower_sources(&self) -> &[LowerSource] {
         &self.lowers
+    }
+
+    /// Whether a lower layer is an image (the kernel cannot mount those, and a commit cannot
+    /// write into one).
+    pub fn has_image_lower(&self) -> bool {
+        self.lowers
+            .iter()
+            .any(|l| matches!(l, LowerSource::Image { .. }))
     }
 
     /// The upper directory, if any.
@@ -287,8 +330,14 @@ impl OverlayFS {
         self.handle.take()
     }
 
-    /// Checks every path without changing anything on disk. Returns the canonical lowers.
+    /// Checks every path without changing anything on disk. Returns the canonical lower
+    /// directories.
     pub fn validate(&self) -> Result<Vec<PathBuf>> {
+        self.validate_sources().map(|(dirs, _)| dirs)
+    }
+
+    /// [`OverlayFS::validate`], also returning every lower layer canonicalized.
+    fn validate_sources(&self) -> Result<(Vec<PathBuf>, Vec<LowerSource>)> {
         if self.lowers.is_empty() {
             return Err(Error::bad(
                 "",
@@ -296,15 +345,58 @@ impl OverlayFS {
             ));
         }
         let mut lowers = Vec::new();
+        let mut sources = Vec::new();
         for l in &self.lowers {
-            let c = canonical("lower directory", l)?;
-            if let Err(e) = std::fs::read_dir(&c) {
-                return Err(Error::bad(
-                    l,
-                    format!("lower directory is not readable ({e}): fix its permissions"),
-                ));
+            // A lower given as a path that is an image file (`ovl-pack --image-only`) is read
+            // in place.
+            let image;
+            let l = match l {
+                LowerSource::Dir(p) if p.is_file() && crate::image::is_image(p) => {
+                    image = LowerSource::Image {
+                        path: p.clone(),
+                        offset: 0,
+                        owner: None,
+                    };
+                    &image
+                }
+                l => l,
+            };
+            match l {
+                LowerSource::Dir(l) => {
+                    let c = canonical("lower directory", l)?;
+                    if let Err(e) = std::fs::read_dir(&c) {
+                        return Err(Error::bad(
+                            l,
+                            format!("lower directory is not readable ({e}): fix its permissions"),
+                        ));
+                    }
+                    sources.push(LowerSource::Dir(c.clone()));
+                    lowers.push(c);
+                }
+                LowerSource::Image {
+                    path,
+                    offset,
+                    owner,
+                } => {
+                    let c = path.canonicalize().map_err(|e| {
+                        Error::bad(
+                            path,
+                            format!("lower image is not accessible ({e}): fix the path"),
+                        )
+                    })?;
+                    if let Err(e) = std::fs::File::open(&c) {
+                        return Err(Error::bad(
+                            path,
+                            format!("lower image is not readable ({e}): fix its permissions"),
+                        ));
+                    }
+                    sources.push(LowerSource::Image {
+                        path: c,
+                        offset: *offset,
+                        owner: *owner,
+                    });
+                }
             }
-            lowers.push(c);
         }
         let mut layers: Vec<(&str, PathBuf)> =
             lowers.iter().map(|l| ("lower", l.clone())).collect();
@@ -370,7 +462,7 @@ impl OverlayFS {
                 ));
             }
         }
-        Ok(lowers)
+        Ok((lowers, sources))
     }
 
     /// Mounts the overlay; returns when the mount is live.
@@ -384,13 +476,13 @@ impl OverlayFS {
         if self.handle.is_some() {
             return Ok(());
         }
-        let lowers = self.prepare()?;
+        let (_, lowers) = self.prepare_sources()?;
         let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
         let work = self.workdir();
         crate::engine::sys::raise_nofile_limit();
 
         let stack = LayerStack::open(&lowers, self.upper.as_deref(), work.as_deref())
-            .map_err(|e| Error::io("opening layers for", lowers[0].clone(), e))?;
+            .map_err(|e| Error::io("opening layers for", lowers[0].path(), e))?;
         let opts = SessionOptions {
             inode_mode: self.inode_mode,
             read_only: self.upper.is_none(),
@@ -413,7 +505,12 @@ impl OverlayFS {
     /// back an interrupted commit, creates the mount point, the upper (a new one gets the
     /// lower root's metadata) and the work directory. Returns the canonical lowers.
     pub fn prepare(&self) -> Result<Vec<PathBuf>> {
-        let lowers = self.validate()?;
+        self.prepare_sources().map(|(dirs, _)| dirs)
+    }
+
+    /// [`OverlayFS::prepare`], also returning every lower layer canonicalized.
+    fn prepare_sources(&self) -> Result<(Vec<PathBuf>, Vec<LowerSource>)> {
+        let (lowers, sources) = self.validate_sources()?;
         let mountpoint = self.mountpoint.clone().ok_or(Error::NotMounted)?;
         let work = self.workdir();
         // An interrupted commit is finished or rolled back before the layers are used.
@@ -454,20 +551,33 @@ impl OverlayFS {
                 // root's owner, mode, times and xattrs, as a copy-up would, so the mount looks
                 // like the lower and a commit carries only real changes of the root.
                 let copy = || -> io::Result<()> {
+                    use crate::engine::copy_up::{copy_meta, copy_xattrs, copy_xattrs_with};
+                    use crate::engine::lower;
                     use crate::engine::sys::BorrowFd;
-                    let lfd = crate::engine::sys::open_dir_path(&lowers[0])?;
                     let ufd = crate::engine::sys::open_dir_path(u)?;
-                    let st = crate::engine::sys::fstat(lfd.as_fd_borrowed())?;
-                    crate::engine::copy_up::copy_xattrs(
-                        lfd.as_fd_borrowed(),
-                        ufd.as_fd_borrowed(),
-                        false,
-                    )?;
-                    crate::engine::copy_up::copy_meta(
-                        ufd.as_fd_borrowed(),
-                        &st,
-                        session::initial_userns_root(),
-                    )
+                    let st = match &sources[0] {
+                        LowerSource::Dir(d) => {
+                            let lfd = crate::engine::sys::open_dir_path(d)?;
+                            copy_xattrs(lfd.as_fd_borrowed(), ufd.as_fd_borrowed(), false)?;
+                            crate::engine::sys::fstat(lfd.as_fd_borrowed())?
+                        }
+                        LowerSource::Image {
+                            path,
+                            offset,
+                            owner,
+                        } => {
+                            let il = lower::open_image(0, path, *offset, *owner)?;
+                            let root = crate::image::ROOT_INO;
+                            copy_xattrs_with(
+                                il.image.listxattr(root)?,
+                                |n| lower::image_getxattr(&il, root, n),
+                                ufd.as_fd_borrowed(),
+                                false,
+                            )?;
+                            lower::image_stat(&il, root)?
+                        }
+                    };
+                    copy_meta(ufd.as_fd_borrowed(), &st, session::initial_userns_root())
                 };
                 copy().map_err(|e| {
                     // Nothing is left behind: a directory made just now goes again.
@@ -481,7 +591,7 @@ impl OverlayFS {
         if let Some(w) = &work {
             std::fs::create_dir_all(w).map_err(|e| Error::io("creating work directory", w, e))?;
         }
-        Ok(lowers)
+        Ok((lowers, sources))
     }
 
     /// Unmounts, if mounted (and removes a mount point made by `mountpoint_as_home`).

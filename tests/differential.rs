@@ -368,11 +368,14 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-fn run_seed(seed: u64, ops: usize) -> usize {
+/// One seed; `image`: ovl reads its lower from an image packed from the lower directory
+/// (the kernel, from the directory).
+fn run_seed(seed: u64, ops: usize, image: bool) -> usize {
     // The seeds take turns at the three ways ovl serves file I/O.
-    let m = Mounted::with_io(
+    let m = Mounted::with_lower_kind(
         ovl::InodeMode::Virtual,
         Io::ALL[seed as usize % 3],
+        image,
         setup_lower,
     );
     let k = KernelSide::new();
@@ -438,6 +441,11 @@ fn run_seed(seed: u64, ops: usize) -> usize {
             false,
         );
     }
+    if image {
+        // An image is never written: its upper is committed by packing the merged view
+        // (app.run's commit, tested in tests/bundle.rs).
+        return run.dir_renames;
+    }
     // Committed (the seeds take turns at both ways), the lower is the tree the mounts showed.
     let action = if seed % 2 == 0 {
         ovl::OverlayAction::Commit
@@ -455,6 +463,10 @@ fn run_seed(seed: u64, ops: usize) -> usize {
 
 /// Runs each seed, catching failures so every failing seed is reported.
 fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
+    run_seeds_on(seeds, false)
+}
+
+fn run_seeds_on(seeds: impl IntoIterator<Item = u64>, image: bool) {
     if !is_root() {
         eprintln!("skipping differential test: needs root (FUSE and kernel overlayfs mounts)");
         return;
@@ -462,7 +474,7 @@ fn run_seeds(seeds: impl IntoIterator<Item = u64>) {
     let ops = env_u64("OVL_DIFF_OPS").map_or(OPS, |n| n as usize);
     let mut failed = Vec::new();
     for seed in seeds {
-        let r = std::panic::catch_unwind(|| run_seed(seed, ops));
+        let r = std::panic::catch_unwind(|| run_seed(seed, ops, image));
         match r {
             Ok(dir_renames) => {
                 eprintln!("seed {seed}: {ops} steps match ({dir_renames} directory renames)")
@@ -483,6 +495,17 @@ fn differential_vs_kernel_overlayfs() {
     }
     let n = env_u64("OVL_DIFF_SEEDS").unwrap_or(SEEDS);
     run_seeds(1..=n);
+}
+
+/// The same random operations with ovl's lower read in place from an image of the lower
+/// tree (as app.run serves its payload), against the kernel's overlay of the directory.
+#[test]
+fn differential_image_lower_vs_kernel_overlayfs() {
+    if let Some(seed) = env_u64("OVL_DIFF_SEED") {
+        return run_seeds_on([seed], true);
+    }
+    let n = env_u64("OVL_DIFF_SEEDS").unwrap_or(SEEDS / 2);
+    run_seeds_on(101..=100 + n, true);
 }
 
 /// Directory renames the kernel records as redirects (relative within a directory, absolute

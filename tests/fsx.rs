@@ -783,7 +783,23 @@ fn writeback_for(seed: u64) -> bool {
 
 impl Target {
     fn new(passthrough: bool, seed: u64, mode: InodeMode, setup: impl FnOnce(&Path)) -> Self {
-        let mut m = Mounted::with_mode(mode, setup);
+        Self::with_lower_kind(passthrough, seed, mode, lower_image_default(), setup)
+    }
+
+    /// [`Target::new`]; `image`: the lower is read in place from an image packed from it.
+    fn with_lower_kind(
+        passthrough: bool,
+        seed: u64,
+        mode: InodeMode,
+        image: bool,
+        setup: impl FnOnce(&Path),
+    ) -> Self {
+        let io = if passthrough {
+            Io::Passthrough
+        } else {
+            Io::Cached
+        };
+        let mut m = Mounted::with_lower_kind(mode, io, image, setup);
         let writeback = !passthrough && writeback_for(seed);
         let cached = if passthrough {
             None
@@ -828,7 +844,7 @@ impl Daemon {
     fn mount(m: &Mounted, writeback: bool) -> Self {
         let mut o = format!(
             "lowerdir={},upperdir={},workdir={},nopassthrough",
-            m.lower.display(),
+            m.lower_layer().display(),
             m.upper.display(),
             m.work.display()
         );
@@ -1057,9 +1073,14 @@ fn new_file(passthrough: bool, defaults: &[u64]) {
 }
 
 fn lower_file(passthrough: bool, defaults: &[u64]) {
+    lower_file_in(passthrough, false, defaults)
+}
+
+/// Random I/O on a file that starts in the lower (a directory, or an image when `image`).
+fn lower_file_in(passthrough: bool, image: bool, defaults: &[u64]) {
     for seed in seeds(defaults) {
         let (orig, extents) = lower_content(seed);
-        let mut t = Target::new(passthrough, seed, InodeMode::Virtual, |l| {
+        let mut t = Target::with_lower_kind(passthrough, seed, InodeMode::Virtual, image, |l| {
             write_sparse(&l.join("f"), &orig, &extents)
         });
         assert!(!t.m.upper.join("f").exists());
@@ -1115,6 +1136,14 @@ fn fsx_new_file() {
 #[test]
 fn fsx_lower_file() {
     lower_file(true, &[11, 12, 13]);
+}
+
+/// The lower file read in place from an image (reads decompress only the pieces they touch,
+/// then the first write copies it up), with and without passthrough.
+#[test]
+fn fsx_image_lower_file() {
+    lower_file_in(true, true, &[61, 62]);
+    lower_file_in(false, true, &[63, 64]);
 }
 
 #[test]

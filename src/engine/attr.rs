@@ -119,7 +119,7 @@ impl Overlay {
             }
             if let Some(size) = req.size {
                 match &handle {
-                    Some(f) => check(unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) })?,
+                    Some(f) => check(unsafe { libc::ftruncate(f.fd()?.as_raw_fd(), size as i64) })?,
                     None => {
                         let fd = sys::openat(dir, name, libc::O_WRONLY, 0)?;
                         check(unsafe { libc::ftruncate(fd.as_raw_fd(), size as i64) })?;
@@ -174,7 +174,7 @@ impl Overlay {
         }
         if let Some(size) = req.size {
             let r = match handle {
-                Some(f) => unsafe { libc::ftruncate(f.fd.as_raw_fd(), size as i64) },
+                Some(f) => unsafe { libc::ftruncate(f.fd()?.as_raw_fd(), size as i64) },
                 None => {
                     let p = sys::proc_path(fd.as_raw_fd());
                     unsafe { libc::truncate(p.as_ptr(), size as i64) }
@@ -198,7 +198,7 @@ impl Overlay {
     /// FUSE readlink.
     pub fn readlink(&self, ino: u64) -> OpResult<Vec<u8>> {
         let inode = self.inode(ino)?;
-        sys::readlink_fd(self.real_fd(&inode)?.as_fd_borrowed())
+        self.layers.readlink_of(self.real(&inode)?.r())
     }
 
     /// FUSE statfs: the upper's filesystem (where writes go), else the top lower's.

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use crate::engine::inode::{Inode, Kind};
 use crate::engine::layers::{self, LayerStack};
+use crate::engine::lower::Real;
 
 /// Private xattr on an indexed copy: "LINKED TOTAL", how many of the lower file's names are
 /// linked up to it, and how many names the lower file has.
@@ -22,13 +23,27 @@ use crate::engine::sys::{self, BorrowFd};
 
 /// Copies every user-visible xattr from `src` to `dst`.
 pub fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, symlink: bool) -> io::Result<()> {
-    let list = sys::flistxattr(src.as_raw_fd())?;
+    copy_xattrs_with(
+        sys::flistxattr(src.as_raw_fd())?,
+        |n| sys::fgetxattr(src.as_raw_fd(), n),
+        dst,
+        symlink,
+    )
+}
+
+/// Copies every user-visible xattr named in `list` (NUL-separated), read with `get`, to `dst`.
+pub fn copy_xattrs_with(
+    list: Vec<u8>,
+    get: impl Fn(&std::ffi::CStr) -> io::Result<Option<Vec<u8>>>,
+    dst: BorrowedFd<'_>,
+    symlink: bool,
+) -> io::Result<()> {
     for name in list.split(|&b| b == 0).filter(|n| !n.is_empty()) {
         if layers::is_private_xattr(name) {
             continue;
         }
         let cname = CString::new(name).map_err(|_| errno(libc::EINVAL))?;
-        let Some(value) = sys::fgetxattr(src.as_raw_fd(), &cname)? else {
+        let Some(value) = get(&cname)? else {
             continue;
         };
         if let Err(e) = sys::fsetxattr(dst.as_raw_fd(), &cname, &value, 0) {
@@ -106,10 +121,10 @@ impl Overlay {
             return Err(errno(libc::EROFS));
         }
         let layer = layer.ok_or_else(|| errno(libc::EIO))?;
-        let lower = self.lower_fd(inode)?;
+        let lower = self.lower_real(inode)?;
         let parent = parent.ok_or_else(|| errno(libc::EIO))?;
         self.copy_up(&parent)?;
-        let st = sys::fstat(lower.as_fd_borrowed())?;
+        let st = self.layers.stat(lower.r())?;
         let indexed =
             inode.kind != Kind::Directory && st.st_nlink > 1 && self.layers.index().is_some();
         let existing = if indexed {
@@ -168,7 +183,7 @@ impl Overlay {
     fn copy_into_place(
         &self,
         inode: &Arc<Inode>,
-        lower: &OwnedFd,
+        lower: &Real,
         st: &libc::stat,
         parent: &Arc<Inode>,
         name: &std::ffi::OsStr,
@@ -292,7 +307,7 @@ impl Overlay {
     fn build_copy(
         &self,
         kind: Kind,
-        lower: &OwnedFd,
+        lower: &Real,
         st: &libc::stat,
         work: BorrowedFd<'_>,
         tmp: &CString,
@@ -308,12 +323,22 @@ impl Overlay {
                     0o600,
                 )?;
                 if with_data && st.st_size > 0 {
-                    let src = sys::reopen(lower.as_fd_borrowed(), libc::O_RDONLY)?;
-                    sys::copy_data(
-                        src.as_fd_borrowed(),
-                        dst.as_fd_borrowed(),
-                        st.st_size as u64,
-                    )?;
+                    match lower {
+                        Real::Fd(lower) => {
+                            let src = sys::reopen(lower.as_fd_borrowed(), libc::O_RDONLY)?;
+                            sys::copy_data(
+                                src.as_fd_borrowed(),
+                                dst.as_fd_borrowed(),
+                                st.st_size as u64,
+                            )?;
+                        }
+                        // Decompressed straight into the copy; holes stay holes.
+                        Real::Img { layer, ino } => self
+                            .layers
+                            .image(*layer)?
+                            .image
+                            .copy_to(*ino, &std::fs::File::from(dst.try_clone()?))?,
+                    }
                     // The data must be durable before the copy is renamed into place, or a
                     // crash could show an empty file where the lower one had data. (An empty
                     // copy has nothing to lose: as the kernel, no fsync then. `volatile` asks
@@ -324,15 +349,16 @@ impl Overlay {
                 }
             }
             Kind::Symlink => {
-                let target = sys::readlink_fd(lower.as_fd_borrowed())?;
+                let target = self.layers.readlink_of(lower.r())?;
                 let target = CString::new(target).map_err(|_| errno(libc::EINVAL))?;
                 sys::symlinkat(&target, work, tmp)?;
             }
             _ => sys::mknodat(work, tmp, st.st_mode, st.st_rdev)?,
         }
         let newfd = sys::open_path(work, tmp)?;
-        copy_xattrs(
-            lower.as_fd_borrowed(),
+        copy_xattrs_with(
+            self.layers.listxattr_of(lower.r())?,
+            |n| self.layers.getxattr_of(lower.r(), n),
             newfd.as_fd_borrowed(),
             kind == Kind::Symlink,
         )?;

@@ -527,12 +527,12 @@ impl Overlay {
 
     /// An open file keeps working after its last name goes: before removing a name of a
     /// non-directory that has open handles, take a handle on its real entry.
-    fn pin_if_open(&self, inode: &Arc<Inode>) -> OpResult<Option<OwnedFd>> {
+    fn pin_if_open(&self, inode: &Arc<Inode>) -> OpResult<Option<crate::engine::lower::Real>> {
         use std::sync::atomic::Ordering;
         if inode.is_dir() || inode.open_files.load(Ordering::Relaxed) == 0 {
             return Ok(None);
         }
-        Ok(Some(self.real_fd(inode)?))
+        Ok(Some(self.real(inode)?))
     }
 
     /// Before one name of a hard-linked lower file goes away, copy it up (into the index), so

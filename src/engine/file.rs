@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
 use crate::engine::inode::Inode;
+use crate::engine::lower::{Real, RealRef};
 use crate::engine::overlay::{OpResult, Overlay, errno};
 use crate::engine::readdir::DirEntry;
 use crate::engine::sys::{self, BorrowFd};
@@ -18,7 +19,8 @@ use crate::engine::sys::{self, BorrowFd};
 /// An open regular file.
 #[derive(Debug)]
 pub struct OpenFile {
-    pub fd: OwnedFd,
+    /// The real file: a descriptor, or (read-only) a file of an image layer.
+    pub real: Real,
     /// The overlay inode number (for the passthrough registry).
     pub ino: u64,
     /// Kernel passthrough registration, released when the handle closes.
@@ -39,7 +41,7 @@ impl OpenFile {
     /// `writable` and passed through, in its passthrough writers).
     pub fn new(
         inode: Arc<Inode>,
-        fd: OwnedFd,
+        real: Real,
         backing: Option<Arc<fuser::BackingId>>,
         writable: bool,
     ) -> Self {
@@ -50,13 +52,24 @@ impl OpenFile {
         }
         let on_lower = !inode.read().has_upper();
         OpenFile {
-            fd,
+            real,
             ino: inode.ino,
             backing,
             inode,
             on_lower,
             upper: std::sync::OnceLock::new(),
             passthrough_writer,
+        }
+    }
+}
+
+impl OpenFile {
+    /// The descriptor written through (EBADF for a file of an image layer, only ever opened
+    /// read-only: the kernel checks the access mode before it sends us a write).
+    pub fn fd(&self) -> OpResult<BorrowedFd<'_>> {
+        match &self.real {
+            Real::Fd(fd) => Ok(fd.as_fd_borrowed()),
+            Real::Img { .. } => Err(errno(libc::EBADF)),
         }
     }
 }
@@ -269,12 +282,15 @@ impl Overlay {
     /// O_APPEND is left out: the kernel computes append offsets itself and sends them, and
     /// writes of mmap'ed pages may go through any writable handle, which must honour the
     /// offset they carry.
-    pub fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {
+    pub fn open_real(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<Real> {
         if wants_write(flags) {
             self.copy_up_with(inode, flags & libc::O_TRUNC == 0)?;
+        } else if let Some((layer, ino)) = self.image_entry(inode)? {
+            // Read in place: nothing to open.
+            return Ok(Real::Img { layer, ino });
         }
         let flags = flags & !(libc::O_APPEND | libc::O_CREAT | libc::O_EXCL | libc::O_NOCTTY);
-        self.open_real_as(inode, flags)
+        self.open_real_as(inode, flags).map(Real::Fd)
     }
 
     fn open_real_as(&self, inode: &Arc<Inode>, flags: i32) -> OpResult<OwnedFd> {
@@ -284,6 +300,15 @@ impl Overlay {
             return r;
         }
         sys::reopen(self.real_fd(inode)?.as_fd_borrowed(), flags)
+    }
+
+    /// The image file to read from: the handle's, unless the inode was copied up since it
+    /// was opened (reads then see the copy, as on one real file).
+    fn read_image(&self, f: &OpenFile) -> Option<(u16, u32)> {
+        match f.real {
+            Real::Img { layer, ino } if !f.inode.read().has_upper() => Some((layer, ino)),
+            _ => None,
+        }
     }
 
     /// The descriptor to read through: the handle's own, or the upper copy when the handle
@@ -299,7 +324,7 @@ impl Overlay {
                 return Ok(fd.as_fd_borrowed());
             }
         }
-        Ok(f.fd.as_fd_borrowed())
+        f.fd()
     }
 
     /// FUSE open, by process `pid`. With `O_TRUNC`, also the opened file's fresh stat (taken
@@ -309,7 +334,7 @@ impl Overlay {
         ino: u64,
         flags: i32,
         pid: u32,
-    ) -> OpResult<(Arc<Inode>, OwnedFd, Option<libc::stat>)> {
+    ) -> OpResult<(Arc<Inode>, Real, Option<libc::stat>)> {
         let inode = self.inode(ino)?;
         if inode.is_dir() && wants_write(flags) {
             return Err(errno(libc::EISDIR));
@@ -317,8 +342,8 @@ impl Overlay {
         let fd = self.open_real(&inode, flags)?;
         // O_TRUNC by a caller without CAP_FSETID drops set-ID bits (see `crate::engine::setid`).
         let mut known = None;
-        if flags & libc::O_TRUNC != 0 && !inode.is_dir() {
-            known = Some(crate::engine::setid::kill_after_truncate(fd.as_fd_borrowed(), pid)?.0);
+        if let (Real::Fd(f), true) = (&fd, flags & libc::O_TRUNC != 0 && !inode.is_dir()) {
+            known = Some(crate::engine::setid::kill_after_truncate(f.as_fd_borrowed(), pid)?.0);
         }
         Ok((inode, fd, known))
     }
@@ -326,6 +351,9 @@ impl Overlay {
     /// FUSE read.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
         let f = self.files.file(fh)?;
+        if let Some((layer, ino)) = self.read_image(&f) {
+            return self.layers.image_read(layer, ino, offset, size);
+        }
         let fd = self.read_fd(&f)?;
         let mut buf: Vec<u8> = Vec::with_capacity(size as usize);
         let n = cvt(unsafe {
@@ -345,14 +373,15 @@ impl Overlay {
     /// `kill_setid`: the kernel says the writer lacks CAP_FSETID (see [`crate::engine::setid`]).
     pub fn write(&self, fh: u64, offset: u64, data: &[u8], kill_setid: bool) -> OpResult<u32> {
         let f = self.files.file(fh)?;
+        let fd = f.fd()?;
         if kill_setid {
-            crate::engine::setid::kill_after_write(f.fd.as_fd_borrowed())?;
+            crate::engine::setid::kill_after_write(fd)?;
         }
         let mut done = 0usize;
         while done < data.len() {
             let n = unsafe {
                 libc::pwrite(
-                    f.fd.as_raw_fd(),
+                    fd.as_raw_fd(),
                     data[done..].as_ptr().cast(),
                     data.len() - done,
                     (offset + done as u64) as i64,
@@ -372,6 +401,10 @@ impl Overlay {
     /// FUSE fsync / fsyncdir on an open file.
     pub fn fsync(&self, fh: u64, datasync: bool) -> OpResult<()> {
         let f = self.files.file(fh)?;
+        if self.read_image(&f).is_some() {
+            // Nothing of it was written: an image never changes.
+            return Ok(());
+        }
         // A handle opened on the lower file before a copy-up syncs the upper copy, where the
         // data now is.
         sys::fsync(self.read_fd(&f)?, datasync)
@@ -391,13 +424,23 @@ impl Overlay {
     /// FUSE fallocate.
     pub fn fallocate(&self, fh: u64, offset: u64, length: u64, mode: i32) -> OpResult<()> {
         let f = self.files.file(fh)?;
-        let r = unsafe { libc::fallocate(f.fd.as_raw_fd(), mode, offset as i64, length as i64) };
+        let r = unsafe { libc::fallocate(f.fd()?.as_raw_fd(), mode, offset as i64, length as i64) };
         cvt(r as isize).map(drop)
     }
 
     /// FUSE lseek (SEEK_DATA / SEEK_HOLE answered by the real file).
     pub fn lseek(&self, fh: u64, offset: i64, whence: i32) -> OpResult<i64> {
         let f = self.files.file(fh)?;
+        if let Some((layer, ino)) = self.read_image(&f) {
+            // An image file is all data (its holes read as zeros, as a sparse file's).
+            let size = self.layers.stat(RealRef::Img { layer, ino })?.st_size;
+            return match whence {
+                libc::SEEK_DATA if offset >= 0 && offset < size => Ok(offset),
+                libc::SEEK_HOLE if offset >= 0 && offset < size => Ok(size),
+                libc::SEEK_DATA | libc::SEEK_HOLE => Err(errno(libc::ENXIO)),
+                _ => Err(errno(libc::EINVAL)),
+            };
+        }
         let r = unsafe { libc::lseek(self.read_fd(&f)?.as_raw_fd(), offset, whence) };
         if r < 0 {
             return Err(std::io::Error::last_os_error());
@@ -417,15 +460,39 @@ impl Overlay {
     ) -> OpResult<u32> {
         let fin = self.files.file(fh_in)?;
         let fout = self.files.file(fh_out)?;
+        let max = len.min(u32::MAX as u64 & !0xfff) as usize;
+        if let Some((layer, ino)) = self.read_image(&fin) {
+            // Decompressed here and written: the kernel cannot copy out of an image.
+            let data = self
+                .layers
+                .image_read(layer, ino, off_in, max.min(1 << 20) as u32)?;
+            let out = fout.fd()?;
+            let mut done = 0;
+            while done < data.len() {
+                let n = cvt(unsafe {
+                    libc::pwrite(
+                        out.as_raw_fd(),
+                        data[done..].as_ptr().cast(),
+                        data.len() - done,
+                        (off_out + done as u64) as i64,
+                    )
+                })?;
+                if n == 0 {
+                    break;
+                }
+                done += n;
+            }
+            return Ok(done as u32);
+        }
         let mut oi = off_in as i64;
         let mut oo = off_out as i64;
         let n = unsafe {
             libc::copy_file_range(
                 self.read_fd(&fin)?.as_raw_fd(),
                 &mut oi,
-                fout.fd.as_raw_fd(),
+                fout.fd()?.as_raw_fd(),
                 &mut oo,
-                len.min(u32::MAX as u64 & !0xfff) as usize,
+                max,
                 0,
             )
         };

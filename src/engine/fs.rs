@@ -20,6 +20,7 @@ use crate::engine::attr::SetAttr;
 use crate::engine::dir::Creator;
 use crate::engine::file::{OpenDir, OpenFile, OpenMode};
 use crate::engine::inode::Inode;
+use crate::engine::lower::Real;
 use crate::engine::overlay::Overlay;
 use crate::engine::xattr::XattrReply;
 
@@ -89,7 +90,7 @@ impl OverlayFs {
     fn insert(
         &self,
         inode: Arc<Inode>,
-        fd: OwnedFd,
+        fd: Real,
         mode: OpenMode,
         writable: bool,
     ) -> (FileHandle, FopenFlags, Option<Arc<fuser::BackingId>>) {
@@ -111,13 +112,19 @@ impl OverlayFs {
     fn reply_open(
         &self,
         inode: Arc<Inode>,
-        fd: OwnedFd,
+        fd: Real,
         read_only: bool,
         known: Option<&libc::stat>,
         reply: ReplyOpen,
     ) {
         let ino = inode.ino;
-        match self.open_mode(ino, &fd, read_only, known, |fd| reply.open_backing(fd)) {
+        let mode = match &fd {
+            Real::Fd(f) => self.open_mode(ino, f, read_only, known, |fd| reply.open_backing(fd)),
+            // Served by us from the image, through the page cache (keep_cache: an image
+            // never changes under a mount).
+            Real::Img { .. } => Ok(OpenMode::Cached),
+        };
+        match mode {
             Ok(mode) => match self.insert(inode, fd, mode, !read_only) {
                 (fh, flags, Some(id)) => {
                     if !read_only {
@@ -612,7 +619,7 @@ impl Filesystem for OverlayFs {
                 let writable = crate::engine::file::wants_write(flags);
                 match self.open_mode(ino, &fd, false, Some(&st), |fd| reply.open_backing(fd)) {
                     Ok(mode) => {
-                        let (fh, flags, id) = self.insert(inode, fd, mode, writable);
+                        let (fh, flags, id) = self.insert(inode, Real::Fd(fd), mode, writable);
                         let ttl = self.0.attr_ttl(&attr);
                         match id {
                             Some(id) => reply.created_passthrough(

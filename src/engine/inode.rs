@@ -20,10 +20,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::os::fd::{BorrowedFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 
+use crate::engine::lower::{Real, RealRef};
 use crate::engine::sys::BorrowFd;
 
 /// How st_ino values are assigned.
@@ -45,11 +46,11 @@ pub enum InodeMode {
 /// The kind of a real entry, fixed for the life of an overlay inode.
 pub type Kind = fuser::FileType;
 
-/// A real entry in one lower layer: the layer index and an `O_PATH` handle.
+/// A real directory in one lower layer: the layer index and a handle on it.
 #[derive(Debug)]
 pub struct LowerEntry {
     pub layer: usize,
-    pub fd: OwnedFd,
+    pub dir: Real,
     /// The directory is marked to hold xattr whiteouts (see [`crate::engine::layers::DirMarks`]).
     pub xwhiteouts: bool,
 }
@@ -81,7 +82,7 @@ pub struct InodeState {
     pub lower: Option<u16>,
     /// Non-directories whose last name went while the kernel still holds them (open files):
     /// a handle on the real entry, which has no name any more.
-    pub pinned: Option<OwnedFd>,
+    pub pinned: Option<Real>,
     /// The parent and name through which the inode was last reached; copy-up recreates the
     /// entry there. For directories this is the only name. The parent is held strongly so a
     /// copy-up can always walk up to the root.
@@ -100,11 +101,11 @@ pub struct InodeState {
 
 impl InodeState {
     /// Directories: the handle whose metadata is shown (upper, else topmost lower).
-    pub fn dir_real(&self) -> Option<BorrowedFd<'_>> {
-        self.upper
-            .as_ref()
-            .or_else(|| self.lowers.first().map(|l| &l.fd))
-            .map(|fd| fd.as_fd_borrowed())
+    pub fn dir_real(&self) -> Option<RealRef<'_>> {
+        match &self.upper {
+            Some(u) => Some(RealRef::Fd(u.as_fd_borrowed())),
+            None => self.lowers.first().map(|l| l.dir.r()),
+        }
     }
 
     /// Records that the upper directory holds no `.wh.` marker (see `upper_wh_free`); ignored
@@ -183,16 +184,6 @@ impl InodeState {
         if self.extra_names.as_ref().is_some_and(|v| v.is_empty()) {
             self.extra_names = None;
         }
-    }
-
-    /// Every directory merged into this one, upper first (for readdir and lookup).
-    pub fn layer_dirs(&self) -> Vec<BorrowedFd<'_>> {
-        let mut v = Vec::with_capacity(1 + self.lowers.len());
-        if let Some(u) = &self.upper {
-            v.push(u.as_fd_borrowed());
-        }
-        v.extend(self.lowers.iter().map(|l| l.fd.as_fd_borrowed()));
-        v
     }
 }
 

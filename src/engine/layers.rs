@@ -11,6 +11,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::engine::lower::{ImageLayer, LowerSource};
 use crate::engine::sys::{self, BorrowFd};
 
 /// Prefix of whiteout marker files (the aufs-style format fuse-overlayfs also reads).
@@ -41,6 +42,9 @@ pub struct Layer {
     pub root: OwnedFd,
     /// `st_dev` of the layer root.
     pub dev: u64,
+    /// An image layer: the image (`root` is then a handle on the image file, not a
+    /// directory: every access goes through [`crate::engine::lower`]).
+    pub image: Option<Box<ImageLayer>>,
 }
 
 impl Layer {
@@ -54,7 +58,28 @@ impl Layer {
             path: path.to_path_buf(),
             root,
             dev: st.st_dev,
+            image: None,
         })
+    }
+
+    fn open_source(layer: usize, src: &LowerSource) -> io::Result<Layer> {
+        match src {
+            LowerSource::Dir(p) => Self::open(p),
+            LowerSource::Image {
+                path,
+                offset,
+                owner,
+            } => {
+                let img = crate::engine::lower::open_image(layer, path, *offset, *owner)?;
+                let root = OwnedFd::from(std::fs::File::open(path)?);
+                Ok(Layer {
+                    path: path.clone(),
+                    root,
+                    dev: img.dev,
+                    image: Some(Box::new(img)),
+                })
+            }
+        }
     }
 }
 
@@ -92,10 +117,15 @@ const INDEX_DIR: &CStr = c"ovl-index";
 impl LayerStack {
     /// Opens every layer. `work` must be on the upper's filesystem; it is created if missing
     /// and its temporaries directory is cleared of leftovers from an earlier crash.
-    pub fn open(lowers: &[PathBuf], upper: Option<&Path>, work: Option<&Path>) -> io::Result<Self> {
+    pub fn open(
+        lowers: &[LowerSource],
+        upper: Option<&Path>,
+        work: Option<&Path>,
+    ) -> io::Result<Self> {
         let lowers = lowers
             .iter()
-            .map(|p| Layer::open(p))
+            .enumerate()
+            .map(|(i, src)| Layer::open_source(i, src))
             .collect::<io::Result<Vec<_>>>()?;
         if lowers.len() > usize::from(u16::MAX) {
             // Inodes record their lower layer in 16 bits.

@@ -2,6 +2,7 @@
 //!
 //! - [`layers`]: the layer stack and the on-disk format (whiteouts, opaque marks, xattrs).
 //! - [`inode`]: the inode store (one owner, refcounts tied to FUSE lookup/forget).
+//! - [`lower`]: the two kinds of lower layer (a directory, an image read in place).
 //! - [`namei`]: name lookup through the layers.
 //! - `dir`: create, unlink, rename; `file`: open files and I/O; `attr`, `xattr`, `readdir`.
 //! - `export`: file handles (resolving a node id the kernel forgot).
@@ -22,6 +23,7 @@ pub mod fusermount;
 pub mod idmap;
 pub mod inode;
 pub mod layers;
+pub mod lower;
 pub mod namei;
 pub(crate) mod overlay;
 mod private_mount;

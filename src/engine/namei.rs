@@ -7,7 +7,6 @@
 
 use std::ffi::{CString, OsStr};
 use std::io;
-use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::Arc;
 
@@ -15,6 +14,7 @@ use fuser::FileAttr;
 
 use crate::engine::inode::{Found, Inode, InodeState, Kind, LowerEntry};
 use crate::engine::layers::{self, LayerStack, Redirect};
+use crate::engine::lower::{Real, RealRef};
 use crate::engine::overlay::{NAME_MAX, OpResult, Overlay, attr_from_stat, errno, kind_of};
 use crate::engine::sys::{self, BorrowFd};
 
@@ -33,16 +33,16 @@ pub fn root_entry(layers: &LayerStack) -> io::Result<Found> {
     }
     if !state.opaque {
         let mut lowers = Vec::new();
-        for (i, l) in layers.lowers.iter().enumerate() {
-            let fd = sys::open_path(l.root.as_fd_borrowed(), c".")?;
+        for i in 0..layers.lowers.len() {
+            let dir = layers.lower_root(i)?;
             if id.is_none() {
-                let st = sys::fstat(fd.as_fd_borrowed())?;
+                let st = layers.stat(dir.r())?;
                 id = Some((st.st_dev, st.st_ino));
             }
-            let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+            let marks = layers.marks(dir.r())?;
             lowers.push(LowerEntry {
                 layer: i,
-                fd,
+                dir,
                 xwhiteouts: marks.xwhiteouts,
             });
             if marks.opaque {
@@ -67,8 +67,8 @@ fn is_enoent(e: &io::Error) -> bool {
 enum Probe {
     Absent,
     Whiteout,
-    /// The entry's stat, and for a directory an `O_PATH` handle on it.
-    Present(libc::stat, Option<std::os::fd::OwnedFd>),
+    /// The entry's stat, and for a directory a handle on it.
+    Present(libc::stat, Option<Real>),
     /// A directory whose inode is live (a lookup reference taken): nothing more to probe.
     Known(libc::stat, Arc<Inode>),
 }
@@ -98,7 +98,7 @@ enum Walk {
     Stop,
     /// The directory holding the last component.
     Dir {
-        fd: OwnedFd,
+        dir: Real,
         xwhiteouts: bool,
         /// An opaque directory on the way: the layers below are not searched.
         opaque: bool,
@@ -122,13 +122,14 @@ impl Overlay {
     /// taken as it is.
     fn probe(
         &self,
-        dir: std::os::fd::BorrowedFd<'_>,
+        dir: RealRef<'_>,
         cname: &std::ffi::CStr,
         xwhiteouts: bool,
         shown: bool,
     ) -> OpResult<Probe> {
-        let st = match sys::fstatat(dir, cname) {
-            Ok(st) => st,
+        let st = match self.layers.stat_at(dir, cname) {
+            Ok(Some(st)) => st,
+            Ok(None) => return Ok(Probe::Absent),
             Err(e) if is_enoent(&e) => return Ok(Probe::Absent),
             Err(e) => return Err(e),
         };
@@ -142,14 +143,15 @@ impl Overlay {
                     return Ok(Probe::Known(st, inode));
                 }
             }
-            let fd = sys::openat(dir, cname, libc::O_PATH | libc::O_DIRECTORY, 0)?;
-            return Ok(Probe::Present(st, Some(fd)));
+            let d = self.layers.open_at(dir, cname, true)?;
+            return Ok(Probe::Present(st, Some(d)));
         }
-        if xwhiteouts && fmt == libc::S_IFREG && st.st_size == 0 {
-            let fd = sys::open_path(dir, cname)?;
-            if self.layers.is_whiteout(&st, fd.as_fd_borrowed())? {
-                return Ok(Probe::Whiteout);
-            }
+        if xwhiteouts
+            && fmt == libc::S_IFREG
+            && st.st_size == 0
+            && self.layers.is_xattr_whiteout_at(dir, cname, &st)?
+        {
+            return Ok(Probe::Whiteout);
         }
         Ok(Probe::Present(st, None))
     }
@@ -175,13 +177,7 @@ impl Overlay {
                 Target::Name(n) => {
                     let Some(l) = pst.lowers.get(pi) else { break };
                     pi += 1;
-                    (
-                        l.fd.as_fd_borrowed(),
-                        l.layer,
-                        l.xwhiteouts,
-                        n.clone(),
-                        false,
-                    )
+                    (l.dir.r(), l.layer, l.xwhiteouts, n.clone(), false)
                 }
                 Target::Path(comps, li) => {
                     if *li >= nlayers {
@@ -193,15 +189,15 @@ impl Overlay {
                         Walk::Missing => continue,
                         Walk::Stop => break,
                         Walk::Dir {
-                            fd,
+                            dir,
                             xwhiteouts,
                             opaque,
                             next,
                         } => {
                             let name = comps.last().cloned().ok_or_else(|| errno(libc::EIO))?;
                             *comps = next;
-                            walked = fd;
-                            (walked.as_fd_borrowed(), layer, xwhiteouts, name, opaque)
+                            walked = dir;
+                            (walked.r(), layer, xwhiteouts, name, opaque)
                         }
                     }
                 }
@@ -219,20 +215,20 @@ impl Overlay {
                     }
                     return Ok(Lower::File(layer));
                 }
-                Probe::Present(st, Some(fd)) => {
+                Probe::Present(st, Some(d)) => {
                     if shown.is_none() {
                         *shown = Some((st, layer + 1));
                     }
-                    let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+                    let marks = self.layers.marks(d.r())?;
                     // The redirect only matters to the layers below (none below the last).
                     let redirect = if marks.opaque || layer + 1 >= nlayers {
                         None
                     } else {
-                        self.layers.redirect(fd.as_fd_borrowed())?
+                        self.layers.redirect_of(d.r())?
                     };
                     lowers.push(LowerEntry {
                         layer,
-                        fd,
+                        dir: d,
                         xwhiteouts: marks.xwhiteouts,
                     });
                     if marks.opaque {
@@ -256,7 +252,11 @@ impl Overlay {
                 }
                 Probe::Absent => {
                     // An aufs-style whiteout here hides the layers further down.
-                    if more && layers::has_aufs_whiteout(dir, OsStr::from_bytes(name.to_bytes()))? {
+                    if more
+                        && self
+                            .layers
+                            .has_wh_marker(dir, OsStr::from_bytes(name.to_bytes()))?
+                    {
                         break;
                     }
                 }
@@ -272,20 +272,18 @@ impl Overlay {
     /// `layer`. A redirect on a directory passed changes the path for the layers below
     /// (relative: that component; absolute: everything up to it), not the walk in this one.
     fn walk_lower(&self, layer: usize, comps: &[CString]) -> OpResult<Walk> {
-        let root = &self.layers.lowers[layer].root;
-        let mut dir = sys::open_path(root.as_fd_borrowed(), c".")?;
-        let mut xwhiteouts = layers::dir_marks(dir.as_fd_borrowed())?.xwhiteouts;
+        let mut dir = self.layers.lower_root(layer)?;
+        let mut xwhiteouts = self.layers.marks(dir.r())?.xwhiteouts;
         let mut next = comps.to_vec();
         let mut opaque = false;
         let last = comps.len().saturating_sub(1);
         for (i, c) in comps[..last].iter().enumerate() {
-            let st = match sys::fstatat_opt(dir.as_fd_borrowed(), c)? {
+            let st = match self.layers.stat_at(dir.r(), c)? {
                 Some(st) => st,
                 None => {
-                    let marker = layers::has_aufs_whiteout(
-                        dir.as_fd_borrowed(),
-                        OsStr::from_bytes(c.to_bytes()),
-                    )?;
+                    let marker = self
+                        .layers
+                        .has_wh_marker(dir.r(), OsStr::from_bytes(c.to_bytes()))?;
                     return Ok(if marker { Walk::Stop } else { Walk::Missing });
                 }
             };
@@ -293,16 +291,11 @@ impl Overlay {
             if st.st_mode & libc::S_IFMT != libc::S_IFDIR {
                 return Ok(Walk::Stop);
             }
-            let fd = sys::openat(
-                dir.as_fd_borrowed(),
-                c,
-                libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW,
-                0,
-            )?;
-            let marks = layers::dir_marks(fd.as_fd_borrowed())?;
+            let d = self.layers.open_at(dir.r(), c, true)?;
+            let marks = self.layers.marks(d.r())?;
             if marks.opaque {
                 opaque = true;
-            } else if let Some(r) = self.layers.redirect(fd.as_fd_borrowed())? {
+            } else if let Some(r) = self.layers.redirect_of(d.r())? {
                 // Components after this one, kept as they are.
                 let after = last - i;
                 let tail = next.split_off(next.len() - after);
@@ -319,10 +312,10 @@ impl Overlay {
                 next.extend(tail);
             }
             xwhiteouts = marks.xwhiteouts;
-            dir = fd;
+            dir = d;
         }
         Ok(Walk::Dir {
-            fd: dir,
+            dir,
             xwhiteouts,
             opaque,
             next,
@@ -357,10 +350,19 @@ impl Overlay {
         let mut target = Target::Name(cname.clone());
 
         if let Some(udir) = &pst.upper {
-            match self.probe(udir.as_fd_borrowed(), &cname, pst.upper_xwh, true)? {
+            match self.probe(
+                RealRef::Fd(udir.as_fd_borrowed()),
+                &cname,
+                pst.upper_xwh,
+                true,
+            )? {
                 Probe::Whiteout => return Ok(None),
                 Probe::Known(st, inode) => return Ok(Some((Resolved::Known(inode, 0), st))),
-                Probe::Present(st, Some(fd)) => {
+                Probe::Present(st, Some(d)) => {
+                    // The upper is a directory layer.
+                    let Real::Fd(fd) = d else {
+                        return Err(errno(libc::EIO));
+                    };
                     let marks = layers::dir_marks(fd.as_fd_borrowed())?;
                     state.opaque = marks.opaque;
                     state.upper_xwh = marks.xwhiteouts;
@@ -526,13 +528,12 @@ impl Overlay {
             return Ok(false);
         }
         for l in &pst.lowers {
-            if let Some(st) = sys::fstatat_opt(l.fd.as_fd_borrowed(), &cname)? {
+            if let Some(st) = self.layers.stat_at(l.dir.r(), &cname)? {
                 if sys::is_whiteout_dev(&st) {
                     return Ok(false);
                 }
                 if l.xwhiteouts && st.st_mode & libc::S_IFMT == libc::S_IFREG && st.st_size == 0 {
-                    let fd = sys::open_path(l.fd.as_fd_borrowed(), &cname)?;
-                    return Ok(!self.layers.is_whiteout(&st, fd.as_fd_borrowed())?);
+                    return Ok(!self.layers.is_xattr_whiteout_at(l.dir.r(), &cname, &st)?);
                 }
                 return Ok(true);
             }

@@ -18,6 +18,7 @@ use fuser::{FileAttr, FileType};
 use crate::engine::file::FileTable;
 use crate::engine::inode::{Inode, InodeMode, InodeState, InodeStore};
 use crate::engine::layers::LayerStack;
+use crate::engine::lower::{Real, RealRef};
 use crate::engine::sys::{self, BorrowFd};
 
 /// Result type of the operation modules: errno-carrying I/O errors.
@@ -205,22 +206,29 @@ impl Overlay {
         }
     }
 
-    /// Opens (`O_PATH`) a non-directory's entry as `name` in its parent's real directory:
-    /// the upper one, or the lower one of layer `layer`.
-    fn entry_fd(&self, st: &InodeState, layer: Option<usize>) -> OpResult<OwnedFd> {
+    /// The real directory holding a non-directory's entry: its parent's upper one, or the
+    /// lower one of layer `layer`.
+    fn entry_dir<'a>(pst: &'a InodeState, layer: Option<usize>) -> OpResult<RealRef<'a>> {
+        match layer {
+            None => pst.upper.as_ref().map(|u| RealRef::Fd(u.as_fd_borrowed())),
+            Some(l) => pst.lowers.iter().find(|e| e.layer == l).map(|e| e.dir.r()),
+        }
+        .ok_or_else(|| errno(libc::ESTALE))
+    }
+
+    /// A handle on a non-directory's entry as `name` in its parent's real directory of
+    /// layer `layer` (`None`: the upper).
+    fn entry_real(&self, st: &InodeState, layer: Option<usize>) -> OpResult<Real> {
         let parent = st.parent.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
         let cname = sys::cstr(&st.name)?;
         let pst = parent.read();
-        let dir = match layer {
-            None => pst.upper.as_ref(),
-            Some(l) => pst.lowers.iter().find(|e| e.layer == l).map(|e| &e.fd),
-        };
-        let dir = dir.ok_or_else(|| errno(libc::ESTALE))?;
-        sys::open_path(dir.as_fd_borrowed(), &cname)
+        self.layers
+            .open_at(Self::entry_dir(&pst, layer)?, &cname, false)
     }
 
     /// Runs `f` on the shown entry of a non-directory as (its parent's real directory of that
-    /// layer, name): `None` for directories and pinned files (use [`Overlay::real_fd`]).
+    /// layer, name): `None` for directories, pinned files and entries of an image layer (use
+    /// [`Overlay::real`]).
     pub fn with_real_at<R>(
         &self,
         inode: &Inode,
@@ -236,15 +244,11 @@ impl Overlay {
             Err(e) => return Some(Err(e)),
         };
         let pst = parent.read();
-        let dir = if st.in_upper {
-            pst.upper.as_ref()?
-        } else {
-            &pst.lowers
-                .iter()
-                .find(|e| Some(e.layer) == st.lower_layer())?
-                .fd
-        };
-        Some(f(dir.as_fd_borrowed(), &cname))
+        let layer = if st.in_upper { None } else { st.lower_layer() };
+        match Self::entry_dir(&pst, layer).ok()? {
+            RealRef::Fd(dir) => Some(f(dir, &cname)),
+            RealRef::Img { .. } => None,
+        }
     }
 
     /// Runs `f` on the upper entry of a non-directory as (parent's upper directory, name), so
@@ -262,23 +266,43 @@ impl Overlay {
         self.with_real_at(inode, f)
     }
 
-    /// An `O_PATH` handle on the real entry whose metadata and data are shown.
-    pub fn real_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+    /// A handle on the real entry whose metadata and data are shown.
+    pub fn real(&self, inode: &Inode) -> OpResult<Real> {
         let st = inode.read();
         if inode.is_dir() {
-            return st
-                .dir_real()
-                .ok_or_else(|| errno(libc::ESTALE))?
-                .try_clone_to_owned();
+            return match st.dir_real().ok_or_else(|| errno(libc::ESTALE))? {
+                RealRef::Fd(fd) => Ok(Real::Fd(fd.try_clone_to_owned()?)),
+                RealRef::Img { layer, ino } => Ok(Real::Img { layer, ino }),
+            };
         }
         if let Some(p) = &st.pinned {
             return p.try_clone();
         }
         if st.in_upper {
-            self.entry_fd(&st, None)
+            self.entry_real(&st, None)
         } else {
-            self.entry_fd(&st, st.lower_layer())
+            self.entry_real(&st, st.lower_layer())
         }
+    }
+
+    /// An `O_PATH` handle on the real entry whose metadata and data are shown; EIO for an
+    /// entry of an image layer (which has no descriptor: see [`Overlay::real`]).
+    pub fn real_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+        match self.real(inode)? {
+            Real::Fd(fd) => Ok(fd),
+            Real::Img { .. } => Err(errno(libc::EIO)),
+        }
+    }
+
+    /// The image entry shown for `inode`, when it is one (not copied up, in an image layer).
+    pub fn image_entry(&self, inode: &Inode) -> OpResult<Option<(u16, u32)>> {
+        if !self.layers.has_image() || inode.read().has_upper() {
+            return Ok(None);
+        }
+        Ok(match self.real(inode)? {
+            Real::Img { layer, ino } => Some((layer, ino)),
+            Real::Fd(_) => None,
+        })
     }
 
     /// An `O_PATH` handle on the upper entry (EIO when there is none: copy up first).
@@ -294,22 +318,26 @@ impl Overlay {
         if !st.in_upper {
             return Err(errno(libc::EIO));
         }
-        match &st.pinned {
-            Some(p) => Ok(p.try_clone()?),
-            None => self.entry_fd(&st, None),
+        let real = match &st.pinned {
+            Some(p) => p.try_clone()?,
+            None => self.entry_real(&st, None)?,
+        };
+        match real {
+            Real::Fd(fd) => Ok(fd),
+            Real::Img { .. } => Err(errno(libc::EIO)),
         }
     }
 
-    /// An `O_PATH` handle on the topmost lower entry (the copy-up source).
-    pub fn lower_fd(&self, inode: &Inode) -> OpResult<OwnedFd> {
+    /// A handle on the topmost lower entry (the copy-up source).
+    pub fn lower_real(&self, inode: &Inode) -> OpResult<Real> {
         let st = inode.read();
         if inode.is_dir() {
             let l = st.lowers.first().ok_or_else(|| errno(libc::EIO))?;
-            return l.fd.try_clone();
+            return l.dir.try_clone();
         }
         match (&st.pinned, st.lower_layer()) {
-            (Some(p), _) if !st.in_upper => Ok(p.try_clone()?),
-            (_, Some(l)) => self.entry_fd(&st, Some(l)),
+            (Some(p), _) if !st.in_upper => p.try_clone(),
+            (_, Some(l)) => self.entry_real(&st, Some(l)),
             _ => Err(errno(libc::EIO)),
         }
     }
@@ -319,25 +347,19 @@ impl Overlay {
         let s = {
             let st = inode.read();
             match (inode.is_dir(), &st.pinned) {
-                (true, _) => sys::fstat(st.dir_real().ok_or_else(|| errno(libc::ESTALE))?)?,
-                (false, Some(p)) => sys::fstat(p.as_fd_borrowed())?,
+                (true, _) => self
+                    .layers
+                    .stat(st.dir_real().ok_or_else(|| errno(libc::ESTALE))?)?,
+                (false, Some(p)) => self.layers.stat(p.r())?,
                 (false, None) => {
                     // One fstatat in the parent's directory: no descriptor to open.
                     let parent = st.parent.as_ref().ok_or_else(|| errno(libc::ESTALE))?;
                     let cname = sys::cstr(&st.name)?;
                     let pst = parent.read();
-                    let dir = if st.in_upper {
-                        pst.upper.as_ref()
-                    } else {
-                        pst.lowers
-                            .iter()
-                            .find(|e| Some(e.layer) == st.lower_layer())
-                            .map(|e| &e.fd)
-                    };
-                    sys::fstatat(
-                        dir.ok_or_else(|| errno(libc::ESTALE))?.as_fd_borrowed(),
-                        &cname,
-                    )?
+                    let layer = if st.in_upper { None } else { st.lower_layer() };
+                    self.layers
+                        .stat_at(Self::entry_dir(&pst, layer)?, &cname)?
+                        .ok_or_else(|| errno(libc::ESTALE))?
                 }
             }
         };

@@ -14,6 +14,7 @@ use fuser::FileType;
 use crate::engine::file::OpenDir;
 use crate::engine::inode::Inode;
 use crate::engine::layers::{OPAQUE_MARKER, WH_PREFIX};
+use crate::engine::lower::RealRef;
 use crate::engine::overlay::{OpResult, Overlay, errno, kind_of};
 use crate::engine::sys::{self, BorrowFd};
 
@@ -49,10 +50,10 @@ impl Overlay {
         // looked up: xattr whiteouts count only where it is set.
         let mut layer_dirs = Vec::with_capacity(1 + st.lowers.len());
         if let Some(u) = &st.upper {
-            layer_dirs.push((u.as_fd_borrowed(), st.upper_xwh, true));
+            layer_dirs.push((RealRef::Fd(u.as_fd_borrowed()), st.upper_xwh, true));
         }
         for l in &st.lowers {
-            layer_dirs.push((l.fd.as_fd_borrowed(), l.xwhiteouts, false));
+            layer_dirs.push((l.dir.r(), l.xwhiteouts, false));
         }
         let last = layer_dirs.len().saturating_sub(1);
         let mut seen: HashSet<Vec<u8>> = HashSet::new();
@@ -60,7 +61,7 @@ impl Overlay {
         for (i, &(d, xwhiteouts, is_upper)) in layer_dirs.iter().enumerate() {
             let below = i < last;
             let mut markers = false;
-            for e in sys::read_dir(d)? {
+            for e in self.layers.read_dir_of(d)? {
                 if e.name.starts_with(WH_PREFIX) {
                     markers = true;
                     if below && e.name.as_slice() != OPAQUE_MARKER.to_bytes() {
@@ -80,7 +81,7 @@ impl Overlay {
                     _ => false,
                 };
                 if check_whiteout {
-                    let Some(stat) = sys::fstatat_opt(d, &cname)? else {
+                    let Some(stat) = self.layers.stat_at(d, &cname)? else {
                         continue;
                     };
                     kind = Some(kind_of(stat.st_mode));
@@ -89,10 +90,7 @@ impl Overlay {
                         || (xwhiteouts
                             && stat.st_mode & libc::S_IFMT == libc::S_IFREG
                             && stat.st_size == 0
-                            && {
-                                let fd = sys::open_path(d, &cname)?;
-                                self.layers.is_whiteout(&stat, fd.as_fd_borrowed())?
-                            });
+                            && self.layers.is_xattr_whiteout_at(d, &cname, &stat)?);
                     if whiteout {
                         if below {
                             seen.insert(e.name);

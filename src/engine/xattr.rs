@@ -10,6 +10,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::Ordering;
 
 use crate::engine::layers::is_private_xattr;
+use crate::engine::lower::Real;
 use crate::engine::overlay::{OpResult, Overlay, errno};
 use crate::engine::sys;
 
@@ -57,7 +58,19 @@ impl Overlay {
         });
         let (len, data) = match at {
             Some(r) => r?,
-            None => sys::getxattr_raw(self.real_fd(&inode)?.as_raw_fd(), &cname, size as usize)?,
+            None => match self.real(&inode)? {
+                Real::Fd(fd) => sys::getxattr_raw(fd.as_raw_fd(), &cname, size as usize)?,
+                img => {
+                    let v = self
+                        .layers
+                        .getxattr_of(img.r(), &cname)?
+                        .ok_or_else(|| errno(libc::ENODATA))?;
+                    if size != 0 && v.len() > size as usize {
+                        return Err(errno(libc::ERANGE));
+                    }
+                    (v.len(), v)
+                }
+            },
         };
         Ok(if size == 0 {
             XattrReply::Size(len as u32)
@@ -74,7 +87,7 @@ impl Overlay {
             sys::llistxattr_at(dir.as_raw_fd(), name)
         }) {
             Some(r) => r?,
-            None => sys::flistxattr(self.real_fd(&inode)?.as_raw_fd())?,
+            None => self.layers.listxattr_of(self.real(&inode)?.r())?,
         };
         let mut out = Vec::with_capacity(all.len());
         for n in all.split(|&b| b == 0).filter(|n| !n.is_empty()) {
@@ -120,7 +133,10 @@ impl Overlay {
             sys::has_xattr_at(dir.as_raw_fd(), name, &cname)
         }) {
             Some(r) => r?,
-            None => sys::fgetxattr(self.real_fd(&inode)?.as_raw_fd(), &cname)?.is_some(),
+            None => self
+                .layers
+                .getxattr_of(self.real(&inode)?.r(), &cname)?
+                .is_some(),
         };
         if !present {
             return Err(errno(libc::ENODATA));

@@ -91,6 +91,16 @@ const RECORD_LEN: [usize; TABLES] = [
     INODE_LEN, DIRENT_LEN, EXTENT_LEN, XSET_LEN, XATTR_LEN, BLOCK_LEN, 1,
 ];
 
+/// Whether the file at `path` starts with an image (its magic bytes; the rest is checked
+/// when it is opened).
+pub fn is_image(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut b = [0u8; 8];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut b))
+        .is_ok_and(|()| &b == MAGIC)
+}
+
 /// The fixed record at the start of an image.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {

@@ -22,6 +22,9 @@ pub struct Mounted {
     pub mode: InodeMode,
     /// FUSE passthrough asked for (else the kernel page cache sits in front of ovl's I/O).
     pub passthrough: bool,
+    /// The lower is read from `root/lower.img`, packed from `lower` when the test mounted
+    /// (see [`lower_image_default`]); `lower` stays as it was.
+    pub image: bool,
     /// The kernel's writeback cache asked for (used when passthrough is not).
     pub writeback: bool,
     ofs: Option<OverlayFS>,
@@ -37,6 +40,23 @@ pub fn passthrough_default() -> bool {
 /// `OVL_TEST_PASSTHROUGH=0`, where it takes effect).
 pub fn writeback_default() -> bool {
     std::env::var("OVL_TEST_WRITEBACK").is_ok_and(|v| v == "1")
+}
+
+/// Whether test mounts read their lower from an image packed from the lower directory (the
+/// way app.run serves its tree) instead of the directory itself: `OVL_TEST_LOWER=image`, or
+/// a test binary named `*image_lower*` (tests/posix_image_lower.rs runs the POSIX suite so).
+pub fn lower_image_default() -> bool {
+    std::env::var("OVL_TEST_LOWER").is_ok_and(|v| v == "image")
+        || std::env::current_exe().is_ok_and(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("image_lower"))
+        })
+}
+
+/// Packs directory `dir` into image file `img` (the bundle image format), every core.
+pub fn pack_image(dir: &Path, img: &Path) {
+    let f = std::fs::File::create(img).unwrap();
+    ovl::image::write_image(dir, &f, 0, &Default::default()).expect("packing the lower");
 }
 
 /// The three ways ovl can serve file I/O, for tests that cover each.
@@ -80,6 +100,16 @@ impl Mounted {
     }
 
     pub fn with_io(mode: InodeMode, io: Io, setup: impl FnOnce(&Path)) -> Self {
+        Self::with_lower_kind(mode, io, lower_image_default(), setup)
+    }
+
+    /// [`Mounted::with_io`]; `image`: the lower is read from an image packed from it.
+    pub fn with_lower_kind(
+        mode: InodeMode,
+        io: Io,
+        image: bool,
+        setup: impl FnOnce(&Path),
+    ) -> Self {
         let (passthrough, writeback) = match io {
             Io::Passthrough => (passthrough_default(), writeback_default()),
             Io::Cached => (false, false),
@@ -97,6 +127,9 @@ impl Mounted {
             std::fs::create_dir(d).unwrap();
         }
         setup(&lower);
+        if image {
+            pack_image(&lower, &root.path().join("lower.img"));
+        }
         let mut m = Mounted {
             root,
             lower,
@@ -105,11 +138,21 @@ impl Mounted {
             mnt,
             mode,
             passthrough,
+            image,
             writeback,
             ofs: None,
         };
         m.mount();
         m
+    }
+
+    /// What the mount reads as its lower: the image file, or the lower directory.
+    pub fn lower_layer(&self) -> PathBuf {
+        if self.image {
+            self.root.path().join("lower.img")
+        } else {
+            self.lower.clone()
+        }
     }
 
     /// Path inside the mount.
@@ -118,7 +161,15 @@ impl Mounted {
     }
 
     pub fn mount(&mut self) {
-        let mut ofs = OverlayFS::new(&self.lower);
+        let mut ofs = if self.image {
+            OverlayFS::with_lower(ovl::engine::lower::LowerSource::Image {
+                path: self.root.path().join("lower.img"),
+                offset: 0,
+                owner: None,
+            })
+        } else {
+            OverlayFS::new(&self.lower)
+        };
         ofs.set_upper(&self.upper)
             .set_workdir(&self.work)
             .set_mountpoint(&self.mnt)
