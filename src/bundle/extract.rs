@@ -93,6 +93,21 @@ impl Bundle {
         })
     }
 
+    /// The app's tree as an overlay's lower layer, read in place from this file (nothing
+    /// extracted). As a normal user every entry shows as the user's own, as a tree the user
+    /// extracted would (root sees the owners stored).
+    pub fn lower_source(&self) -> crate::engine::lower::LowerSource {
+        let owner = match unsafe { libc::geteuid() } {
+            0 => None,
+            uid => Some((uid, unsafe { libc::getegid() })),
+        };
+        crate::engine::lower::LowerSource::Image {
+            path: self.path.clone(),
+            offset: self.trailer.payload_offset,
+            owner,
+        }
+    }
+
     /// The app's tree, read in place.
     pub fn image(&self) -> &Image {
         &self.image

@@ -600,14 +600,15 @@ fn run_app(
             &owd,
         );
     }
-    let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
+    // The tree is the bundle's image, read in place: nothing is extracted.
+    let lower = bundle.lower_source();
     let writer = action != OverlayAction::Discard;
     let _lock = state::lock_upper(&upper, &m.name, writer)?;
     let scratch = new_scratch()?;
     let mut ofs = if writer {
         state::finish_interrupted_commit(bundle, &upper)?;
-        state::note_lower(&upper, bundle, &tree.path)?;
-        let mut ofs = OverlayFS::new(&tree.path);
+        state::note_lower(&upper, bundle)?;
+        let mut ofs = OverlayFS::with_lower(lower);
         ofs.set_upper(&upper);
         ofs
     } else {
@@ -619,10 +620,13 @@ fn run_app(
         if kept {
             state::note_user(&upper, bundle)?;
         }
-        let mut ofs = OverlayFS::new(if kept { &upper } else { &tree.path });
-        if kept {
-            ofs.add_lower(&tree.path);
-        }
+        let mut ofs = if kept {
+            let mut ofs = OverlayFS::new(&upper);
+            ofs.add_lower_source(lower);
+            ofs
+        } else {
+            OverlayFS::with_lower(lower)
+        };
         ofs.set_upper(scratch.dir.join("upper"));
         ofs
     };
@@ -657,7 +661,6 @@ fn run_app(
             drop(ofs);
             drop(_lock);
             drop(scratch);
-            drop(tree);
             return run_without_fuse(
                 bundle,
                 opts,
@@ -686,7 +689,7 @@ fn run_app(
 }
 
 /// No FUSE (`why`), or `--appimage-extract-and-run` (`None`): one line of warning if FUSE is
-/// missing, then the entry runs from a private copy of the cached tree with the kept state
+/// missing, then the entry runs from a private copy of the tree with the kept state
 /// merged in, removed afterwards (Discard). A commit cannot work.
 #[allow(clippy::too_many_arguments)]
 fn run_without_fuse(
@@ -719,11 +722,12 @@ fn run_without_fuse(
              this run's changes will be discarded"
         );
     }
-    let tree = cache::tree_for(bundle).map_err(|e| e.to_string())?;
     let _lock = state::lock_upper(upper, name, false)?;
     let scratch = new_scratch()?;
+    // Extracted straight into the run's scratch directory: nothing is kept in the cache.
     let copy = scratch.dir.join("tree");
-    cache::copy_tree(&tree.path, &copy).map_err(|e| e.to_string())?;
+    fs::create_dir(&copy).map_err(|e| format!("creating {}: {e}", copy.display()))?;
+    bundle.extract_to(&copy, 0).map_err(|e| e.to_string())?;
     if crate::finalize::count_entries(upper).unwrap_or(0) > 0
         && !state::upper_already_committed(bundle, upper)
     {

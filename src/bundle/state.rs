@@ -107,14 +107,14 @@ fn clear_upper(upper: &Path) -> Result<(), String> {
 
 /// Records which lower tree the upper sits on (call with the upper locked exclusively). The
 /// hard-link index in the work dir names lower files by inode number, which means nothing
-/// on another tree: a new version of the app, or the same one extracted again after
-/// `--ovl-gc`. Then the index is dropped (lower hard links are no longer joined through it;
-/// a stale entry would show one file's content under another's name). State kept from another
-/// version stays on top of this one, with a warning.
-pub fn note_lower(upper: &Path, bundle: &Bundle, tree: &Path) -> Result<(), String> {
+/// on another tree: a new version of the app, or the tree of an older ovl that extracted it
+/// into the cache. Then the index is dropped (lower hard links are no longer joined through
+/// it; a stale entry would show one file's content under another's name). The bundle's image
+/// is read in place, and its inode numbers are the image's: the same for the same payload.
+/// State kept from another version stays on top of this one, with a warning.
+pub fn note_lower(upper: &Path, bundle: &Bundle) -> Result<(), String> {
     let work = crate::overlayfs::default_workdir(upper);
-    let md = fs::metadata(tree).map_err(|e| format!("{}: {e}", tree.display()))?;
-    let now = format!("{} {} {}\n", bundle.id(), md.dev(), md.ino());
+    let now = format!("{} image\n", bundle.id());
     let record = work.join("ovl-bundle-lower");
     let before = fs::read_to_string(&record).ok();
     if before.as_deref() == Some(now.as_str()) {

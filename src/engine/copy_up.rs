@@ -333,11 +333,11 @@ impl Overlay {
                             )?;
                         }
                         // Decompressed straight into the copy; holes stay holes.
-                        Real::Img { layer, ino } => self
-                            .layers
-                            .image(*layer)?
-                            .image
-                            .copy_to(*ino, &std::fs::File::from(dst.try_clone()?))?,
+                        Real::Img { layer, ino } => self.layers.image_copy_to(
+                            *layer,
+                            *ino,
+                            &std::fs::File::from(dst.try_clone()?),
+                        )?,
                     }
                     // The data must be durable before the copy is renamed into place, or a
                     // crash could show an empty file where the lower one had data. (An empty

@@ -51,6 +51,8 @@ pub struct ImageLayer {
     /// The `st_dev` reported for its entries: unlike any real device (see [`image_dev`]).
     pub dev: u64,
     pub owner: Option<(u32, u32)>,
+    /// A damaged block was reported (once per mount: every read of it fails the same way).
+    damage_reported: std::sync::atomic::AtomicBool,
 }
 
 /// The `st_dev` of the entries of image layer `layer`. The inode store keys files by
@@ -73,6 +75,7 @@ pub fn open_image(
         image,
         dev: image_dev(layer),
         owner,
+        damage_reported: Default::default(),
     })
 }
 
@@ -336,9 +339,38 @@ impl LayerStack {
     pub fn image_read(&self, layer: u16, ino: u32, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let img = &self.image(layer)?.image;
         let mut buf = vec![0u8; size as usize];
-        let n = img.read(ino, offset, &mut buf)?;
+        let n = img
+            .read(ino, offset, &mut buf)
+            .map_err(|e| self.image_failed(layer, e))?;
         buf.truncate(n);
         Ok(buf)
+    }
+
+    /// Copies regular file `ino` of image layer `layer` into the empty file `out`.
+    pub fn image_copy_to(&self, layer: u16, ino: u32, out: &File) -> io::Result<()> {
+        self.image(layer)?
+            .image
+            .copy_to(ino, out)
+            .map_err(|e| self.image_failed(layer, e))
+    }
+
+    /// A read of an image failed: a damaged block (its hash differs) is said once on stderr,
+    /// naming the file, as the user must know why the app sees EIO; other errors go to the
+    /// caller only.
+    fn image_failed(&self, layer: u16, e: io::Error) -> io::Error {
+        use std::sync::atomic::Ordering;
+        if e.kind() == io::ErrorKind::InvalidData {
+            if let Ok(il) = self.image(layer) {
+                if !il.damage_reported.swap(true, Ordering::Relaxed) {
+                    log::error!(
+                        "{}: {e}: reads of the damaged part fail with EIO (get an intact \
+                         copy of the file)",
+                        self.lowers[usize::from(layer)].path.display()
+                    );
+                }
+            }
+        }
+        io::Error::from_raw_os_error(crate::image::read::errno(&e))
     }
 
     /// Whether any lower layer is an image.
