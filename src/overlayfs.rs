@@ -303,9 +303,7 @@ impl OverlayFS {
     /// Whether a lower layer is an image (the kernel cannot mount those, and a commit cannot
     /// write into one).
     pub fn has_image_lower(&self) -> bool {
-        self.lowers
-            .iter()
-            .any(|l| matches!(l, LowerSource::Image { .. }))
+        self.lowers.iter().any(LowerSource::is_image)
     }
 
     /// The upper directory, if any.
@@ -396,6 +394,7 @@ impl OverlayFS {
                         owner: *owner,
                     });
                 }
+                LowerSource::Opened { .. } => sources.push(l.clone()),
             }
         }
         let mut layers: Vec<(&str, PathBuf)> =
@@ -561,12 +560,10 @@ impl OverlayFS {
                             copy_xattrs(lfd.as_fd_borrowed(), ufd.as_fd_borrowed(), false)?;
                             crate::engine::sys::fstat(lfd.as_fd_borrowed())?
                         }
-                        LowerSource::Image {
-                            path,
-                            offset,
-                            owner,
-                        } => {
-                            let il = lower::open_image(0, path, *offset, *owner)?;
+                        src => {
+                            let il = src
+                                .open_image(0)?
+                                .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOTDIR))?;
                             let root = crate::image::ROOT_INO;
                             copy_xattrs_with(
                                 il.image.listxattr(root)?,

@@ -18,7 +18,7 @@ pub struct Bundle {
     path: PathBuf,
     trailer: Trailer,
     manifest: Manifest,
-    image: Image,
+    image: std::sync::Arc<Image>,
 }
 
 /// A `Read` over a byte range of a file, by positioned reads (threads share the file).
@@ -89,7 +89,7 @@ impl Bundle {
             path: path.to_path_buf(),
             trailer,
             manifest,
-            image,
+            image: std::sync::Arc::new(image),
         })
     }
 
@@ -101,9 +101,10 @@ impl Bundle {
             0 => None,
             uid => Some((uid, unsafe { libc::getegid() })),
         };
-        crate::engine::lower::LowerSource::Image {
+        // The image opened (and checked) here is shared, not read again.
+        crate::engine::lower::LowerSource::Opened {
+            image: self.image.clone(),
             path: self.path.clone(),
-            offset: self.trailer.payload_offset,
             owner,
         }
     }

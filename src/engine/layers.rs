@@ -63,22 +63,14 @@ impl Layer {
     }
 
     fn open_source(layer: usize, src: &LowerSource) -> io::Result<Layer> {
-        match src {
-            LowerSource::Dir(p) => Self::open(p),
-            LowerSource::Image {
-                path,
-                offset,
-                owner,
-            } => {
-                let img = crate::engine::lower::open_image(layer, path, *offset, *owner)?;
-                let root = OwnedFd::from(std::fs::File::open(path)?);
-                Ok(Layer {
-                    path: path.clone(),
-                    root,
-                    dev: img.dev,
-                    image: Some(Box::new(img)),
-                })
-            }
+        match src.open_image(layer)? {
+            None => Self::open(src.path()),
+            Some(img) => Ok(Layer {
+                path: src.path().to_path_buf(),
+                root: OwnedFd::from(std::fs::File::open(src.path())?),
+                dev: img.dev,
+                image: Some(Box::new(img)),
+            }),
         }
     }
 }

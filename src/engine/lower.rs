@@ -14,13 +14,14 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use crate::engine::layers::{self, DirMarks, LayerStack, Redirect, WH_PREFIX};
 use crate::engine::sys::{self, BorrowFd, RawDirent};
 use crate::image::Image;
 
 /// What a lower layer is made of, as given to [`LayerStack::open`].
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum LowerSource {
     /// A directory tree.
     Dir(PathBuf),
@@ -33,21 +34,52 @@ pub enum LowerSource {
         offset: u64,
         owner: Option<(u32, u32)>,
     },
+    /// [`LowerSource::Image`] already opened (and its metadata checked) by the caller, who
+    /// shares it instead of having it read and checked again: an app.run bundle opens its
+    /// image to read the manifest's entry, then mounts it.
+    Opened {
+        image: Arc<Image>,
+        /// The file it is read from (for messages and checks).
+        path: PathBuf,
+        owner: Option<(u32, u32)>,
+    },
 }
 
 impl LowerSource {
     /// The directory or image file.
     pub fn path(&self) -> &std::path::Path {
         match self {
-            LowerSource::Dir(p) | LowerSource::Image { path: p, .. } => p,
+            LowerSource::Dir(p)
+            | LowerSource::Image { path: p, .. }
+            | LowerSource::Opened { path: p, .. } => p,
         }
+    }
+
+    /// Whether the layer is an image.
+    pub fn is_image(&self) -> bool {
+        !matches!(self, LowerSource::Dir(_))
+    }
+
+    /// Opens an image layer as lower `layer` (`None` for a directory).
+    pub fn open_image(&self, layer: usize) -> io::Result<Option<ImageLayer>> {
+        Ok(match self {
+            LowerSource::Dir(_) => None,
+            LowerSource::Image {
+                path,
+                offset,
+                owner,
+            } => Some(open_image(layer, path, *offset, *owner)?),
+            LowerSource::Opened { image, owner, .. } => {
+                Some(ImageLayer::new(image.clone(), layer, *owner))
+            }
+        })
     }
 }
 
 /// An open image layer.
 #[derive(Debug)]
 pub struct ImageLayer {
-    pub image: Image,
+    pub image: Arc<Image>,
     /// The `st_dev` reported for its entries: unlike any real device (see [`image_dev`]).
     pub dev: u64,
     pub owner: Option<(u32, u32)>,
@@ -71,12 +103,18 @@ pub fn open_image(
 ) -> io::Result<ImageLayer> {
     let file = File::open(path)?;
     let image = Image::open(file, offset, crate::image::read::DEFAULT_CACHE)?;
-    Ok(ImageLayer {
-        image,
-        dev: image_dev(layer),
-        owner,
-        damage_reported: Default::default(),
-    })
+    Ok(ImageLayer::new(Arc::new(image), layer, owner))
+}
+
+impl ImageLayer {
+    fn new(image: Arc<Image>, layer: usize, owner: Option<(u32, u32)>) -> ImageLayer {
+        ImageLayer {
+            image,
+            dev: image_dev(layer),
+            owner,
+            damage_reported: Default::default(),
+        }
+    }
 }
 
 /// The stat of an image inode, as a directory layer's fstat would give it.

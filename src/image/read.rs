@@ -106,6 +106,12 @@ pub struct DirEntry<'a> {
     pub dtype: u8,
 }
 
+thread_local! {
+    /// Each reading thread's zstd context, kept between blocks.
+    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// Decompressed blocks, bounded by bytes; evicts the least recently used. Sharded by block
 /// number so threads reading different blocks do not wait on one lock. A block being loaded
 /// is marked, so threads that want it at the same time (the kernel's parallel readahead into
@@ -155,7 +161,7 @@ impl BlockCache {
     fn get_or_load(
         &self,
         b: u32,
-        load: impl FnOnce() -> io::Result<Vec<u8>>,
+        load: impl FnOnce() -> io::Result<Arc<[u8]>>,
     ) -> io::Result<Arc<[u8]>> {
         let (m, cv) = &self.shards[b as usize % SHARDS];
         let mut s = m.lock().unwrap();
@@ -172,7 +178,7 @@ impl BlockCache {
         }
         drop(s);
         let _mark = Loading { cache: self, b };
-        let d: Arc<[u8]> = load()?.into();
+        let d = load()?;
         self.put(b, d.clone());
         Ok(d)
     }
@@ -516,9 +522,24 @@ impl Image {
             if blake3::hash(&z).as_bytes() != &r[16..48] {
                 return Err(corrupt(format!("block {b} does not match its hash")));
             }
-            let d = zstd::bulk::decompress(&z, ulen as usize)
+            // Straight into the shared buffer the cache keeps (no copy), with this thread's
+            // decompression context (made once per thread, not once per block).
+            let d = Arc::<[u8]>::new_zeroed_slice(ulen as usize);
+            // SAFETY: zeroed bytes are valid u8s.
+            let mut d = unsafe { d.assume_init() };
+            let buf = Arc::get_mut(&mut d).expect("not shared yet");
+            let n = DCTX
+                .with(|c| match &mut *c.borrow_mut() {
+                    Some(dc) => dc.decompress_to_buffer(&z, buf),
+                    slot => {
+                        let mut dc = zstd::bulk::Decompressor::new()?;
+                        let r = dc.decompress_to_buffer(&z, buf);
+                        *slot = Some(dc);
+                        r
+                    }
+                })
                 .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
-            if d.len() != ulen as usize {
+            if n != ulen as usize {
                 return Err(corrupt(format!("block {b} has the wrong size")));
             }
             self.loads.fetch_add(1, Ordering::Relaxed);
