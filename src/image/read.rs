@@ -677,10 +677,10 @@ mod tests {
         }
         // One shard, room for one 60-byte block.
         assert_eq!(c.shards[0].0.lock().unwrap().map.len(), 1);
-        let fail = || -> io::Result<Vec<u8>> { Err(os(libc::EIO)) };
+        let fail = || -> io::Result<Arc<[u8]>> { Err(os(libc::EIO)) };
         assert_eq!(c.get_or_load(63 * SHARDS as u32, fail).unwrap()[0], 63);
         assert!(c.get_or_load(0, fail).is_err());
         // A failed load leaves no mark behind: the next one runs.
-        assert_eq!(c.get_or_load(0, || Ok(vec![7])).unwrap()[0], 7);
+        assert_eq!(c.get_or_load(0, || Ok(vec![7].into())).unwrap()[0], 7);
     }
 }
