@@ -524,8 +524,11 @@ impl Image {
             }
             // Straight into the shared buffer the cache keeps (no copy), with this thread's
             // decompression context (made once per thread, not once per block).
-            let d = Arc::<[u8]>::new_zeroed_slice(ulen as usize);
-            // SAFETY: zeroed bytes are valid u8s.
+            let mut d = Arc::<[u8]>::new_uninit_slice(ulen as usize);
+            Arc::get_mut(&mut d)
+                .expect("not shared yet")
+                .fill(std::mem::MaybeUninit::new(0));
+            // SAFETY: every byte was just written.
             let mut d = unsafe { d.assume_init() };
             let buf = Arc::get_mut(&mut d).expect("not shared yet");
             let n = DCTX
