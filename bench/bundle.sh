@@ -3,7 +3,7 @@
 # directory, for two apps: a Python interpreter with its standard library (small), and a whole
 # Python distribution with its site-packages (large: >= 500 MB, >= 40 000 files). Per app:
 # bundle size and pack time (ovl-pack against mksquashfs, both on every core), then start-up:
-# app.run's first run (empty cache), later runs cold and warm, squashfuse mount + run + umount
+# app.run's first run (empty cache and state), later runs cold and warm, squashfuse mount + run + umount
 # cold and warm, the plain directory cold and warm, and the disk the cache grew by.
 # Median of $REPS runs; writes bench/results-bundle.md.
 #   bench/bundle.sh [--build]        as root (drops caches between runs)
@@ -134,8 +134,8 @@ bench_app() {
         echo "|---|---:|---:|"
         echo "| plain directory, cold | $pc | 1.00× |"
         echo "| plain directory, warm | $pw | 1.00× |"
-        echo "| app.run, first run (empty cache: extract, mount, run), cold | $(m first) | $(ratio "$(m first)" "$pc")× |"
-        echo "| app.run, later run (cached tree, mount, run), cold | $(m later_cold) | $(ratio "$(m later_cold)" "$pc")× |"
+        echo "| app.run, first run (empty cache and state: mount the image in place, run), cold | $(m first) | $(ratio "$(m first)" "$pc")× |"
+        echo "| app.run, later run, cold | $(m later_cold) | $(ratio "$(m later_cold)" "$pc")× |"
         echo "| app.run, later run, warm | $(m later_warm) | $(ratio "$(m later_warm)" "$pw")× |"
         echo "| squashfuse mount + run + umount, cold | $(m sq_cold) | $(ratio "$(m sq_cold)" "$pc")× |"
         echo "| squashfuse mount + run + umount, warm | $(m sq_warm) | $(ratio "$(m sq_warm)" "$pw")× |"

@@ -1,11 +1,9 @@
 //! Reading a bundle: trailer, manifest, image, verification, and extraction of the tree.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::format::{Manifest, TRAILER_LEN, Trailer};
 use crate::error::{Error, Result};
@@ -226,63 +224,3 @@ impl Bundle {
     }
 }
 
-/// The metadata extraction gives an entry, for [`apply_meta`].
-pub(super) struct Meta {
-    pub symlink: bool,
-    /// Permission bits (`& 0o7777`).
-    pub mode: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub mtime: i64,
-    pub mtime_nsec: u32,
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// Owner (root only), xattrs, mode, mtime, in the order that keeps each: chown clears
-/// set-id bits, so chmod comes after it.
-pub(super) fn apply_meta(p: &Path, e: &Meta, root: bool, skipped: &AtomicUsize) -> Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = crate::engine::sys::cstr(p.as_os_str()).map_err(|err| Error::io("naming", p, err))?;
-    let symlink = e.symlink;
-    if root && unsafe { libc::lchown(c.as_ptr(), e.uid, e.gid) } < 0 {
-        return Err(Error::io("chown", p, io::Error::last_os_error()));
-    }
-    for (k, v) in e
-        .xattrs
-        .iter()
-        .filter(|(k, _)| crate::image::packable_xattr(k))
-    {
-        if let Err(err) = xattr::set(p, OsStr::from_bytes(k), v) {
-            let host_specific = k.starts_with(b"security.") || !root;
-            match err.raw_os_error() {
-                Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOTSUP)
-                | Some(libc::EINVAL)
-                    if host_specific =>
-                {
-                    skipped.fetch_add(1, Ordering::Relaxed);
-                }
-                _ => return Err(Error::io("setting xattrs of", p, err)),
-            }
-        }
-    }
-    if !symlink && unsafe { libc::chmod(c.as_ptr(), e.mode) } < 0 {
-        return Err(Error::io("chmod", p, io::Error::last_os_error()));
-    }
-    let t = libc::timespec {
-        tv_sec: e.mtime,
-        tv_nsec: e.mtime_nsec as _,
-    };
-    let times = [t, t];
-    if unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    } < 0
-    {
-        return Err(Error::io("setting times of", p, io::Error::last_os_error()));
-    }
-    Ok(())
-}

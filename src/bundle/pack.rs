@@ -3,14 +3,13 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::format::{Manifest, Trailer, check_name, check_path};
 use crate::OverlayAction;
 use crate::error::{Error, Result};
-use crate::image::{ImageOptions, packable_xattr, write_image};
+use crate::image::{ImageOptions, write_image};
 
 /// What to put in the manifest and how hard to compress.
 #[derive(Clone, Debug)]
@@ -51,23 +50,6 @@ pub struct PackSummary {
     pub data_bytes: u64,
     /// The bundle file's size.
     pub bundle_bytes: u64,
-}
-
-/// The packable xattrs of `path` (not following a symlink), sorted by name.
-pub(crate) fn read_xattrs(path: &Path) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut xattrs = Vec::new();
-    let names = xattr::list(path).map_err(|e| Error::io("listing xattrs of", path, e))?;
-    for n in names {
-        let nb = n.as_bytes();
-        if !packable_xattr(nb) {
-            continue;
-        }
-        if let Some(v) = xattr::get(path, &n).map_err(|e| Error::io("reading", path, e))? {
-            xattrs.push((nb.to_vec(), v));
-        }
-    }
-    xattrs.sort();
-    Ok(xattrs)
 }
 
 /// Builds `out` from `runtime` (the launcher's bytes) and the tree at `appdir`. The file is
