@@ -3,11 +3,15 @@
 //! and finished by the next run, `--root`, a normal user, and auto's fallback to FUSE where
 //! the kernel refuses (an upper on an overlay, an option only FUSE has).
 //!
-//! The whole `tests/ovl_run` suite also runs under a backend with `OVL_RUN_BACKEND=kernel`.
 //! Skipped, saying so, where the kernel's overlay cannot be mounted.
+//!
+//! This target also runs the whole `tests/ovl_run` suite again (module `suite`), every
+//! ovl-run of it on the kernel backend (`tests/ovl_run/main.rs` says how).
 
-mod common;
+#[path = "ovl_run/main.rs"]
+mod suite;
 use common::*;
+use suite::common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
