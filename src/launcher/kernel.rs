@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
     /// The kernel's overlay where the kernel accepts the mount, else ovl's FUSE engine.
+    #[default]
     Auto,
     /// The kernel's overlay, or fail.
     Kernel,
     /// ovl's FUSE engine.
-    #[default]
     Fuse,
 }
 
