@@ -512,6 +512,7 @@ fn auto_falls_back_to_fuse_where_the_kernel_refuses() {
 }
 
 /// An option only the FUSE engine has: auto serves it on FUSE, kernel refuses it up front.
+/// Without `--backend` or `$OVL_RUN_BACKEND`, a run is auto's.
 #[test]
 fn auto_uses_fuse_for_fuse_only_options() {
     if !kernel_or_skip() {
@@ -530,6 +531,18 @@ fn auto_uses_fuse_for_fuse_only_options() {
     ok_on(&o, "fuse");
     assert_eq!(o.stdout, "fuseblk\n");
     let o = w.sh("auto", &[], "stat -f -c %T .");
+    ok_on(&o, "kernel");
+    assert_eq!(o.stdout, "overlayfs\n");
+    // The default is auto: on the kernel here, and -v says so.
+    let mut c = Command::new(BIN);
+    c.current_dir(&w.root)
+        .env("XDG_CACHE_HOME", w.p("cache"))
+        .env_remove("OVL_RUN_BACKEND")
+        .env_remove("RUST_LOG")
+        .args(["-v", "--lower"])
+        .arg(&w.lower)
+        .args(["--", "stat", "-f", "-c", "%T", "."]);
+    let o = run(c);
     ok_on(&o, "kernel");
     assert_eq!(o.stdout, "overlayfs\n");
     // The default backend follows OVL_RUN_BACKEND.
