@@ -449,6 +449,51 @@ fn user_upper_with_redirects_stays_on_fuse() {
     assert_eq!(tree(&w.upper()), ["sub c0", "sub2/"]);
 }
 
+/// A lower file with two names, copied up through one by a FUSE run: ovl's engine indexes the
+/// link (WORK/ovl-index) and shows the other name as the copy too, where the kernel's overlay
+/// (index=off) would show it with the lower's old content. auto stays on FUSE for such an
+/// upper (and says why with -v), kernel refuses to start; nothing changes either way.
+#[test]
+fn upper_with_indexed_hard_links_stays_on_fuse() {
+    if !kernel_or_skip() {
+        return;
+    }
+    let w = World::new();
+    fs::hard_link(w.lower.join("f"), w.lower.join("sub/f2")).unwrap();
+    let o = w.sh("fuse", &[], "echo more >> f");
+    ok_on(&o, "fuse");
+    let index = w.work().join("ovl-index");
+    assert_eq!(fs::read_dir(&index).unwrap().count(), 1);
+    let o = w.sh("auto", &[], "stat -f -c %T . && cat sub/f2");
+    ok_on(&o, "fuse");
+    assert_eq!(o.stdout, "fuseblk\nlower\nmore\n");
+    assert!(
+        o.stderr.contains(&format!(
+            "{}: hard links of lower files that ovl's engine copied up",
+            index.display()
+        )),
+        "{o:?}"
+    );
+    let before = tree(&w.upper());
+    let o = w.sh("kernel", &[], "cat sub/f2");
+    assert_eq!((o.code, o.stdout.as_str()), (125, ""), "{o:?}");
+    assert!(
+        o.stderr
+            .trim()
+            .starts_with(&format!("ovl-run: {}: hard links", index.display()))
+            && o.stderr.trim().ends_with("use --backend fuse or auto"),
+        "{o:?}"
+    );
+    assert_eq!(tree(&w.upper()), before);
+    // Committed (on FUSE), the lower has both names as one file again, and runs are on the
+    // kernel from then on.
+    let o = w.sh("auto", &["--on-exit", "commit"], "true");
+    ok_on(&o, "fuse");
+    let o = w.sh("auto", &[], "stat -f -c %T . && cat sub/f2");
+    ok_on(&o, "kernel");
+    assert_eq!(o.stdout, "overlayfs\nlower\nmore\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // auto
 

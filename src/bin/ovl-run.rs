@@ -248,27 +248,20 @@ fn real_main() -> i32 {
         }
     };
 
-    if backend != Backend::Fuse && unsafe { libc::geteuid() } != 0 {
-        // The kernel in a user namespace follows no redirect: directories a FUSE run renamed
-        // would be refused there.
-        match launcher::kernel::find_user_redirect(&upper) {
+    if backend != Backend::Fuse {
+        // What an earlier FUSE run left that the kernel's overlay would show otherwise (hard
+        // links ovl indexed) or refuse (a normal user's directory renames).
+        let userns = unsafe { libc::geteuid() } != 0;
+        match launcher::kernel::fuse_only_state(&upper, &work, userns) {
             Ok(None) => {}
-            Ok(Some(dir)) if backend == Backend::Auto => {
-                log::info!(
-                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
-                     overlay refuses in a user namespace: using the FUSE engine",
-                    dir.display()
-                );
+            Ok(Some(why)) if backend == Backend::Auto => {
+                log::info!("{why}: using the FUSE engine");
                 backend = Backend::Fuse;
             }
-            Ok(Some(dir)) => {
+            Ok(Some(why)) => {
                 drop(scratch);
                 forget(Some(lock));
-                return fail(format!(
-                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
-                     overlay refuses in a user namespace: use --backend fuse or auto",
-                    dir.display()
-                ));
+                return fail(format!("{why}: use --backend fuse or auto"));
             }
             Err(e) if backend == Backend::Auto => {
                 log::info!("{}: {e}: using the FUSE engine", upper.display());
