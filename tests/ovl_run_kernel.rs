@@ -19,6 +19,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+// The suite included here knows it is the kernel backend's build (it tells by this target's
+// crate name): renaming the target must not quietly run it on FUSE again.
+const _: () = assert!(
+    suite::ON_KERNEL,
+    "tests/ovl_run/main.rs: ON_KERNEL names this target"
+);
+
 const BIN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const USER: &str = "ovl-test";
 

@@ -43,7 +43,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const USER: &str = TEST_USER;
 
 /// Whether this build of the suite is the kernel backend's (the test target `ovl_run_kernel`).
-const ON_KERNEL: bool = same(env!("CARGO_CRATE_NAME"), "ovl_run_kernel");
+pub(crate) const ON_KERNEL: bool = same(env!("CARGO_CRATE_NAME"), "ovl_run_kernel");
 
 const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
