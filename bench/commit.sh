@@ -17,6 +17,9 @@ if [[ ${1:-} == --build || ! -x $CARGO_TARGET_DIR/release/ovl-run ]]; then
     (cd "$REPO" && cargo build --release --quiet --bin ovl-run)
 fi
 RUN=$CARGO_TARGET_DIR/release/ovl-run
+# ovl-run's FUSE engine, as in the recorded results (its default backend, auto, would take the
+# kernel's overlay here); OVL_RUN_BACKEND=kernel measures that one.
+export OVL_RUN_BACKEND=${OVL_RUN_BACKEND:-fuse}
 rm -rf "$WORK"
 mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT

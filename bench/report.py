@@ -5,7 +5,9 @@ import statistics
 import sys
 
 NAMES = {"plain": "plain dir", "kernel": "kernel overlayfs", "fuse-overlayfs": "fuse-overlayfs", "ovl": "ovl",
-         "ovl-user": "ovl non-root (ovl-run)"}
+         "ovl-user": "ovl non-root (ovl-run)",
+         "ovlrun-fuse": "ovl-run fuse", "ovlrun-kernel": "ovl-run kernel",
+         "ovlrun-user-fuse": "ovl-run fuse, non-root", "ovlrun-user-kernel": "ovl-run kernel, non-root"}
 CACHE = {
     "cold": "cold",
     "warm": "warm",
@@ -54,7 +56,10 @@ def main(res, fs_list):
     w("|---|---|")
     for k, label in [("nproc", "nproc"), ("cpu", "CPU"), ("mem", "memory"), ("kernel", "kernel"),
                      ("workfs", "fixtures/uppers on"), ("nofile", "RLIMIT_NOFILE"),
-                     ("ovl_inherited_nofile", "ovl under the inherited limit"), ("ovl_user", "ovl non-root"), ("ovl", "ovl commit"), ("ovl_mount", "ovl-mount binary"), ("ovl_run", "ovl-run binary"),
+                     ("ovl_inherited_nofile", "ovl under the inherited limit"), ("ovl_user", "ovl non-root"),
+                     ("session_ovlrun-fuse", "ovl-run fuse"), ("session_ovlrun-kernel", "ovl-run kernel"),
+                     ("session_ovlrun-user-fuse", "ovl-run fuse, non-root"),
+                     ("session_ovlrun-user-kernel", "ovl-run kernel, non-root"), ("quick", "quick run"), ("ovl", "ovl commit"), ("ovl_mount", "ovl-mount binary"), ("ovl_run", "ovl-run binary"),
                      ("fuse_overlayfs", "fuse-overlayfs"), ("python", "python copied into the lower"),
                      ("reps", "repetitions"), ("runtime", "whole run took"),
                      ("load_start", "load average at start"), ("load_end", "load average at end")]:
@@ -97,14 +102,18 @@ def main(res, fs_list):
       "Other processes may share the machine: the load averages above say how busy it was. "
       "The plain directory is a copy of the lower, restored before each "
       "repetition.\n")
-    if "ovl-user" in fss:
-        w("**ovl non-root (ovl-run)**: ovl as an unprivileged user, mounted by `ovl-run` in a "
-          "user + mount namespace (no FUSE passthrough without privilege: every read and write "
-          "goes through the daemon). One `ovl-run --lower LOWER --upper U --on-exit discard` "
-          "session per repetition runs the same workloads, timed inside the session, with the "
-          "caches dropped from outside as for the others; its `mount + true + umount` row is "
-          "`ovl-run ... -- true` end to end as that user. The lower is owned by the user (so it "
-          "may delete and copy up); root, which runs the other columns, ignores ownership.\n")
+    if any(f.startswith("ovlrun") or f == "ovl-user" for f in fss):
+        w("**ovl-run columns**: one `ovl-run --backend fuse|kernel --lower LOWER --upper U "
+          "--on-exit discard` session per column and repetition runs the same workloads, timed "
+          "inside the session, with the caches dropped from outside as for the others; the "
+          "session first checks it runs on its backend's filesystem (`fuseblk` or `overlayfs`), "
+          "so no column follows ovl-run's default backend. `fuse` is ovl's engine (as root with "
+          "FUSE passthrough), `kernel` the kernel's overlay mounted by ovl-run in the run's "
+          "namespace. **non-root**: as an unprivileged user, in a user + mount namespace (the "
+          "FUSE engine has no passthrough there: every read and write goes through the daemon; "
+          "the kernel's overlay uses `userxattr`). The lower is owned by that user (so it may "
+          "delete and copy up); root, which runs the other columns, ignores ownership. Their "
+          "`mount + true + umount` row is `ovl-run ... -- true` end to end.\n")
     if meta.get("small_tree") == "1":
         w("## The tree workloads on a 10 000-file tree\n")
         w("Run because ovl cannot hold the 20 000-file tree under this machine's RLIMIT_NOFILE "
@@ -114,11 +123,12 @@ def main(res, fs_list):
           "fresh mount and upper.\n")
         table("small")
     skipped = [label for wid, label, _, _ in workloads
-               if wid.startswith("ovlrun") and cell("ovl", wid)[1] == "skipped"]
+               if wid.startswith("ovlrun")
+               and all(cell(f, wid)[1] == "skipped" for f in fss if f in ("ovlrun-fuse", "ovlrun-kernel"))
+               and any(f in ("ovlrun-fuse", "ovlrun-kernel") for f in fss)]
     if skipped:
         w("**Placeholders, skipped:** " + "; ".join(f"`{s}`" for s in skipped) +
-          " — `ovl-run` was not found next to `ovl-mount` (or does not run yet). `run.sh` runs "
-          "these rows automatically once it is built there.\n")
+          " — the root ovl-run columns were skipped (see the machine table for why).\n")
 
     w("## Memory: FUSE daemon peak RSS after stat-ing 200 000 files\n")
     w("One run on a fresh mount of a lower holding 2 000 directories × 100 empty files; "
@@ -131,7 +141,7 @@ def main(res, fs_list):
     w("| filesystem | stat 200k files (s) | VmHWM | VmRSS after | open fds after | VmHWM after the main workloads (median) |")
     w("|---|---:|---:|---:|---:|---:|")
     for f in fss:
-        if f == "ovl-user":
+        if f == "ovl-user" or f.startswith("ovlrun"):
             continue
         t = cell(f, "stat_huge")[1]
         if f in rss:

@@ -3,15 +3,23 @@
 # the lower), kernel overlayfs, fuse-overlayfs and ovl (ovl-mount), over the same generated
 # lower tree, a fresh upper per repetition; median of REPS runs; table of seconds and ratios
 # to kernel overlayfs, printed and written to bench/results.md. Run as root.
-# `ovl-user` is ovl as a non-root user through ovl-run (user + mount namespace, fusermount-free
-# FUSE mount, no passthrough): a user (OVL_BENCH_USER, default ovl-bench, created if missing)
-# runs one ovl-run session per repetition, whose command executes the timed workloads sent by
-# this script (so drop_caches and checks stay here); the lower is chowned to that user so it
-# may write and delete (root ignores ownership, the other contenders are unaffected).
+# The ovl-run columns are ovl-run sessions, one per backend and user, so no column changes
+# backend with ovl-run's default: `ovlrun-fuse` / `ovlrun-kernel` run
+# `ovl-run --backend fuse|kernel` as root, `ovlrun-user-fuse` / `ovlrun-user-kernel` as a
+# normal user (user + mount namespace; FUSE without passthrough). A user (OVL_BENCH_USER,
+# default ovl-bench, created if missing) gets the lower chowned to it so it may write and
+# delete (root ignores ownership, the other contenders are unaffected). Each repetition runs
+# one ovl-run session per column, whose command executes the timed workloads sent by this
+# script (so drop_caches and checks stay here), after checking it runs on the filesystem its
+# backend names (overlayfs or fuseblk). `ovl-user` is accepted for `ovlrun-user-fuse`.
 #
-#   bench/run.sh [--build] [--reps N] [--fs "plain kernel fuse-overlayfs ovl ovl-user"] [--out FILE]
+#   bench/run.sh [--build] [--quick] [--reps N] [--fs "plain kernel ... ovlrun-user-kernel"]
+#                [--out FILE]
 #
 #   --build   build ovl first (cargo build --release into $CARGO_TARGET_DIR)
+#   --quick   prove the script works, not a measurement: 1 repetition over tiny fixtures
+#             (2 000-file trees, 16 MiB big file) in /tmp/ovl-bench-quick (OVL_BENCH_DIR), the
+#             report written to that dir (not bench/results.md) unless --out is given
 # Environment: see bench/lib.sh (OVL_BENCH_DIR, CARGO_TARGET_DIR, OVL_MOUNT, OVL_RUN, REGEN,
 # BENCH_STORAGE), and SMALL_TREE=auto|1|0: also run the tree workloads on a 10 000-file tree
 # (auto: when ovl cannot stat the 20 000-file tree under the inherited RLIMIT_NOFILE).
@@ -20,23 +28,36 @@
 set -euo pipefail
 export LC_ALL=C
 
+QUICK=
+for a; do [[ $a == --quick ]] && QUICK=1; done
+# Quick runs never share a work dir (or fixtures) with full ones.
+[[ -z $QUICK ]] || export OVL_BENCH_DIR=${OVL_BENCH_DIR:-/tmp/ovl-bench-quick}
+
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 REPS=3
-FS_LIST="plain kernel fuse-overlayfs ovl ovl-user"
+FS_LIST="plain kernel fuse-overlayfs ovl ovlrun-fuse ovlrun-kernel ovlrun-user-fuse ovlrun-user-kernel"
 OUT=$BENCH_DIR/results.md
 BUILD=
 while (($#)); do
     case $1 in
         --build) BUILD=1 ;;
+        --quick) ;;
         --reps) REPS=$2; shift ;;
         --fs) FS_LIST=$2; shift ;;
         --out) OUT=$2; shift ;;
-        -h | --help) sed -n '2,14p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,30p' "$0"; exit 0 ;;
         *) die "unknown argument $1 (see --help)" ;;
     esac
     shift
 done
+FS_LIST=$(sed -E 's/(^| )ovl-user( |$)/\1ovlrun-user-fuse\2/g' <<<"$FS_LIST")
+if [[ -n $QUICK ]]; then
+    REPS=1
+    [[ $OUT != "$BENCH_DIR/results.md" ]] || OUT=$WORK/results-quick.md
+    TREE_DIRS=20 SMALL_DIRS=10 HUGE_DIRS=20 BIG_MIB=16
+    FIXTURE_VERSION="quick small=${SMALL_DIRS} tree=${TREE_DIRS}x${TREE_FILES}x${TREE_MAX} big=${BIG_MIB} huge=${HUGE_DIRS}x${HUGE_FILES} py=$PY_SRC_BIN"
+fi
 
 (($(id -u) == 0)) || die "run as root (kernel overlayfs, drop_caches, allow_other)"
 command -v fuse-overlayfs >/dev/null || die "fuse-overlayfs not installed (apt-get install fuse-overlayfs)"
@@ -63,7 +84,7 @@ rm -rf "$RES"
 mkdir -p "$RES"
 : >"$RAW"
 
-trap 'user_session_abort; cleanup_mounts; umount_data' EXIT
+trap 'session_abort; cleanup_mounts; umount_data' EXIT
 trap 'log "interrupted"; exit 130' INT TERM
 cleanup_mounts
 
@@ -129,8 +150,8 @@ NFILES=$((TREE_DIRS * TREE_FILES))
 # One repetition of the main workloads on one filesystem.
 suite() {
     local fs=$1 rep=$2 m pid
-    if [[ $fs == ovl-user ]]; then
-        suite_user "$rep"
+    if [[ $fs == ovlrun-* ]]; then
+        suite_session "$fs" "$rep"
         return
     fi
     if [[ $fs == plain ]]; then
@@ -179,7 +200,7 @@ suite() {
 # The tree workloads again on a 10 000-file tree (fresh mount and upper).
 suite_small() {
     local fs=$1 rep=$2 m
-    [[ $fs != ovl-user ]] || return 0
+    [[ $fs != ovlrun-* ]] || return 0
     if [[ $fs == plain ]]; then
         restore_plain
         m=$PLAIN
@@ -199,45 +220,94 @@ suite_small() {
     [[ $fs == plain ]] || fs_umount "$MNT"
 }
 
-# --- ovl as a non-root user, through ovl-run -------------------------------------------------
+# --- ovl-run sessions: a column per backend, as root and as a normal user ---------------------
 BENCH_USER=${OVL_BENCH_USER:-ovl-bench}
-UDIR=$DATA/ovl-user  # owned by the user: upper (+ its work dir beside it), mount point, FIFOs
+declare -A SESSION_OK  # column -> ok, or why it is skipped
 
-# Creates the user if missing and gives it the lower. Prints why ovl-user cannot run, if so.
-user_setup() {
-    [[ -x $OVL_RUN ]] || { echo "ovl-run not built ($OVL_RUN)"; return; }
-    id -u "$BENCH_USER" >/dev/null 2>&1 || useradd -M -s /bin/sh "$BENCH_USER" ||
-        { echo "cannot create user $BENCH_USER"; return; }
-    command -v setpriv >/dev/null || { echo "setpriv (util-linux) missing"; return; }
-    chown -R "$BENCH_USER:" "$LOWER"
-    chmod 755 "$DATA"
-    rm -rf "$UDIR"; mkdir -p "$UDIR"; chown "$BENCH_USER:" "$UDIR"
-    as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/u0" --mountpoint "$UDIR/m0" \
-        --on-exit discard -- test -f "$UDIR/m0/big" 2>"$RES/user-probe.err" ||
-        { echo "ovl-run as $BENCH_USER failed: $(head -c 300 "$RES/user-probe.err")"; return; }
-    echo ok
+# A column's user (root or user) and backend (fuse or kernel): ovlrun[-user]-BACKEND.
+col_who() { if [[ $1 == ovlrun-user-* ]]; then echo user; else echo root; fi; }
+col_backend() { echo "${1##*-}"; }
+# The column's directory: upper (+ its work dir beside it), mount point, FIFOs, cache; owned
+# by whoever runs the session.
+col_dir() { echo "$DATA/$1"; }
+# What `stat -f -c %T` says in the mount of a backend.
+col_fstype() { if [[ $(col_backend "$1") == kernel ]]; then echo overlayfs; else echo fuseblk; fi; }
+
+# run_as COL CMD...: runs CMD as the column's user, with a minimal environment, HOME in the
+# column's directory (root: no PAM, the same environment).
+run_as() {
+    local col=$1 d
+    d=$(col_dir "$col")
+    shift
+    local env=(env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$d" XDG_CACHE_HOME="$d/cache" LC_ALL=C)
+    if [[ $(col_who "$col") == user ]]; then
+        setpriv --reuid="$(id -u "$BENCH_USER")" --regid="$(id -g "$BENCH_USER")" --clear-groups \
+            "${env[@]}" "$@"
+    else
+        "${env[@]}" "$@"
+    fi
 }
 
-# Runs a command as the bench user: no PAM, a minimal environment, HOME in its directory.
-as_user() {
-    setpriv --reuid="$(id -u "$BENCH_USER")" --regid="$(id -g "$BENCH_USER")" --clear-groups \
-        env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$UDIR" XDG_CACHE_HOME="$UDIR/cache" \
-        LC_ALL=C "$@"
+# The column's ovl-run with its backend pinned: ovl-run OPTS... (as the column's user).
+col_ovlrun() { run_as "$1" "$OVL_RUN" -q --backend "$(col_backend "$1")" "${@:2}"; }
+
+# Sets up every ovl-run column of FS_LIST (the user, the lower chowned to it, a probe run on
+# the column's backend); SESSION_OK says per column ok or why not.
+session_setup() {
+    local fs d why user_why=
+    for fs in $FS_LIST; do
+        [[ $fs == ovlrun-* ]] || continue
+        case $fs in ovlrun-fuse | ovlrun-kernel | ovlrun-user-fuse | ovlrun-user-kernel) ;;
+            *) die "unknown column $fs (ovlrun-fuse, ovlrun-kernel, ovlrun-user-fuse, ovlrun-user-kernel)" ;;
+        esac
+        why=
+        if [[ ! -x $OVL_RUN ]]; then
+            why="ovl-run not built ($OVL_RUN)"
+        elif [[ $(col_who "$fs") == user ]]; then
+            if [[ -z $user_why ]]; then
+                user_why=ok
+                if ! id -u "$BENCH_USER" >/dev/null 2>&1 && ! useradd -M -s /bin/sh "$BENCH_USER"; then
+                    user_why="cannot create user $BENCH_USER"
+                elif ! command -v setpriv >/dev/null; then
+                    user_why="setpriv (util-linux) missing"
+                else
+                    chown -R "$BENCH_USER:" "$LOWER"
+                    chmod 755 "$DATA"
+                fi
+            fi
+            [[ $user_why == ok ]] || why=$user_why
+        fi
+        if [[ -z $why ]]; then
+            d=$(col_dir "$fs")
+            rm -rf "$d"; mkdir -p "$d"
+            [[ $(col_who "$fs") == root ]] || chown "$BENCH_USER:" "$d"
+            if ! (cd "$d" && col_ovlrun "$fs" --lower "$LOWER" --upper "$d/u0" --mountpoint "$d/m0" \
+                --on-exit discard -- sh -c 'test -f big && stat -f -c %T .' >"$RES/$fs-probe.out" 2>"$RES/$fs-probe.err"); then
+                why="ovl-run --backend $(col_backend "$fs") as $(col_who "$fs") failed: $(head -c 300 "$RES/$fs-probe.err")"
+            elif [[ $(<"$RES/$fs-probe.out") != "$(col_fstype "$fs")" ]]; then
+                why="ovl-run --backend $(col_backend "$fs") ran on $(<"$RES/$fs-probe.out"), not $(col_fstype "$fs")"
+            fi
+        fi
+        SESSION_OK[$fs]=${why:-ok}
+        [[ -z $why ]] || log "$fs rows skipped: $why"
+    done
 }
 
-# Starts the user's ovl-run session: a bash loop inside the mount that reads one command per
-# line from $UDIR/in, runs it (timed there, with the workload functions of lib.sh) and answers
-# "STATUS SECONDS" on $UDIR/out.
-user_session_start() {
-    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work" "$UDIR/mnt" "$UDIR/in" "$UDIR/out"
-    mkfifo "$UDIR/in" "$UDIR/out"
+# Starts column COL's ovl-run session: a bash loop inside the mount that reads one command per
+# line from DIR/in, runs it (timed there, with the workload functions of lib.sh) and answers
+# "STATUS SECONDS" on DIR/out. The session first says which filesystem it runs on.
+session_start() {
+    local fs=$1 d
+    d=$(col_dir "$fs")
+    rm -rf "$d/upper" "$d/.upper.ovl-work" "$d/mnt" "$d/in" "$d/out"
+    mkfifo "$d/in" "$d/out"
     {
         declare -p PY_IMPORTS BIG_MIB CREATE_TAR CREATE10K_TAR
         declare -f w_stat w_read w_py w_seqread w_seqwrite w_smallwrite w_rtt w_copyup w_create \
             w_delete size_is count_files
         cat <<'EOS'
 exec 3<"$1/in" 4>"$1/out"
-echo ready >&4
+echo "ready $(stat -f -c %T .)" >&4
 while IFS= read -r line <&3; do
     [[ $line == quit ]] && break
     s=$EPOCHREALTIME
@@ -246,33 +316,33 @@ while IFS= read -r line <&3; do
     echo "$rc $(awk -v s="$s" -v e="$e" 'BEGIN { printf "%.3f", e - s }')" >&4
 done
 EOS
-    } >"$UDIR/session.sh"
-    chown "$BENCH_USER:" "$UDIR"/{in,out,session.sh}
-    (cd "$UDIR" && as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/upper" \
-        --mountpoint "$UDIR/mnt" --on-exit discard -- bash "$UDIR/session.sh" "$UDIR" \
-        >>"$RES/user-session.log" 2>&1) &
-    USER_SESSION=$!
-    exec {UIN}>"$UDIR/in" {UOUT}<"$UDIR/out"
+    } >"$d/session.sh"
+    [[ $(col_who "$fs") == root ]] || chown "$BENCH_USER:" "$d"/{in,out,session.sh}
+    (cd "$d" && col_ovlrun "$fs" --lower "$LOWER" --upper "$d/upper" --mountpoint "$d/mnt" \
+        --on-exit discard -- bash "$d/session.sh" "$d" >>"$RES/$fs-session.log" 2>&1) &
+    SESSION=$!
+    exec {UIN}>"$d/in" {UOUT}<"$d/out"
     local ready
     read -r ready <&"$UOUT"
-    [[ $ready == ready ]]
+    [[ $ready == "ready $(col_fstype "$fs")" ]] ||
+        { log "  $fs: the session runs on '${ready#ready }', not $(col_fstype "$fs")"; session_stop "$fs"; return 1; }
 }
-user_session_stop() {
+session_stop() {
     echo quit >&"$UIN"
     exec {UIN}>&- {UOUT}<&-
-    wait "$USER_SESSION" || log "  ovl-user session ended with status $?"
-    USER_SESSION=
+    wait "$SESSION" || log "  $1 session ended with status $?"
+    SESSION=
 }
 # On exit: closing the FIFO ends the session's loop; ovl-run then unmounts and discards.
-user_session_abort() {
-    [[ -n ${USER_SESSION:-} ]] || return 0
+session_abort() {
+    [[ -n ${SESSION:-} ]] || return 0
     exec {UIN}>&- {UOUT}<&- 2>/dev/null || true
     local i
     for ((i = 0; i < 100; i++)); do
-        kill -0 "$USER_SESSION" 2>/dev/null || return 0
+        kill -0 "$SESSION" 2>/dev/null || return 0
         sleep 0.1
     done
-    kill "$USER_SESSION" 2>/dev/null || true
+    kill "$SESSION" 2>/dev/null || true
 }
 # ucmd CMD...: runs CMD in the session; sets URC (0 = success) and USECS.
 ucmd() {
@@ -281,89 +351,95 @@ ucmd() {
     read -r URC USECS <&"$UOUT"
 }
 ucheck() { ucmd "$@"; [[ $URC == 0 ]]; }
-# utimed ID REP CMD...: like `timed`, for the session (the time is taken inside it).
+# utimed FS ID REP CMD...: like `timed`, for the session (the time is taken inside it).
 utimed() {
-    local id=$1 rep=$2 v
-    shift 2
+    local fs=$1 id=$2 rep=$3 v
+    shift 3
     ucmd "$@"
-    if [[ $URC == 0 ]]; then v=$USECS; else v=FAIL; log "  ovl-user $id rep $rep FAILED: $(tail -c 400 "$UDIR/session.err" 2>/dev/null)"; fi
-    record ovl-user "$id" "$rep" "$v"
-    [[ $v == FAIL ]] || log "  ovl-user $id rep $rep: $v s"
+    if [[ $URC == 0 ]]; then v=$USECS; else v=FAIL; log "  $fs $id rep $rep FAILED: $(tail -c 400 "$(col_dir "$fs")/session.err" 2>/dev/null)"; fi
+    record "$fs" "$id" "$rep" "$v"
+    [[ $v == FAIL ]] || log "  $fs $id rep $rep: $v s"
 }
 
-# One repetition of the main workloads as the bench user, in one ovl-run session (fresh upper).
-suite_user() {
-    local rep=$1 m=$UDIR/mnt
-    if [[ $USER_OK != ok ]]; then
+# One repetition of the main workloads in one ovl-run session of column FS (fresh upper).
+suite_session() {
+    local fs=$1 rep=$2 d m
+    d=$(col_dir "$fs")
+    m=$d/mnt
+    if [[ ${SESSION_OK[$fs]} != ok ]]; then
         local id
         for id in stat_cold stat_warm read_cold read_warm py_cold py_warm seqread seqwrite \
             smallwrite rtt copyup create delete cycle; do
-            record ovl-user "$id" "$rep" SKIP
+            record "$fs" "$id" "$rep" SKIP
         done
         return
     fi
-    log "ovl-user, repetition $rep"
-    user_session_start || { log "  ovl-user: session did not start: $(tail -c 400 "$RES/user-session.log")"; return; }
-    drop_caches; utimed stat_cold "$rep" w_stat "$m"
-    utimed stat_warm "$rep" w_stat "$m"
-    drop_caches; utimed read_cold "$rep" w_read "$m"
-    utimed read_warm "$rep" w_read "$m"
-    drop_caches; utimed py_cold "$rep" w_py "$m"
-    utimed py_warm "$rep" w_py "$m"
-    drop_caches; utimed seqread "$rep" w_seqread "$m"
-    drop_caches; utimed seqwrite "$rep" w_seqwrite "$m"
-    check ovl-user seqwrite "$rep" "size" ucheck size_is "$m/seqw" $((BIG_MIB << 20))
+    log "$fs, repetition $rep"
+    session_start "$fs" || { log "  $fs: session did not start: $(tail -c 400 "$RES/$fs-session.log")"; return; }
+    drop_caches; utimed "$fs" stat_cold "$rep" w_stat "$m"
+    utimed "$fs" stat_warm "$rep" w_stat "$m"
+    drop_caches; utimed "$fs" read_cold "$rep" w_read "$m"
+    utimed "$fs" read_warm "$rep" w_read "$m"
+    drop_caches; utimed "$fs" py_cold "$rep" w_py "$m"
+    utimed "$fs" py_warm "$rep" w_py "$m"
+    drop_caches; utimed "$fs" seqread "$rep" w_seqread "$m"
+    drop_caches; utimed "$fs" seqwrite "$rep" w_seqwrite "$m"
+    check "$fs" seqwrite "$rep" "size" ucheck size_is "$m/seqw" $((BIG_MIB << 20))
     ucmd truncate -s 0 "$m/small"
-    utimed smallwrite "$rep" w_smallwrite "$m"
-    check ovl-user smallwrite "$rep" "size" ucheck size_is "$m/small" $((4096 * 4096))
-    utimed rtt "$rep" w_rtt "$m"
-    drop_caches; utimed copyup "$rep" w_copyup "$m"
-    check ovl-user copyup "$rep" "size" ucheck size_is "$m/big" $(((BIG_MIB << 20) + 1))
+    utimed "$fs" smallwrite "$rep" w_smallwrite "$m"
+    check "$fs" smallwrite "$rep" "size" ucheck size_is "$m/small" $((4096 * 4096))
+    utimed "$fs" rtt "$rep" w_rtt "$m"
+    drop_caches; utimed "$fs" copyup "$rep" w_copyup "$m"
+    check "$fs" copyup "$rep" "size" ucheck size_is "$m/big" $(((BIG_MIB << 20) + 1))
     ucmd mkdir "$m/new"
-    drop_caches; utimed create "$rep" w_create "$m"
-    check ovl-user create "$rep" "$NFILES files" ucheck count_files "$m/new" $NFILES
-    drop_caches; utimed delete "$rep" w_delete "$m"
-    check ovl-user delete "$rep" "gone" ucheck test ! -e "$m/deltree"
-    user_session_stop
-    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work"
+    drop_caches; utimed "$fs" create "$rep" w_create "$m"
+    check "$fs" create "$rep" "$NFILES files" ucheck count_files "$m/new" $NFILES
+    drop_caches; utimed "$fs" delete "$rep" w_delete "$m"
+    check "$fs" delete "$rep" "gone" ucheck test ! -e "$m/deltree"
+    session_stop "$fs"
+    rm -rf "$d/upper" "$d/.upper.ovl-work"
     # End to end: ovl-run mounts, runs `true`, unmounts, discards (fresh upper).
-    timed cycle ovl-user "$rep" as_user "$OVL_RUN" -q --lower "$LOWER" --upper "$UDIR/upper" \
-        --mountpoint "$UDIR/mnt" --on-exit discard -- true
-    rm -rf "$UDIR/upper" "$UDIR/.upper.ovl-work"
+    timed cycle "$fs" "$rep" col_ovlrun "$fs" --lower "$LOWER" --upper "$d/upper" \
+        --mountpoint "$d/mnt" --on-exit discard -- true
+    rm -rf "$d/upper" "$d/.upper.ovl-work"
 }
 
 mount_true_umount() {
     fs_mount "$1" "$LOWER" "$UPPER" "$WDIR" "$MNT" && true && fs_umount "$MNT"
 }
 
-# ovl-run workloads (placeholders, recorded as skipped, while ovl-run is not built in the
-# target dir). ovl-run mounts, starts the command in the mount at the caller's cwd relative to
-# the lower, waits for it, unmounts and finalizes; the upper (default <lower>_upper) and its
-# work dir (.<upper>.ovl-work) are put in $DATA here and removed after each timed run.
+# ovl-run end to end, as root, in each root ovl-run column (its backend pinned): ovl-run
+# mounts, starts the command in the mount at the caller's cwd relative to the lower, waits for
+# it, unmounts and finalizes; the upper (default <lower>_upper) and its work dir
+# (.<upper>.ovl-work) are put in $DATA here and removed after each timed run.
 ovlrun_suite() {
-    local rep=$1 cl=$DATA/commit-lower ru=$DATA/run-upper
-    if [[ ! -x $OVL_RUN ]] || ! "$OVL_RUN" --help >/dev/null 2>&1; then
-        record ovl ovlrun_true "$rep" SKIP
-        record ovl ovlrun_commit "$rep" SKIP
-        return
-    fi
-    rm -rf "$ru" "$DATA/.run-upper.ovl-work"
-    timed ovlrun_true ovl "$rep" "$OVL_RUN" -q --lower "$LOWER" --upper "$ru" -- true
-    rm -rf "$ru" "$DATA/.run-upper.ovl-work"
-    # The commit merges the upper into the lower: a scratch lower, never the shared one.
-    rm -rf "$cl" "$ru"; mkdir -p "$cl"
-    drop_caches
-    timed ovlrun_commit ovl "$rep" bash -c 'cd "$1" && "$2" -q --lower "$1" --upper "$3" --on-exit commit -- tar xf "$4"' \
-        _ "$cl" "$OVL_RUN" "$ru" "$CREATE_TAR"
-    check ovl ovlrun_commit "$rep" "$NFILES files committed into the lower" count_files "$cl" $NFILES
-    rm -rf "$cl" "$ru" "$DATA/.run-upper.ovl-work"
+    local rep=$1 fs b cl=$DATA/commit-lower ru=$DATA/run-upper
+    for fs in $FS_LIST; do
+        [[ $fs == ovlrun-fuse || $fs == ovlrun-kernel ]] || continue
+        if [[ ${SESSION_OK[$fs]} != ok ]]; then
+            record "$fs" ovlrun_true "$rep" SKIP
+            record "$fs" ovlrun_commit "$rep" SKIP
+            continue
+        fi
+        b=$(col_backend "$fs")
+        rm -rf "$ru" "$DATA/.run-upper.ovl-work"
+        timed ovlrun_true "$fs" "$rep" "$OVL_RUN" -q --backend "$b" --lower "$LOWER" --upper "$ru" -- true
+        rm -rf "$ru" "$DATA/.run-upper.ovl-work"
+        # The commit merges the upper into the lower: a scratch lower, never the shared one.
+        rm -rf "$cl" "$ru"; mkdir -p "$cl"
+        drop_caches
+        timed ovlrun_commit "$fs" "$rep" bash -c 'cd "$1" && "$2" -q --backend "$5" --lower "$1" --upper "$3" --on-exit commit -- tar xf "$4"' \
+            _ "$cl" "$OVL_RUN" "$ru" "$CREATE_TAR" "$b"
+        check "$fs" ovlrun_commit "$rep" "$NFILES files committed into the lower" count_files "$cl" $NFILES
+        rm -rf "$cl" "$ru" "$DATA/.run-upper.ovl-work"
+    done
 }
 
 # Peak RSS of the FUSE daemons after stat-ing 200 000 files (one run each, fresh mount).
 rss_suite() {
     local fs m pid
     for fs in $FS_LIST; do
-        [[ $fs != ovl-user ]] || continue
+        [[ $fs != ovlrun-* ]] || continue
         if [[ $fs == plain ]]; then
             m=$LOWER_HUGE
         else
@@ -402,11 +478,7 @@ ovl_nofile_check() {
 ensure_fixtures
 
 OVL_NOFILE=$(ovl_nofile_check)
-USER_OK="not run"
-if [[ " $FS_LIST " == *" ovl-user "* ]]; then
-    USER_OK=$(user_setup)
-    [[ $USER_OK == ok ]] || log "ovl-user rows skipped: $USER_OK"
-fi
+session_setup
 case ${SMALL_TREE:-auto} in
     auto) if [[ $OVL_NOFILE == *FAILS* ]]; then SMALL=1; else SMALL=; fi ;;
     1) SMALL=1 ;;
@@ -429,7 +501,15 @@ esac
     fi
     echo "nofile=inherited soft/hard $NOFILE_INHERITED, $(ulimit -Sn)/$(ulimit -Hn) for the run (raised to fs.nr_open where CAP_SYS_RESOURCE allows)"
     echo "ovl_inherited_nofile=$OVL_NOFILE"
-    [[ $USER_OK == "not run" ]] || echo "ovl_user=$([[ $USER_OK == ok ]] && echo "user $BENCH_USER (uid $(id -u "$BENCH_USER")), ovl-run --lower LOWER --upper U --mountpoint M --on-exit discard -- bash session; lower chowned to the user" || echo "skipped: $USER_OK")"
+    for fs in $FS_LIST; do
+        [[ $fs == ovlrun-* ]] || continue
+        if [[ ${SESSION_OK[$fs]} == ok ]]; then
+            echo "session_$fs=ovl-run --backend $(col_backend "$fs") as $(if [[ $(col_who "$fs") == user ]]; then echo "user $BENCH_USER (uid $(id -u "$BENCH_USER"); lower chowned to it)"; else echo root; fi), --lower LOWER --upper U --mountpoint M --on-exit discard -- bash session; ran on $(col_fstype "$fs")"
+        else
+            echo "session_$fs=skipped: ${SESSION_OK[$fs]}"
+        fi
+    done
+    [[ -z $QUICK ]] || echo "quick=1 (--quick: tiny fixtures, 1 repetition: proves the script, measures nothing)"
     echo "fuse_overlayfs=$(fuse-overlayfs --version 2>&1 | awk '/fuse-overlayfs: version/ { print $3 }')"
     echo "ovl=$(cd "$BENCH_DIR/.." && git rev-parse --short HEAD 2>/dev/null)$(cd "$BENCH_DIR/.." &&
         git diff --quiet HEAD -- src Cargo.toml 2>/dev/null ||
@@ -455,7 +535,7 @@ for ((rep = 1; rep <= REPS; rep++)); do
             suite_small "${FS_ARR[(k + rep - 1) % n]}" "$rep"
         done
     fi
-    if [[ " $FS_LIST " == *" ovl "* ]]; then ovlrun_suite "$rep"; fi
+    ovlrun_suite "$rep"
 done
 rss_suite
 rm -rf "$UPPER" "$WDIR"

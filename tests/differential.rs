@@ -9,8 +9,14 @@
 //! which must show the same tree, and committed into ovl's lower (Commit or CommitAtomic), which
 //! must then hold that tree.
 //!
+//! The same sequences also run on ovl-run's kernel backend (the kernel's overlay in the run's
+//! private namespace, reached through `/proc/PID/root`) against the plain kernel overlay with
+//! the options ovl-run gives it (`redirect_dir=on,index=off,metacopy=off`); the run then
+//! preserves (ovl mounts the upper and commits it), commits or commits atomically, and the
+//! lower must hold the tree the reference shows.
+//!
 //! Reproduce one seed with `OVL_DIFF_SEED=<seed>` (and optionally `OVL_DIFF_OPS=<n>`); run more
-//! seeds with `OVL_DIFF_SEEDS=<count>`.
+//! seeds with `OVL_DIFF_SEEDS=<count>` (both tests).
 
 mod common;
 use common::ops::*;
@@ -622,4 +628,218 @@ fn redirects_in_lower_layers_read_the_same() {
     let dd = diff("ovl", &got, "kernel", &want);
     assert!(dd.is_empty(), "ovl shows the stack differently:\n{dd}");
     assert_eq!(want["d4/x"].data.as_deref(), Some("x-one"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// ovl-run's kernel backend against the plain kernel overlay
+
+/// An `ovl-run --backend kernel --mountpoint MNT -- sh -c 'echo $$; read x; exit 0'` whose command
+/// waits: the steps are applied to its mount through `/proc/PID/root/MNT` (the mount lives in
+/// the run's private namespace). Closing the command's stdin ends the run (which finalizes).
+struct KernelRun {
+    child: std::process::Child,
+    view: std::path::PathBuf,
+}
+
+impl KernelRun {
+    fn start(lower: &Path, mnt: &Path, cache: &Path, on_exit: &str) -> KernelRun {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ovl-run"))
+            .env("XDG_CACHE_HOME", cache)
+            .env_remove("OVL_RUN_BACKEND")
+            .args(["-q", "--backend", "kernel", "--lower"])
+            .arg(lower)
+            .arg("--mountpoint")
+            .arg(mnt)
+            .args([
+                "--on-exit",
+                on_exit,
+                "--",
+                "sh",
+                "-c",
+                "echo $$; read x; exit 0",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn ovl-run");
+        let mut line = String::new();
+        io::BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid: u32 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("ovl-run's command printed {line:?}"));
+        let view = Path::new(&format!("/proc/{pid}/root")).join(mnt.strip_prefix("/").unwrap());
+        assert!(
+            common::backend::is_kernel_overlay(&view),
+            "{} is not the kernel's overlay",
+            view.display()
+        );
+        KernelRun { child, view }
+    }
+
+    /// Ends the command; ovl-run unmounts and finalizes. Its exit status.
+    fn finish(mut self) -> std::process::ExitStatus {
+        drop(self.child.stdin.take());
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for KernelRun {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The finalizations the seeds take turns at.
+const FINALIZATIONS: [&str; 3] = ["preserve", "commit", "commit-atomic"];
+
+fn run_kernel_backend_seed(seed: u64, ops: usize) -> usize {
+    let root = tempfile::Builder::new()
+        .prefix("ovl-diff-run")
+        .tempdir()
+        .unwrap();
+    let d = |n: &str| root.path().join(n);
+    for n in ["lower", "mnt", "cache", "fwork", "fmnt"] {
+        fs::create_dir(d(n)).unwrap();
+    }
+    setup_lower(&d("lower"));
+    let on_exit = FINALIZATIONS[seed as usize % 3];
+    let r = KernelRun::start(&d("lower"), &d("mnt"), &d("cache"), on_exit);
+    // The reference: the kernel's overlay with the options ovl-run gives it (README).
+    let k = {
+        let kroot = tempfile::Builder::new()
+            .prefix("ovl-diff-kernel")
+            .tempdir()
+            .unwrap();
+        let kd = |n: &str| kroot.path().join(n);
+        for n in ["lower", "upper", "work", "mnt"] {
+            fs::create_dir(kd(n)).unwrap();
+        }
+        setup_lower(&kd("lower"));
+        let km = KernelMount::with_options(
+            &[&kd("lower")],
+            &kd("upper"),
+            &kd("work"),
+            &kd("mnt"),
+            "redirect_dir=on,index=off,metacopy=off",
+        );
+        KernelSide { km, _root: kroot }
+    };
+    let (run_mnt, kern) = (r.view.clone(), k.km.mnt.clone());
+    let mut run = Run {
+        seed,
+        history: Vec::new(),
+        dir_renames: 0,
+    };
+    run.compare_trees(0, &run_mnt, &kern, "before any step");
+    let mut rng = StdRng::seed_from_u64(seed);
+    for step in 1..=ops {
+        let op = gen_op(&mut rng);
+        let dir_rename = matches!(&op, Op::Rename { from, .. } if is_dir(&kern.join(from)));
+        let ro = apply(&run_mnt, &op, true);
+        let rk = apply(&kern, &op, true);
+        run.history.push(format!(
+            "  {step:4}: {op:?} => {} / {}",
+            show(&ro),
+            show(&rk)
+        ));
+        if ro != rk {
+            run.fail(
+                step,
+                &format!(
+                    "op: {op:?}\n  ovl-run: {}\n  kernel:  {}\nresults differ",
+                    show(&ro),
+                    show(&rk)
+                ),
+            );
+        }
+        if dir_rename && rk.is_ok() {
+            run.dir_renames += 1;
+        }
+        if step % CHECK_EVERY == 0 {
+            run.compare_trees(step, &run_mnt, &kern, "periodic check");
+        }
+    }
+    run.compare_trees(ops, &run_mnt, &kern, "end of run");
+    let st = r.finish();
+    if !st.success() {
+        run.fail(ops, &format!("ovl-run --on-exit {on_exit} exited {st:?}"));
+    }
+    // Without nlink from here on: a lower file with two names whose one name was copied up
+    // is two files in the kernel's view (index=off), one of them still linked in the lower.
+    if on_exit == "preserve" {
+        // ovl's FUSE engine mounts what the kernel left and shows the same tree; then the
+        // library commits it.
+        let mut ofs = ovl::OverlayFS::new(d("lower"));
+        ofs.set_upper(d("lower_upper"))
+            .set_workdir(d("fwork"))
+            .set_mountpoint(d("fmnt"));
+        if let Err(e) = ofs.mount() {
+            run.fail(ops, &format!("mounting the kernel's upper with ovl: {e}"));
+        }
+        run.compare_trees_with(ops, &d("fmnt"), &kern, "ovl mounting the upper", false);
+        ofs.umount().unwrap();
+        if let Err(e) = ofs.overlay_action(ovl::OverlayAction::Commit) {
+            run.fail(ops, &format!("committing the kernel's upper: {e}"));
+        }
+    }
+    run.compare_trees_with(
+        ops,
+        &d("lower"),
+        &kern,
+        &format!("the lower after {on_exit}"),
+        false,
+    );
+    // Nothing of the overlay's in the committed lower.
+    for (p, _) in walk(&d("lower"), false).unwrap() {
+        let path = d("lower").join(&p);
+        for x in llistxattr(&path).unwrap() {
+            if x.contains("overlay.") {
+                run.fail(ops, &format!("{p}: {x} in the committed lower"));
+            }
+        }
+    }
+    run.dir_renames
+}
+
+/// ovl-run's kernel backend (its mount options, its private namespace, then every
+/// finalization) against the plain kernel overlay with the same options: the same seeded
+/// steps give the same errno and data at every step and the same trees; what the run leaves
+/// is that tree (committed in place or atomically by ovl-run, or preserved: then ovl's FUSE
+/// engine mounts it and shows it, and the library commits it), with no overlay xattr in the
+/// lower. Skipped, saying so, where the kernel cannot serve ovl-run.
+#[test]
+fn ovl_run_kernel_backend_vs_kernel_overlayfs() {
+    if !is_root() {
+        eprintln!("skipping: needs root (kernel overlayfs mounts)");
+        return;
+    }
+    if common::backend::kernel_for_root() != "kernel" {
+        eprintln!("skipping: the kernel's overlay cannot serve ovl-run here");
+        return;
+    }
+    let ops = env_u64("OVL_DIFF_OPS").map_or(OPS, |n| n as usize);
+    let seeds: Vec<u64> = match env_u64("OVL_DIFF_SEED") {
+        Some(s) => vec![s],
+        None => (1..=env_u64("OVL_DIFF_SEEDS").unwrap_or(6)).collect(),
+    };
+    let mut failed = Vec::new();
+    for seed in seeds {
+        match std::panic::catch_unwind(|| run_kernel_backend_seed(seed, ops)) {
+            Ok(n) => eprintln!(
+                "seed {seed}: {ops} steps match ({n} directory renames), {}",
+                FINALIZATIONS[seed as usize % 3]
+            ),
+            Err(_) => failed.push(seed),
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "failing seeds: {failed:?} (details above)"
+    );
 }

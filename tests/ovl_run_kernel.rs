@@ -3,17 +3,28 @@
 //! and finished by the next run, `--root`, a normal user, and auto's fallback to FUSE where
 //! the kernel refuses (an upper on an overlay, an option only FUSE has).
 //!
-//! The whole `tests/ovl_run` suite also runs under a backend with `OVL_RUN_BACKEND=kernel`.
 //! Skipped, saying so, where the kernel's overlay cannot be mounted.
+//!
+//! This target also runs the whole `tests/ovl_run` suite again (module `suite`), every
+//! ovl-run of it on the kernel backend (`tests/ovl_run/main.rs` says how).
 
-mod common;
+#[path = "ovl_run/main.rs"]
+mod suite;
 use common::*;
+use suite::common;
 
 use std::fs;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+// The suite included here knows it is the kernel backend's build (it tells by this target's
+// crate name): renaming the target must not quietly run it on FUSE again.
+const _: () = assert!(
+    suite::ON_KERNEL,
+    "tests/ovl_run/main.rs: ON_KERNEL names this target"
+);
 
 const BIN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const USER: &str = "ovl-test";
@@ -445,6 +456,51 @@ fn user_upper_with_redirects_stays_on_fuse() {
     assert_eq!(tree(&w.upper()), ["sub c0", "sub2/"]);
 }
 
+/// A lower file with two names, copied up through one by a FUSE run: ovl's engine indexes the
+/// link (WORK/ovl-index) and shows the other name as the copy too, where the kernel's overlay
+/// (index=off) would show it with the lower's old content. auto stays on FUSE for such an
+/// upper (and says why with -v), kernel refuses to start; nothing changes either way.
+#[test]
+fn upper_with_indexed_hard_links_stays_on_fuse() {
+    if !kernel_or_skip() {
+        return;
+    }
+    let w = World::new();
+    fs::hard_link(w.lower.join("f"), w.lower.join("sub/f2")).unwrap();
+    let o = w.sh("fuse", &[], "echo more >> f");
+    ok_on(&o, "fuse");
+    let index = w.work().join("ovl-index");
+    assert_eq!(fs::read_dir(&index).unwrap().count(), 1);
+    let o = w.sh("auto", &[], "stat -f -c %T . && cat sub/f2");
+    ok_on(&o, "fuse");
+    assert_eq!(o.stdout, "fuseblk\nlower\nmore\n");
+    assert!(
+        o.stderr.contains(&format!(
+            "{}: hard links of lower files that ovl's engine copied up",
+            index.display()
+        )),
+        "{o:?}"
+    );
+    let before = tree(&w.upper());
+    let o = w.sh("kernel", &[], "cat sub/f2");
+    assert_eq!((o.code, o.stdout.as_str()), (125, ""), "{o:?}");
+    assert!(
+        o.stderr
+            .trim()
+            .starts_with(&format!("ovl-run: {}: hard links", index.display()))
+            && o.stderr.trim().ends_with("use --backend fuse or auto"),
+        "{o:?}"
+    );
+    assert_eq!(tree(&w.upper()), before);
+    // Committed (on FUSE), the lower has both names as one file again, and runs are on the
+    // kernel from then on.
+    let o = w.sh("auto", &["--on-exit", "commit"], "true");
+    ok_on(&o, "fuse");
+    let o = w.sh("auto", &[], "stat -f -c %T . && cat sub/f2");
+    ok_on(&o, "kernel");
+    assert_eq!(o.stdout, "overlayfs\nlower\nmore\n");
+}
+
 // ---------------------------------------------------------------------------------------------
 // auto
 
@@ -508,6 +564,7 @@ fn auto_falls_back_to_fuse_where_the_kernel_refuses() {
 }
 
 /// An option only the FUSE engine has: auto serves it on FUSE, kernel refuses it up front.
+/// Without `--backend` or `$OVL_RUN_BACKEND`, a run is auto's.
 #[test]
 fn auto_uses_fuse_for_fuse_only_options() {
     if !kernel_or_skip() {
@@ -526,6 +583,18 @@ fn auto_uses_fuse_for_fuse_only_options() {
     ok_on(&o, "fuse");
     assert_eq!(o.stdout, "fuseblk\n");
     let o = w.sh("auto", &[], "stat -f -c %T .");
+    ok_on(&o, "kernel");
+    assert_eq!(o.stdout, "overlayfs\n");
+    // The default is auto: on the kernel here, and -v says so.
+    let mut c = Command::new(BIN);
+    c.current_dir(&w.root)
+        .env("XDG_CACHE_HOME", w.p("cache"))
+        .env_remove("OVL_RUN_BACKEND")
+        .env_remove("RUST_LOG")
+        .args(["-v", "--lower"])
+        .arg(&w.lower)
+        .args(["--", "stat", "-f", "-c", "%T", "."]);
+    let o = run(c);
     ok_on(&o, "kernel");
     assert_eq!(o.stdout, "overlayfs\n");
     // The default backend follows OVL_RUN_BACKEND.

@@ -49,8 +49,9 @@ Examples:
                                                keep the changes: merge them into data
   ovl-run --root --lower debian-rootfs -- bash a shell in a root filesystem, no root needed
                                                (root inside; your /etc/subuid ids the others)
-  ovl-run --backend auto --lower src -- make   the kernel's overlay where it allows it
-                                               (no FUSE round trips), else FUSE
+  ovl-run --backend fuse --lower src -- make   always ovl's FUSE engine (the default,
+                                               auto, takes the kernel's overlay where the
+                                               kernel allows it: no FUSE round trips)
   ovl-run --lower rootfs                       mount, print the mount point, serve until
                                                Ctrl-C or `fusermount3 -u`, then finalize
 
@@ -89,9 +90,11 @@ struct Args {
     /// With --root as a normal user: stay your own uid and gid inside instead of root.
     #[arg(long, requires = "root")]
     keep_uid: bool,
-    /// What serves the command's overlay: kernel (the kernel's overlay, mounted in the run's
-    /// private namespace), fuse (ovl's engine) or auto (the kernel's where it accepts the
-    /// mount, else fuse). Default: $OVL_RUN_BACKEND, else fuse. Without a command: fuse.
+    /// What serves the command's overlay: auto (the kernel's overlay where the kernel accepts
+    /// the mount, else fuse; -v says which), kernel (the kernel's overlay, mounted in the
+    /// run's private namespace, or fail) or fuse (ovl's engine, for its semantics: e.g. a
+    /// normal user's rename of a lower directory). Default: $OVL_RUN_BACKEND, else auto.
+    /// Without a command, and with --inode-mode persistent: fuse.
     #[arg(long, value_name = "BACKEND")]
     backend: Option<String>,
     /// Keep the mount point directory afterwards.
@@ -245,27 +248,20 @@ fn real_main() -> i32 {
         }
     };
 
-    if backend != Backend::Fuse && unsafe { libc::geteuid() } != 0 {
-        // The kernel in a user namespace follows no redirect: directories a FUSE run renamed
-        // would be refused there.
-        match launcher::kernel::find_user_redirect(&upper) {
+    if backend != Backend::Fuse {
+        // What an earlier FUSE run left that the kernel's overlay would show otherwise (hard
+        // links ovl indexed) or refuse (a normal user's directory renames).
+        let userns = unsafe { libc::geteuid() } != 0;
+        match launcher::kernel::fuse_only_state(&upper, &work, userns) {
             Ok(None) => {}
-            Ok(Some(dir)) if backend == Backend::Auto => {
-                log::info!(
-                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
-                     overlay refuses in a user namespace: using the FUSE engine",
-                    dir.display()
-                );
+            Ok(Some(why)) if backend == Backend::Auto => {
+                log::info!("{why}: using the FUSE engine");
                 backend = Backend::Fuse;
             }
-            Ok(Some(dir)) => {
+            Ok(Some(why)) => {
                 drop(scratch);
                 forget(Some(lock));
-                return fail(format!(
-                    "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
-                     overlay refuses in a user namespace: use --backend fuse or auto",
-                    dir.display()
-                ));
+                return fail(format!("{why}: use --backend fuse or auto"));
             }
             Err(e) if backend == Backend::Auto => {
                 log::info!("{}: {e}: using the FUSE engine", upper.display());
@@ -467,13 +463,13 @@ fn run_command(ofs: &mut OverlayFS, args: &Args, backend: Backend) -> Result<Out
     res.map(|(outcome, _)| outcome)
 }
 
-/// The backend asked for (`--backend`, else `$OVL_RUN_BACKEND`, else fuse), checked against
+/// The backend asked for (`--backend`, else `$OVL_RUN_BACKEND`, else auto), checked against
 /// what only the FUSE engine does: serving without a command, persistent inode numbers.
 fn backend(args: &Args) -> Result<Backend, String> {
     let (asked, from) = match (&args.backend, std::env::var("OVL_RUN_BACKEND")) {
         (Some(b), _) => (b.clone(), "--backend"),
         (None, Ok(b)) if !b.is_empty() => (b, "OVL_RUN_BACKEND"),
-        _ => return Ok(Backend::Fuse),
+        _ => (String::from("auto"), "default"),
     };
     let b: Backend = asked.parse().map_err(|e| format!("{from}: {e}"))?;
     let fuse_only = if args.command.is_empty() {

@@ -69,6 +69,9 @@ struct Merger<'a> {
     staging_path: PathBuf,
     seq: u64,
     privileged: bool,
+    /// Links a file of the tree being merged into has when no other name shares it: 1 in
+    /// place; 2 in an atomic commit's new tree (each name is also linked from the old tree).
+    lone_links: libc::nlink_t,
     /// Upper inode → (lower dir handle, name) of the first name committed, for hard links.
     linked: HashMap<InodeKey, (OwnedFd, CString)>,
     progress: Progress,
@@ -170,13 +173,19 @@ fn xattrs_of(fd: BorrowedFd<'_>) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
 }
 
 impl<'a> Merger<'a> {
-    fn new(report: &'a mut Report, staging_path: &Path, privileged: bool) -> Result<Self> {
+    fn new(
+        report: &'a mut Report,
+        staging_path: &Path,
+        privileged: bool,
+        atomic: bool,
+    ) -> Result<Self> {
         Ok(Merger {
             report,
             staging: sys::open_dir_path(staging_path).map_err(io_err("opening", staging_path))?,
             staging_path: staging_path.to_path_buf(),
             seq: 0,
             privileged,
+            lone_links: if atomic { 2 } else { 1 },
             linked: HashMap::new(),
             progress: Progress::new(),
             plan: moves::Plan::default(),
@@ -386,20 +395,25 @@ impl<'a> Merger<'a> {
 
         // Non-directories: identical files stay; others are built in staging and renamed in.
         if let Some(l) = &lst {
-            if self
-                .identical(&ufd, &ust, ldir, &c, l)
-                .map_err(io_err("comparing", path))?
+            let times_differ = (l.st_mtime, l.st_mtime_nsec, l.st_atime, l.st_atime_nsec)
+                != (
+                    ust.st_mtime,
+                    ust.st_mtime_nsec,
+                    ust.st_atime,
+                    ust.st_atime_nsec,
+                );
+            // New times are set on the lower inode itself only when no other name of the lower
+            // shares it: a file with another name the run did not touch (its link broken by
+            // the kernel's overlay on copy-up, which indexes none, or a new file over one
+            // name) is rewritten instead, so the other name keeps its times.
+            if (!times_differ || l.st_nlink <= self.lone_links)
+                && self
+                    .identical(&ufd, &ust, ldir, &c, l)
+                    .map_err(io_err("comparing", path))?
             {
                 // Same content and attributes: keep the inode, but times changed through the
                 // mount (touch) still land.
-                if (l.st_mtime, l.st_mtime_nsec, l.st_atime, l.st_atime_nsec)
-                    != (
-                        ust.st_mtime,
-                        ust.st_mtime_nsec,
-                        ust.st_atime,
-                        ust.st_atime_nsec,
-                    )
-                {
+                if times_differ {
                     let times = [
                         libc::timespec {
                             tv_sec: ust.st_atime,
@@ -649,7 +663,7 @@ fn commit_in_place(
         std::fs::create_dir(&staging_path).map_err(io_err("creating", &staging_path))?;
     }
     let lfd = sys::open_dir_path(lower).map_err(io_err("opening", lower))?;
-    let mut m = Merger::new(report, &staging_path, privileged)?;
+    let mut m = Merger::new(report, &staging_path, privileged, false)?;
     step();
     let opaque = layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", lower))?;
     let res = m
@@ -892,7 +906,7 @@ fn commit_atomic(
         .map_err(|e| prefix_error(e, lower))?;
         // Replacements are staged inside the new tree: same filesystem, removed with it.
         let (staging_path, _) = new_staging(&new, ".ovl-staging-")?;
-        let mut m = Merger::new(&mut *report, &staging_path, privileged)?;
+        let mut m = Merger::new(&mut *report, &staging_path, privileged, true)?;
         let opaque =
             layers::is_opaque_dir(ufd.as_fd_borrowed()).map_err(io_err("reading", upper))?;
         // Nothing to journal: an interrupted build is removed whole.

@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Backend {
     /// The kernel's overlay where the kernel accepts the mount, else ovl's FUSE engine.
+    #[default]
     Auto,
     /// The kernel's overlay, or fail.
     Kernel,
     /// ovl's FUSE engine.
-    #[default]
     Fuse,
 }
 
@@ -135,6 +135,44 @@ pub fn clear_work(work: &Path) -> crate::Result<()> {
         crate::finalize::remove_dir_tree(&w)?;
     }
     Ok(())
+}
+
+/// Why the kernel's overlay would show `upper` (with ovl's work dir `work`) otherwise than ovl's
+/// engine does, if it would; `userns`: the kernel would mount it in a user namespace. Two
+/// states an earlier FUSE run can leave:
+/// - hard links ovl indexed (`WORK/ovl-index`): a lower file with several names, copied up
+///   through one of them. ovl shows every name as the copy; the kernel (`index=off`) would
+///   show the names the upper does not hold yet with the lower's old content.
+/// - in a user namespace, directories renamed by a normal user's FUSE run (see
+///   [`find_user_redirect`]), which the kernel refuses there.
+///
+/// The error is one reading the upper or the work dir.
+pub fn fuse_only_state(upper: &Path, work: &Path, userns: bool) -> io::Result<Option<String>> {
+    let index = work.join("ovl-index");
+    match std::fs::read_dir(&index) {
+        Ok(mut d) => {
+            if d.next().is_some() {
+                return Ok(Some(format!(
+                    "{}: hard links of lower files that ovl's engine copied up (kept as one \
+                     file, which the kernel's overlay would show as separate files, some with \
+                     their old content)",
+                    index.display()
+                )));
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    if userns {
+        if let Some(dir) = find_user_redirect(upper)? {
+            return Ok(Some(format!(
+                "{}: renamed by an earlier run (user.overlay.redirect), which the kernel's \
+                 overlay refuses in a user namespace",
+                dir.display()
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// The first directory below `upper` (itself included) that a FUSE run as a normal user

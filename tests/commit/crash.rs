@@ -466,3 +466,13 @@ fn commit_in_place_survives_a_crash_at_every_step() {
     need_root!();
     crash_test(OverlayAction::Commit);
 }
+
+#[test]
+fn commit_atomic_survives_a_crash_at_every_step_on_the_kernel_backend() {
+    on_kernel(commit_atomic_survives_a_crash_at_every_step);
+}
+
+#[test]
+fn commit_in_place_survives_a_crash_at_every_step_on_the_kernel_backend() {
+    on_kernel(commit_in_place_survives_a_crash_at_every_step);
+}

@@ -186,6 +186,11 @@ fn ovl_run_failed_commit_exits_nonzero_and_keeps_upper() {
     }
 }
 
+#[test]
+fn ovl_run_failed_commit_exits_nonzero_and_keeps_upper_on_the_kernel_backend() {
+    on_kernel(ovl_run_failed_commit_exits_nonzero_and_keeps_upper);
+}
+
 /// Clears the immutable flag of the given paths on drop (else the temp dir cannot go).
 struct Immutable(Vec<PathBuf>);
 

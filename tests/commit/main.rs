@@ -71,12 +71,45 @@ macro_rules! need_root {
 
 mod crash;
 mod failures;
+mod kernel;
 mod metadata;
 mod moves;
 mod random;
 mod report;
 mod rules;
 mod safety;
+
+// ---------------------------------------------------------------------------------------------
+// ovl-run's backend
+
+std::thread_local! {
+    /// The backend the test on this thread runs ovl-run on (`OVL_RUN_BACKEND`): ovl's FUSE
+    /// engine, unless the test runs inside [`on_kernel`].
+    static BACKEND: std::cell::Cell<&'static str> = const { std::cell::Cell::new("fuse") };
+}
+
+/// Runs a test with every ovl-run of it on the kernel's overlay (`auto`, which then serves on
+/// FUSE, where the kernel cannot serve ovl-run here; said once). The tests that go through
+/// ovl-run have such a twin, named `..._on_the_kernel_backend`: the commit then merges an
+/// upper the kernel wrote (its origin, impure and uuid xattrs, its redirects and whiteouts).
+fn on_kernel<T>(test: impl FnOnce() -> T) -> T {
+    if !is_root() {
+        return test();
+    }
+    let before = BACKEND.with(|b| b.replace(common::backend::kernel_for_root()));
+    struct Restore(&'static str);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BACKEND.with(|b| b.set(self.0));
+        }
+    }
+    let _r = Restore(before);
+    test()
+}
+
+fn backend() -> &'static str {
+    BACKEND.with(|b| b.get())
+}
 
 fn on_exit(action: OverlayAction) -> &'static str {
     match action {
@@ -288,7 +321,19 @@ fn show_bytes(b: &[u8]) -> String {
     }
 }
 
-/// What is compared of one entry (no inode numbers, no times unless asked).
+/// Xattrs the kernel's overlay writes into an upper whose values belong to one instance: the
+/// file handle of the lower entry a file was copied up from (`overlay.origin`: another lower
+/// of equal content has other inode numbers) and the overlay's random id (`overlay.uuid`).
+/// Compared by name only: two runs over equal trees write different values.
+fn instance_xattr(name: &str) -> bool {
+    ["trusted.overlay.", "user.overlay."].iter().any(|ns| {
+        name.strip_prefix(ns)
+            .is_some_and(|n| n == "origin" || n == "uuid")
+    })
+}
+
+/// What is compared of one entry (no inode numbers, no times unless asked; of
+/// [`instance_xattr`]s only the name).
 fn show(e: &Ent, mtime: bool) -> String {
     let mut s = format!("{} {:04o} {}:{}", e.kind, e.mode, e.uid, e.gid);
     if matches!(e.kind, 'c' | 'b') {
@@ -301,7 +346,11 @@ fn show(e: &Ent, mtime: bool) -> String {
         s += &format!(" -> {}", show_bytes(t));
     }
     for (k, v) in &e.xattrs {
-        s += &format!(" {k}={}", show_bytes(v));
+        if instance_xattr(k) {
+            s += &format!(" {k}=(this overlay's)");
+        } else {
+            s += &format!(" {k}={}", show_bytes(v));
+        }
     }
     if mtime {
         s += &format!(" mtime={}.{:09}", e.mtime.0, e.mtime.1);
@@ -579,6 +628,7 @@ fn ovl_run_under(wrapper: &[&OsStr], dir: &Path, args: &[&OsStr], crash: Option<
     c.args(args)
         .current_dir(dir)
         .env("XDG_CACHE_HOME", dir.join("cache"))
+        .env("OVL_RUN_BACKEND", backend())
         .env_remove(CRASH_ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

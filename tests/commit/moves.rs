@@ -75,9 +75,10 @@ mv -T x e
     }
 }
 
-/// As a normal user (user.* xattrs, no passthrough): a renamed lower directory is stored as a
-/// `user.overlay.redirect` (not copied), shows its content again in the next run, and commit
-/// moves it in the lower (its files keep their inodes).
+/// As a normal user on ovl's FUSE engine (user.* xattrs, no passthrough): a renamed lower
+/// directory is stored as a `user.overlay.redirect` (not copied), shows its content again in
+/// the next run, and commit moves it in the lower (its files keep their inodes). The kernel's
+/// overlay does not do this for a normal user: see the next test.
 #[test]
 fn non_root_directory_rename_is_a_redirect_and_commits_as_a_move() {
     need_root!();
@@ -105,7 +106,7 @@ fn non_root_directory_rename_is_a_redirect_and_commits_as_a_move() {
                 .args(["-u", TEST_USER, "--", "env"])
                 .arg(format!("XDG_CACHE_HOME={}", r.join("cache").display()))
                 .arg(r.join("ovl-run"))
-                .args(["-q", "--lower"])
+                .args(["-q", "--backend", "fuse", "--lower"])
                 .arg(&lower)
                 .args(args),
         )
@@ -152,6 +153,82 @@ fn non_root_directory_rename_is_a_redirect_and_commits_as_a_move() {
         ino,
         "committed as a copy, not a move"
     );
+}
+
+/// The same rename as a normal user on the kernel's overlay (README, Known differences): in a
+/// user namespace the kernel writes no redirect (`userxattr` means `redirect_dir=nofollow`),
+/// so rename(2) of a lower directory fails with EXDEV. `mv` then copies the tree and deletes
+/// the original, which users see as a working (slower) `mv`; the upper holds a full copy,
+/// and commit writes it as new files (other inodes) and deletes the old directory.
+#[test]
+fn non_root_directory_rename_on_the_kernel_backend_is_a_copy() {
+    need_root!();
+    if common::backend::kernel_for_user() != "kernel" {
+        eprintln!("skipping: the kernel's overlay cannot serve a normal user's ovl-run here");
+        return;
+    }
+    let (uid, gid) = ensure_test_user();
+    let t = tempfile::Builder::new()
+        .prefix("ovl-nrk")
+        .tempdir()
+        .unwrap();
+    let r = t.path();
+    chmod(r, 0o755);
+    let (lower, upper) = (r.join("L"), r.join("L_upper"));
+    fs::create_dir_all(lower.join("big/sub")).unwrap();
+    for i in 0..50 {
+        fs::write(lower.join(format!("big/f{i}")), format!("{i}\n")).unwrap();
+    }
+    fs::write(lower.join("big/sub/g"), "g\n").unwrap();
+    fs::create_dir(r.join("cache")).unwrap();
+    fs::copy(OVL_RUN, r.join("ovl-run")).unwrap();
+    run(Command::new("chown")
+        .arg("-R")
+        .arg(format!("{uid}:{gid}"))
+        .arg(r));
+    let ino = ino_of(&lower.join("big/f7"));
+    let user_sh = |args: &[&str], script: &str| {
+        output(
+            Command::new("runuser")
+                .current_dir(r)
+                .args(["-u", TEST_USER, "--", "env"])
+                .arg(format!("XDG_CACHE_HOME={}", r.join("cache").display()))
+                .arg(r.join("ovl-run"))
+                .args(["-q", "--backend", "kernel", "--lower"])
+                .arg(&lower)
+                .args(args)
+                .args(["--", "sh", "-c", script]),
+        )
+    };
+    let out = |o: &Output| String::from_utf8_lossy(&o.stdout).into_owned();
+    // rename(2) itself: EXDEV, nothing changed; then mv, which copies.
+    let o = user_sh(
+        &[],
+        "cd \"$OVL_MOUNTPOINT\" && perl -e 'rename(\"big\", \"moved\") or print 0+$!, \"\\n\"' \
+         && ls && mv big moved && ls && cat moved/f7",
+    );
+    assert!(o.status.success(), "as the user: {}", stderr(&o));
+    assert_eq!(out(&o), format!("{}\nbig\nmoved\n7\n", libc::EXDEV));
+    assert!(
+        lgetxattr(&upper.join("moved"), "user.overlay.redirect").is_err(),
+        "a redirect was stored"
+    );
+    assert_eq!(names(&upper.join("moved")).len(), 51, "not copied up whole");
+    let big = fs::symlink_metadata(upper.join("big")).unwrap();
+    assert_eq!((kind_char(big.file_type()), big.rdev()), ('c', 0));
+    let o = user_sh(
+        &["--on-exit", "commit"],
+        "cat \"$OVL_MOUNTPOINT/moved/sub/g\"",
+    );
+    assert!(o.status.success(), "commit as the user: {}", stderr(&o));
+    assert_eq!(out(&o), "g\n");
+    assert!(!exists(&lower.join("big")));
+    assert_eq!(names(&lower.join("moved")).len(), 51);
+    assert_eq!(fs::read_to_string(lower.join("moved/f7")).unwrap(), "7\n");
+    assert_ne!(ino_of(&lower.join("moved/f7")), ino, "a copy, not a move");
+    let l = leaks(&snap(&lower));
+    assert!(l.is_empty(), "overlay internals leaked: {l:?}");
+    assert!(!exists(&upper));
 }
 
 /// An in-place commit interrupted after it moved directories is finished by the next commit
@@ -216,6 +293,11 @@ fn interrupted_directory_moves_are_finished_by_the_next_library_commit() {
         finished += 1;
     }
     assert!(finished > 3, "too few crash points: {finished}");
+}
+
+#[test]
+fn interrupted_directory_moves_are_finished_by_the_next_library_commit_on_the_kernel_backend() {
+    on_kernel(interrupted_directory_moves_are_finished_by_the_next_library_commit);
 }
 
 /// Root never follows a `user.overlay.redirect` (a normal user's mount wrote it; see README),

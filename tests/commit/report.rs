@@ -106,3 +106,8 @@ fn ovl_run_prints_report_in_one_line() {
         );
     }
 }
+
+#[test]
+fn ovl_run_prints_report_in_one_line_on_the_kernel_backend() {
+    on_kernel(ovl_run_prints_report_in_one_line);
+}

@@ -223,3 +223,8 @@ fn recovery_never_deletes_outside_the_lower_whatever_its_name() {
     }
     pr.assert_none("lower named \"data\\nx\"");
 }
+
+#[test]
+fn recovery_never_deletes_outside_the_lower_whatever_its_name_on_the_kernel_backend() {
+    on_kernel(recovery_never_deletes_outside_the_lower_whatever_its_name);
+}

@@ -1,6 +1,7 @@
 //! Shared test harness: real FUSE mounts in private temp dirs (tests run in parallel).
 #![allow(dead_code)]
 
+pub mod backend;
 pub mod ops;
 pub mod sys;
 pub mod user;

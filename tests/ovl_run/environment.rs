@@ -50,3 +50,34 @@ fn cwd_maps_into_the_mount_and_env_is_set() {
         "{o:?}"
     );
 }
+
+/// Each build of the suite runs on its backend, as root and as the normal user: the command
+/// sees ovl's FUSE mount in `ovl_run`, the kernel's overlay in `ovl_run_kernel` (where the
+/// kernel can serve it here), and `-v` names the backend.
+#[test]
+fn the_suite_runs_on_its_backend() {
+    let want = |b: &str| match b {
+        "kernel" => "overlayfs\n",
+        _ => "fuseblk\n",
+    };
+    let w = World::new();
+    let o = run(w.ovl_lower(&["-v", "--", "stat", "-f", "-c", "%T", "."]));
+    assert_eq!((o.code, o.stdout.as_str()), (0, want(backend())), "{o:?}");
+    if backend() != "auto" {
+        assert!(
+            o.stderr.contains(&format!("backend: {}\n", backend())),
+            "{o:?}"
+        );
+    }
+    if !root_or_skip() {
+        return;
+    }
+    let w = World::new();
+    let (bin, _, _) = user_world(&w);
+    let o = user_sh(&w, &bin, &["-q"], "stat -f -c %T .");
+    assert_eq!(
+        (o.code, o.stdout.as_str()),
+        (0, want(user_backend())),
+        "{o:?}"
+    );
+}

@@ -9,9 +9,14 @@
 //! This file is the shared harness (the world, running and watching ovl-run, the normal user,
 //! root filesystems); the modules hold the tests by behaviour: `exit_status`, `signals`,
 //! `environment`, `finalize`, `serve`, `nonroot`, `root`, `bad_input`.
+//!
+//! The suite runs twice, once per backend (`OVL_RUN_BACKEND` for every run, see [`backend`]):
+//! as the test target `ovl_run` (this file) on ovl's FUSE engine, and as `ovl_run_kernel`
+//! (tests/ovl_run_kernel.rs includes this file as its module `suite`) on the kernel's overlay,
+//! where the kernel can mount it here (else on auto, saying so).
 
 #[path = "../common/mod.rs"]
-mod common;
+pub(crate) mod common;
 use common::user::*;
 use common::*;
 
@@ -36,6 +41,48 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_ovl-run");
 const USER: &str = TEST_USER;
+
+/// Whether this build of the suite is the kernel backend's (the test target `ovl_run_kernel`).
+pub(crate) const ON_KERNEL: bool = same(env!("CARGO_CRATE_NAME"), "ovl_run_kernel");
+
+const fn same(a: &str, b: &str) -> bool {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The backend every ovl-run of this suite runs on as root (`OVL_RUN_BACKEND`): `fuse`, or in
+/// the kernel build `kernel` (`auto` where the kernel cannot serve it here).
+fn backend() -> &'static str {
+    if ON_KERNEL {
+        common::backend::kernel_for_root()
+    } else {
+        "fuse"
+    }
+}
+
+/// [`backend`] for the runs as the normal user.
+fn user_backend() -> &'static str {
+    if ON_KERNEL {
+        common::backend::kernel_for_user()
+    } else {
+        "fuse"
+    }
+}
+
+/// `OVL_RUN_BACKEND=...` for `env` in front of a normal user's ovl-run.
+fn user_backend_env() -> String {
+    format!("OVL_RUN_BACKEND={}", user_backend())
+}
 /// Longest any single ovl-run invocation may take before the test fails (and kills it).
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -90,6 +137,7 @@ impl World {
         let mut c = Command::new(BIN);
         c.current_dir(&self.root)
             .env("XDG_CACHE_HOME", &self.cache)
+            .env("OVL_RUN_BACKEND", backend())
             .env_remove("RUST_LOG");
         c
     }
@@ -420,13 +468,15 @@ fn user_world(w: &World) -> (PathBuf, u32, u32) {
     (bin, uid, gid)
 }
 
-/// `runuser -u ovl-test -- env XDG_CACHE_HOME=CACHE BIN ARGS...`, in `root`.
+/// `runuser -u ovl-test -- env XDG_CACHE_HOME=CACHE OVL_RUN_BACKEND=... BIN ARGS...`, in
+/// `root`.
 fn as_user(w: &World, bin: &Path, args: &[&str]) -> Command {
     let mut c = Command::new("runuser");
     c.current_dir(&w.root)
         .env_remove("RUST_LOG")
         .args(["-u", USER, "--", "env"])
         .arg(format!("XDG_CACHE_HOME={}", w.cache.display()))
+        .arg(user_backend_env())
         .arg(bin)
         .args(args);
     c

@@ -73,6 +73,7 @@ fn non_root_user_without_a_home() {
             "HOME=/nonexistent",
         ])
         .arg(format!("TMPDIR={}", tmp.display()))
+        .arg(user_backend_env())
         .arg(&bin)
         .args(["--lower", w.lower.to_str().unwrap(), "--", "cat", "f"]);
     let o = run(c);

@@ -204,6 +204,7 @@ fn root_session_without_subordinate_ids_warns_once_and_foreign_files_are_read_on
         .env_remove("RUST_LOG")
         .args(["-u", NOSUB_USER, "--", "env"])
         .arg(format!("XDG_CACHE_HOME={}", w.cache.display()))
+        .arg(user_backend_env())
         .arg(&bin)
         .args(["-q", "--root", "--lower"])
         .arg(&rootfs)
