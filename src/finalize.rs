@@ -223,6 +223,13 @@ impl crate::OverlayFS {
                 }
             }
             OverlayAction::Commit | OverlayAction::CommitAtomic => {
+                if self.has_image_lower() {
+                    return Err(Error::bad(
+                        &self.lowers()[0],
+                        "commit cannot write into an image: keep the upper (preserve), or pack \
+                         the merged tree with ovl-pack",
+                    ));
+                }
                 if self.lowers().len() > 1 {
                     return Err(Error::bad(
                         &self.lowers()[0],

@@ -303,7 +303,10 @@ impl OverlayFS {
     /// Whether a lower layer is an image (the kernel cannot mount those, and a commit cannot
     /// write into one).
     pub fn has_image_lower(&self) -> bool {
-        self.lowers.iter().any(LowerSource::is_image)
+        self.lowers.iter().any(|l| match l {
+            LowerSource::Dir(p) => p.is_file() && crate::image::is_image(p),
+            l => l.is_image(),
+        })
     }
 
     /// The upper directory, if any.

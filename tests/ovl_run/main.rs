@@ -24,6 +24,7 @@ mod bad_input;
 mod environment;
 mod exit_status;
 mod finalize;
+mod image_lower;
 mod nonroot;
 mod root;
 mod serve;
