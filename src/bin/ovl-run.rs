@@ -171,6 +171,14 @@ fn real_main() -> i32 {
     if let Err(e) = ofs.validate() {
         return fail(e);
     }
+    if matches!(action, OnExit::Commit(_)) && ofs.has_image_lower() {
+        return fail(format!(
+            "{}: --on-exit {} cannot write into an image: keep the upper (preserve), or pack \
+             the merged tree with ovl-pack",
+            args.lowers[0].display(),
+            args.on_exit
+        ));
+    }
     if backend != Backend::Fuse && ofs.has_image_lower() {
         // The kernel's overlay takes directories only. Refused before anything is written.
         let why = "a lower is an image file (read in place by the FUSE engine only)";
@@ -179,14 +187,6 @@ fn real_main() -> i32 {
         }
         log::info!("{why}: using the FUSE engine");
         backend = Backend::Fuse;
-    }
-    if matches!(action, OnExit::Commit(_)) && ofs.has_image_lower() {
-        return fail(format!(
-            "{}: --on-exit {} cannot write into an image: keep the upper (preserve), or pack \
-             the merged tree with ovl-pack",
-            args.lowers[0].display(),
-            args.on_exit
-        ));
     }
     if matches!(action, OnExit::Commit(_)) && args.lowers.len() > 1 {
         // Refused before anything is mounted or written.
