@@ -376,7 +376,9 @@ impl LayerStack {
     /// Reads from regular file `ino` of image layer `layer` at `offset`.
     pub fn image_read(&self, layer: u16, ino: u32, offset: u64, size: u32) -> io::Result<Vec<u8>> {
         let img = &self.image(layer)?.image;
-        let mut buf = vec![0u8; size as usize];
+        // The kernel asks for whole readahead windows: no buffer beyond the file's end.
+        let left = img.getattr(ino)?.size.saturating_sub(offset);
+        let mut buf = vec![0u8; left.min(u64::from(size)) as usize];
         let n = img
             .read(ino, offset, &mut buf)
             .map_err(|e| self.image_failed(layer, e))?;
