@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Builds the file that heads every app.run and prints its path: the bundle runtime (runtime/,
-# a static executable, glibc +crt-static), zstd-compressed inside a small static loader
+# a static executable, glibc +crt-static), LZ4-compressed inside a small static loader
 # (runtime/loader, no libc) that unpacks it into memory and runs it. `cargo build` does the
 # same through build.rs (ovl-pack embeds it) in the same directories, so whichever runs second
 # finds it up to date. Needs libc6-dev (libc.a), which setup-deps.sh installs.
@@ -12,7 +12,13 @@ target_dir="$(realpath -m "${CARGO_TARGET_DIR:-target}")/runtime-build"
 # RUSTFLAGS with an explicit --target apply to the runtime and its dependencies, not to
 # build scripts and proc macros (which must stay dynamic to be loaded by the compiler).
 # OVL_BUILDING_RUNTIME: build.rs then does not build the runtime again inside this build.
-CARGO_ENCODED_RUSTFLAGS="-Ctarget-feature=+crt-static" OVL_BUILDING_RUNTIME=1 \
+# The CFLAGS leave out zstd's block compressors the runtime never uses (see build.rs, which
+# passes the same).
+cflags_var="CFLAGS_${triple//-/_}"
+cflags="${!cflags_var:-${CFLAGS:-}} -DZSTD_EXCLUDE_GREEDY_BLOCK_COMPRESSOR"
+cflags+=" -DZSTD_EXCLUDE_LAZY_BLOCK_COMPRESSOR -DZSTD_EXCLUDE_DFAST_BLOCK_COMPRESSOR"
+env "$cflags_var=$cflags" \
+    CARGO_ENCODED_RUSTFLAGS="-Ctarget-feature=+crt-static" OVL_BUILDING_RUNTIME=1 \
     cargo build --profile runtime --target "$triple" -p ovl-runtime --target-dir "$target_dir"
 main="$target_dir/$triple/runtime/ovl-runtime-main"
 # The loader: static, not position-independent, its own target dir (other flags).

@@ -2,11 +2,10 @@
 
 use core::arch::{asm, global_asm};
 
-// Linked for its C decompressor; the functions are declared below.
-extern crate zstd_sys;
+use crate::lz4;
 
-/// The runtime, compressed by build.rs.
-static RUNTIME_ZST: &[u8] = include_bytes!(env!("OVL_RUNTIME_ZST"));
+/// The runtime as build.rs packed it: its size and checksum (u64 each), then the LZ4 block.
+static PACKED: &[u8] = include_bytes!(env!("OVL_RUNTIME_LZ4"));
 
 /// The variable that tells the runtime which file it heads.
 const BUNDLE_VAR: &[u8] = b"OVL_RUNTIME_BUNDLE=";
@@ -36,6 +35,7 @@ mod sys {
     pub const MAP_SHARED: usize = 1;
     pub const MAP_PRIVATE: usize = 2;
     pub const MAP_ANONYMOUS: usize = 0x20;
+    pub const MAP_POPULATE: usize = 0x8000;
     pub const MFD_CLOEXEC: usize = 1;
     pub const AT_EMPTY_PATH: usize = 0x1000;
     pub const ENOSYS: isize = 38;
@@ -55,7 +55,7 @@ mod sys {
 
     /// A system call; a negative result is `-errno`.
     #[inline(always)]
-    pub unsafe fn call(n: usize, a: [usize; 5]) -> isize {
+    pub unsafe fn call(n: usize, a: [usize; 6]) -> isize {
         let ret: isize;
         unsafe {
             asm!(
@@ -66,6 +66,7 @@ mod sys {
                 in("rdx") a[2],
                 in("r10") a[3],
                 in("r8") a[4],
+                in("r9") a[5],
                 lateout("rcx") _,
                 lateout("r11") _,
                 options(nostack),
@@ -75,25 +76,9 @@ mod sys {
     }
 }
 
-unsafe extern "C" {
-    fn ZSTD_getFrameContentSize(src: *const u8, len: usize) -> u64;
-    fn ZSTD_initStaticDCtx(workspace: *mut u8, size: usize) -> *mut u8;
-    fn ZSTD_decompressDCtx(
-        dctx: *mut u8,
-        dst: *mut u8,
-        cap: usize,
-        src: *const u8,
-        len: usize,
-    ) -> usize;
-    fn ZSTD_isError(code: usize) -> u32;
-}
-
-/// zstd's decompression context (about 160 KB with its buffers; zeroed, not in the file).
-static mut DCTX: [u64; 32 * 1024] = [0; 32 * 1024];
-
 fn write_err(parts: &[&[u8]]) {
     for p in parts {
-        unsafe { sys::call(sys::WRITE, [2, p.as_ptr() as usize, p.len(), 0, 0]) };
+        unsafe { sys::call(sys::WRITE, [2, p.as_ptr() as usize, p.len(), 0, 0, 0]) };
     }
 }
 
@@ -131,7 +116,7 @@ fn damaged(path: &[u8]) -> ! {
 
 fn exit(code: i32) -> ! {
     unsafe {
-        sys::call(sys::EXIT_GROUP, [code as usize, 0, 0, 0, 0]);
+        sys::call(sys::EXIT_GROUP, [code as usize, 0, 0, 0, 0, 0]);
         core::hint::unreachable_unchecked()
     }
 }
@@ -147,7 +132,7 @@ fn check(r: isize, what: &[u8]) -> usize {
 fn alloc(len: usize) -> *mut u8 {
     let prot = sys::PROT_READ | sys::PROT_WRITE;
     let flags = sys::MAP_PRIVATE | sys::MAP_ANONYMOUS;
-    let r = unsafe { sys::call(sys::MMAP, [0, len, prot, flags, usize::MAX]) };
+    let r = unsafe { sys::call(sys::MMAP, [0, len, prot, flags, usize::MAX, 0]) };
     check(r, b"allocating memory") as *mut u8
 }
 
@@ -162,7 +147,7 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     let at = unsafe { var.add(BUNDLE_VAR.len()) } as usize;
     let exe = c"/proc/self/exe".as_ptr() as usize;
     let n = check(
-        unsafe { sys::call(sys::READLINK, [exe, at, 4096, 0, 0]) },
+        unsafe { sys::call(sys::READLINK, [exe, at, 4096, 0, 0, 0]) },
         b"finding our own file (/proc/self/exe)",
     );
     if n >= 4096 {
@@ -189,40 +174,32 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     unsafe { *env.add(k) = core::ptr::null() };
 
     // The runtime, unpacked straight into a memfd's pages.
-    let src = RUNTIME_ZST;
-    let len = unsafe { ZSTD_getFrameContentSize(src.as_ptr(), src.len()) };
-    if len >= u64::MAX - 1 || len == 0 {
-        damaged(path);
-    }
-    let len = len as usize;
+    let u64_at = |i: usize| u64::from_le_bytes(PACKED[i..i + 8].try_into().unwrap());
+    let (len, sum) = (u64_at(0) as usize, u64_at(8));
     let name = c"ovl-runtime".as_ptr() as usize;
     let fd = check(
-        unsafe { sys::call(sys::MEMFD_CREATE, [name, sys::MFD_CLOEXEC, 0, 0, 0]) },
+        unsafe { sys::call(sys::MEMFD_CREATE, [name, sys::MFD_CLOEXEC, 0, 0, 0, 0]) },
         b"memfd_create",
     );
     check(
-        unsafe { sys::call(sys::FTRUNCATE, [fd, len, 0, 0, 0]) },
+        unsafe { sys::call(sys::FTRUNCATE, [fd, len, 0, 0, 0, 0]) },
         b"sizing the memfd",
     );
     let prot = sys::PROT_READ | sys::PROT_WRITE;
+    let flags = sys::MAP_SHARED | sys::MAP_POPULATE;
     let dst = check(
-        unsafe { sys::call(sys::MMAP, [0, len, prot, sys::MAP_SHARED, fd]) },
+        unsafe { sys::call(sys::MMAP, [0, len, prot, flags, fd, 0]) },
         b"mapping the memfd",
     ) as *mut u8;
-    let ws = &raw mut DCTX;
-    let dctx = unsafe { ZSTD_initStaticDCtx(ws as *mut u8, core::mem::size_of_val(&*ws)) };
-    if dctx.is_null() {
-        die(b"zstd context", 12);
-    }
-    let got = unsafe { ZSTD_decompressDCtx(dctx, dst, len, src.as_ptr(), src.len()) };
-    if unsafe { ZSTD_isError(got) } != 0 || got != len {
+    let out = unsafe { core::slice::from_raw_parts_mut(dst, len) };
+    if !lz4::decompress(&PACKED[16..], out) || lz4::checksum(out) != sum {
         damaged(path);
     }
-    unsafe { sys::call(sys::MUNMAP, [dst as usize, len, 0, 0, 0]) };
+    unsafe { sys::call(sys::MUNMAP, [dst as usize, len, 0, 0, 0, 0]) };
 
     let empty = c"".as_ptr() as usize;
     let (argv, env) = (argv as usize, env as usize);
-    let mut r = unsafe { sys::call(sys::EXECVEAT, [fd, empty, argv, env, sys::AT_EMPTY_PATH]) };
+    let mut r = unsafe { sys::call(sys::EXECVEAT, [fd, empty, argv, env, sys::AT_EMPTY_PATH, 0]) };
     if r == -sys::ENOSYS || r == -sys::ETXTBSY {
         // Before Linux 3.19 (no execveat), or a kernel that refuses a file open for
         // writing: the memfd again, read-only, by its /proc path.
@@ -241,14 +218,14 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
         let ro = check(
             unsafe {
                 let flags = sys::O_RDONLY | sys::O_CLOEXEC;
-                sys::call(sys::OPEN, [path.as_ptr() as usize, flags, 0, 0, 0])
+                sys::call(sys::OPEN, [path.as_ptr() as usize, flags, 0, 0, 0, 0])
             },
             b"reopening the memfd",
         );
-        unsafe { sys::call(sys::CLOSE, [fd, 0, 0, 0, 0]) };
-        r = unsafe { sys::call(sys::EXECVEAT, [ro, empty, argv, env, sys::AT_EMPTY_PATH]) };
+        unsafe { sys::call(sys::CLOSE, [fd, 0, 0, 0, 0, 0]) };
+        r = unsafe { sys::call(sys::EXECVEAT, [ro, empty, argv, env, sys::AT_EMPTY_PATH, 0]) };
         if r == -sys::ENOSYS {
-            r = unsafe { sys::call(sys::EXECVE, [path.as_ptr() as usize, argv, env, 0, 0]) };
+            r = unsafe { sys::call(sys::EXECVE, [path.as_ptr() as usize, argv, env, 0, 0, 0]) };
         }
     }
     die(b"executing the runtime", -r)
@@ -267,8 +244,9 @@ fn panic(_: &core::panic::PanicInfo) -> ! {
     exit(EXIT_FAILURE)
 }
 
-// The C library's memory functions, for zstd and the compiler (there is no libc here).
-// `rep movsb`/`rep stosb`: fast on current CPUs for the sizes zstd asks for.
+// The C library's memory functions, which the compiler calls (there is no libc here).
+// `rep movsb`/`rep stosb`: fast on current CPUs for long copies; the decoder does short ones
+// itself.
 
 #[unsafe(no_mangle)]
 unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
@@ -321,18 +299,3 @@ unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
 unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     unsafe { memcmp(a, b, n) }
 }
-
-// zstd's default allocator, never used with a static context: no heap here.
-
-#[unsafe(no_mangle)]
-extern "C" fn malloc(_: usize) -> *mut u8 {
-    core::ptr::null_mut()
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn calloc(_: usize, _: usize) -> *mut u8 {
-    core::ptr::null_mut()
-}
-
-#[unsafe(no_mangle)]
-extern "C" fn free(_: *mut u8) {}

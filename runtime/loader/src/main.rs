@@ -1,5 +1,5 @@
 //! The head of every `app.run`: a few kilobytes of static code (no libc) plus the bundle
-//! runtime, zstd-compressed. It unpacks the runtime into an anonymous in-memory file (memfd)
+//! runtime, LZ4-compressed. It unpacks the runtime into an anonymous in-memory file (memfd)
 //! and executes that with the same arguments and environment, adding
 //! `OVL_RUNTIME_BUNDLE=<this file>`: the runtime's `/proc/self/exe` is then the memfd, so it
 //! takes its bundle's path from there. The bundle format does not see any of this: the
@@ -13,6 +13,8 @@
 
 #[cfg(ovl_loader)]
 mod loader;
+#[cfg(ovl_loader)]
+mod lz4;
 
 /// Built without a runtime to carry (a plain `cargo build --workspace`; build.rs sets
 /// `ovl_loader` when there is one): this stand-in only says how to build the real one.
