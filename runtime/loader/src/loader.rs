@@ -203,32 +203,38 @@ unsafe extern "C" fn start(sp: *const usize) -> ! {
     if r == -sys::ENOSYS || r == -sys::ETXTBSY {
         // Before Linux 3.19 (no execveat), or a kernel that refuses a file open for
         // writing: the memfd again, read-only, by its /proc path.
-        let mut path = *b"/proc/self/fd/\0\0\0\0\0\0\0\0\0\0\0";
-        let mut digits = [0u8; 10];
-        let (mut i, mut v) = (digits.len(), fd);
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        path[14..14 + digits.len() - i].copy_from_slice(&digits[i..]);
+        let path = fd_path(fd);
+        let flags = sys::O_RDONLY | sys::O_CLOEXEC;
         let ro = check(
-            unsafe {
-                let flags = sys::O_RDONLY | sys::O_CLOEXEC;
-                sys::call(sys::OPEN, [path.as_ptr() as usize, flags, 0, 0, 0, 0])
-            },
+            unsafe { sys::call(sys::OPEN, [path.as_ptr() as usize, flags, 0, 0, 0, 0]) },
             b"reopening the memfd",
         );
         unsafe { sys::call(sys::CLOSE, [fd, 0, 0, 0, 0, 0]) };
         r = unsafe { sys::call(sys::EXECVEAT, [ro, empty, argv, env, sys::AT_EMPTY_PATH, 0]) };
         if r == -sys::ENOSYS {
+            let path = fd_path(ro);
             r = unsafe { sys::call(sys::EXECVE, [path.as_ptr() as usize, argv, env, 0, 0, 0]) };
         }
     }
     die(b"executing the runtime", -r)
+}
+
+/// "/proc/self/fd/N\0".
+fn fd_path(fd: usize) -> [u8; 32] {
+    let mut path = [0u8; 32];
+    path[..14].copy_from_slice(b"/proc/self/fd/");
+    let mut digits = [0u8; 10];
+    let (mut i, mut v) = (digits.len(), fd);
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    path[14..14 + digits.len() - i].copy_from_slice(&digits[i..]);
+    path
 }
 
 fn starts_with(s: *const u8, prefix: &[u8]) -> bool {
