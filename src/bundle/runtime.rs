@@ -217,7 +217,7 @@ pub fn main() -> i32 {
         println!();
         return 0;
     }
-    let exe = match fs::read_link("/proc/self/exe") {
+    let exe = match own_file() {
         Ok(p) => p,
         Err(e) => return fail(format!("finding our own file (/proc/self/exe): {e}")),
     };
@@ -286,6 +286,17 @@ pub fn main() -> i32 {
     match res {
         Ok(code) => code,
         Err(e) => fail(e),
+    }
+}
+
+/// The bundle we head: `/proc/self/exe`, unless that is the in-memory copy the bundle's loader
+/// (runtime/loader) unpacked us into: the loader then names the bundle in OVL_RUNTIME_BUNDLE.
+fn own_file() -> io::Result<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    let exe = fs::read_link("/proc/self/exe")?;
+    match std::env::var_os("OVL_RUNTIME_BUNDLE") {
+        Some(b) if exe.as_os_str().as_bytes().starts_with(b"/memfd:") => Ok(b.into()),
+        _ => Ok(exe),
     }
 }
 
