@@ -1084,6 +1084,73 @@ fn a_discard_run_goes_beside_live_instances() {
 }
 
 #[test]
+fn another_version_beside_live_instances_is_refused_and_a_commit_waits_for_discard_runs() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let fifo = w.p("fifo");
+    mkfifo(&fifo);
+    let mut a = Instance::spawn(
+        &mut w.cmd(&b, &["wait", "a", fifo.to_str().unwrap(), "5"]),
+        fifo,
+    );
+    a.ready();
+    // Another version of the app (another tree) cannot show its tree on this mount.
+    fs::write(w.p("app/share/new.txt"), "v2").unwrap();
+    let v2 = w.p("v2.run");
+    ok(&w.pack(&["-o", v2.to_str().unwrap()]));
+    let o = w.run(&v2, &["write", "v2", "4"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("another version"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    a.release();
+    assert_eq!(a.finish().0, Some(5));
+    // A discard run reads the kept upper: a commit clears it only after that run is done.
+    let fifo = w.p("fifo-d");
+    mkfifo(&fifo);
+    let mut d = Instance::spawn(
+        &mut w.cmd(
+            &b,
+            &[
+                "--ovl-on-exit=discard",
+                "wait",
+                "d",
+                fifo.to_str().unwrap(),
+                "6",
+            ],
+        ),
+        fifo,
+    );
+    d.ready();
+    let mut c = spawn(
+        w.cmd(&b, &["--ovl-on-exit=commit", "write", "c", "3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut err = std::io::BufReader::new(c.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(
+        line.contains("waiting for discard runs of app to exit before committing"),
+        "{line}"
+    );
+    assert!(w.upper().join("state/a").exists());
+    d.release();
+    assert_eq!(d.finish().0, Some(6));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(c.wait().unwrap().code(), Some(3), "{rest}");
+    assert!(rest.contains("committed"), "{rest}");
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert!(x.join("state/a").exists() && x.join("state/c").exists());
+    assert!(!x.join("state/d").exists());
+    assert_all_gone(&w);
+}
+
+#[test]
 fn a_commit_asked_by_one_instance_waits_for_the_others_and_happens_once() {
     if !is_root() {
         return;

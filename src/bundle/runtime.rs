@@ -47,6 +47,11 @@ AppImage's runtime options, same meaning:
   --appimage-help, --appimage-version
   --appimage-signature, --appimage-updateinformation   an empty line: bundles carry neither
 
+Runs of one app at the same time share one mount of its kept state, each with its own
+arguments, directory, environment, signals and exit status; the state is finalized once,
+when the last of them exits (a commit asked for meanwhile waits for that). A discard run
+gets a mount of its own over the kept state.
+
 Exit status: the app's own; 128+N if it died of signal N; 125 if the runtime failed.
 Environment for the app: APPIMAGE and OVL_BUNDLE (this file, absolute), APPDIR (its mounted
 tree), ARGV0 (how it was started), OWD (the directory it was started from).";
