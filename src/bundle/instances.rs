@@ -342,6 +342,8 @@ pub fn start(srv: Server) -> Result<Conn, String> {
                 -1 => libc::_exit(1),
                 _ => libc::_exit(0),
             }
+            // Holds no directory of the user's busy (every path it uses is absolute).
+            libc::chdir(c"/".as_ptr());
         }
         serve(srv, listener);
     }
