@@ -59,6 +59,10 @@ case "$1" in
     touch) echo "$2" > "$APPDIR/state/$2"; sleep "$3" ;;
     append) echo more >> "$APPDIR/share/greeting.txt" ;;
     mv) mv "$APPDIR/share/$2" "$APPDIR/share/$3" ;;
+    wait) echo "mine=$OVL_TEST_MINE"; echo "$2" > "$APPDIR/state/$2"; echo ready
+          read x < "$3"; exit "$4" ;;
+    write) echo "state=$(ls "$APPDIR/state" | tr '\n' ' ')"
+           echo "$2" > "$APPDIR/state/$2"; exit "$3" ;;
 esac
 "#;
 
@@ -696,22 +700,505 @@ fn parallel_first_runs_share_the_bundle_in_place() {
 }
 
 #[test]
-fn a_second_writer_of_the_same_upper_is_refused() {
+fn a_run_beside_ovl_mount_is_refused() {
     if !is_root() {
         return;
     }
     let w = World::new();
     let b = w.bundle();
-    let mut first = spawn(w.cmd(&b, &["sleep", "3"]).stdout(Stdio::piped()));
-    // Wait until the first run has its mount (it printed the count).
-    first_line_starting(&mut first, "count=");
+    let mut first = spawn(w.cmd(&b, &["--ovl-mount"]).stdout(Stdio::piped()));
+    // Wait until it serves (it printed the mount point).
+    first_line_starting(&mut first, "");
     let o = w.run(&b, &[]);
     assert_eq!(o.status.code(), Some(125));
-    assert!(stderr(&o).contains("another run of app"), "{}", stderr(&o));
-    // A discard run of a non-conflicting upper works meanwhile.
+    assert!(stderr(&o).contains("--ovl-mount"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    // A run of another upper works meanwhile.
     let o = w.run(&b, &[&format!("--ovl-upper={}", w.p("other").display())]);
     ok(&o);
+    unsafe { libc::kill(first.id() as i32, libc::SIGTERM) };
     assert!(first.wait().unwrap().success());
+    // And once it is gone, the socket it answered on is too, and runs work again.
+    assert!(!w.p("home/data/ovl/app/.upper.ovl-sock").exists());
+    ok(&w.run(&b, &[]));
+}
+
+/// An instance started with `wait NAME FIFO STATUS`: it wrote `state/NAME` and waits for a
+/// line on its fifo, then exits with STATUS.
+struct Instance {
+    child: std::process::Child,
+    /// Its output up to `ready`.
+    lines: Vec<String>,
+    fifo: PathBuf,
+}
+
+impl Instance {
+    /// Starts `c` (a run with `wait`; its stdout is piped here).
+    fn spawn(c: &mut Command, fifo: PathBuf) -> Instance {
+        let child = spawn(c.stdout(Stdio::piped()).stderr(Stdio::piped()));
+        Instance {
+            child,
+            lines: Vec::new(),
+            fifo,
+        }
+    }
+
+    /// Waits until the app runs (it printed `ready`).
+    fn ready(&mut self) -> &mut Self {
+        use std::io::BufRead;
+        let out = std::io::BufReader::new(self.child.stdout.take().expect("stdout piped"));
+        for line in out.lines() {
+            let line = line.unwrap();
+            let done = line == "ready";
+            self.lines.push(line);
+            if done {
+                return self;
+            }
+        }
+        let err = self.child.stderr.take().map(|mut e| {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut e, &mut s).unwrap();
+            s
+        });
+        panic!(
+            "the instance ended before it was ready: {:?} {err:?}",
+            self.lines
+        );
+    }
+
+    fn field(&self, key: &str) -> &str {
+        self.lines
+            .iter()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .unwrap_or_else(|| panic!("no {key}= in {:?}", self.lines))
+    }
+
+    fn release(&self) {
+        fs::write(&self.fifo, "go\n").unwrap();
+    }
+
+    /// Its exit status and stderr.
+    fn finish(self) -> (Option<i32>, String) {
+        let o = self.child.wait_with_output().unwrap();
+        (o.status.code(), stderr(&o))
+    }
+}
+
+fn mkfifo(p: &Path) {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
+}
+
+/// Nothing of the instances is left: no mount point, no socket, no server.
+fn assert_all_gone(w: &World) {
+    let mounts: Vec<_> = fs::read_dir(w.p("home/cache"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mount_"))
+        .collect();
+    assert!(mounts.is_empty(), "mount points left: {mounts:?}");
+    assert!(!w.p("home/data/ovl/app/.upper.ovl-sock").exists());
+    assert_eq!(lock_holders(w), Vec::<i32>::new());
+}
+
+/// Processes holding the app's upper lock open (the server).
+fn lock_holders(w: &World) -> Vec<i32> {
+    let lock = w.p("home/data/ovl/app/.upper.ovl-lock");
+    let mut out = Vec::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(e.path().join("fd")) else {
+            continue;
+        };
+        if fds
+            .flatten()
+            .any(|f| fs::read_link(f.path()).is_ok_and(|l| l == lock))
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// `n` instances started at once on a world nobody ran yet (they race to be first), each in
+/// its own directory with its own argument, variable and exit status, as root or as `user`.
+fn concurrent_instances(n: usize, user: Option<&str>) {
+    let w = World::new();
+    let b = w.bundle();
+    for i in 0..n {
+        fs::create_dir(w.p(&format!("cwd{i}"))).unwrap();
+        mkfifo(&w.p(&format!("fifo{i}")));
+    }
+    if let Some(user) = user {
+        ensure_test_user();
+        let st = Command::new("chown")
+            .args(["-R", user])
+            .arg(&w.root)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let mut inst: Vec<Instance> = (0..n)
+        .map(|i| {
+            let fifo = w.p(&format!("fifo{i}"));
+            let args = [
+                "wait".to_string(),
+                format!("i{i}"),
+                fifo.display().to_string(),
+                (10 + i).to_string(),
+            ];
+            let mut c = match user {
+                None => {
+                    let mut c = w.cmd(&b, &args.iter().map(String::as_str).collect::<Vec<_>>());
+                    c.current_dir(w.p(&format!("cwd{i}")));
+                    c
+                }
+                Some(user) => {
+                    let mut c = Command::new("runuser");
+                    c.args(["-u", user, "--", "env"])
+                        .arg(format!("HOME={}", w.p("home").display()))
+                        .arg(format!("XDG_CACHE_HOME={}", w.p("home/cache").display()))
+                        .arg(format!("XDG_DATA_HOME={}", w.p("home/data").display()))
+                        .arg(&b)
+                        .args(&args)
+                        .current_dir(w.p(&format!("cwd{i}")))
+                        .stdin(Stdio::null());
+                    c
+                }
+            };
+            c.env("OVL_TEST_MINE", format!("mine{i}"));
+            Instance::spawn(&mut c, fifo)
+        })
+        .collect();
+    for i in inst.iter_mut() {
+        i.ready();
+    }
+    // One mount, one server.
+    let appdir = inst[0].field("appdir").to_string();
+    for (i, x) in inst.iter().enumerate() {
+        assert_eq!(x.field("appdir"), appdir, "instance {i}");
+        assert_eq!(x.field("mine"), format!("mine{i}"));
+        let cwd = w.p(&format!("cwd{i}"));
+        assert_eq!(x.field("pwd"), cwd.to_str().unwrap());
+        assert_eq!(x.field("owd"), cwd.to_str().unwrap());
+        assert!(x.field("args").starts_with(&format!("wait i{i} ")));
+    }
+    assert_eq!(lock_holders(&w).len(), 1, "one server");
+    // Released in another order than they started; each exits as its own app did.
+    for (i, x) in inst.into_iter().enumerate().rev() {
+        x.release();
+        let (code, err) = x.finish();
+        assert_eq!(code, Some(10 + i as i32), "instance {i}: {err}");
+        assert!(!err.contains("error"), "instance {i}: {err}");
+    }
+    for i in 0..n {
+        assert_eq!(
+            fs::read_to_string(w.upper().join(format!("state/i{i}"))).unwrap(),
+            format!("i{i}\n")
+        );
+    }
+    assert_all_gone(&w);
+    // The next run sees every instance's file.
+    let o = w.run(&b, &["write", "after", "4"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    for i in 0..n {
+        assert!(
+            field(&o, "state").contains(&format!("i{i} ")),
+            "{}",
+            stdout(&o)
+        );
+    }
+}
+
+#[test]
+fn two_instances_share_one_mount_and_exit_as_their_apps() {
+    if !is_root() {
+        return;
+    }
+    concurrent_instances(2, None);
+}
+
+#[test]
+fn eight_instances_share_one_mount_and_exit_as_their_apps() {
+    if !is_root() {
+        return;
+    }
+    concurrent_instances(8, None);
+}
+
+#[test]
+fn a_normal_users_instances_share_one_mount() {
+    if !is_root() {
+        return;
+    }
+    concurrent_instances(3, Some(USER));
+}
+
+#[test]
+fn a_signal_reaches_only_its_own_instance() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let start = |name: &str, code: &str| {
+        let fifo = w.p(&format!("fifo-{name}"));
+        mkfifo(&fifo);
+        let mut i = Instance::spawn(
+            &mut w.cmd(&b, &["wait", name, fifo.to_str().unwrap(), code]),
+            fifo,
+        );
+        i.ready();
+        i
+    };
+    let (a, c) = (start("a", "5"), start("c", "6"));
+    unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
+    let (code, err) = c.finish();
+    assert_eq!(code, Some(128 + libc::SIGTERM), "{err}");
+    // The other one still runs on the mount.
+    let o = w.run(&b, &["write", "d", "7"]);
+    assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
+    assert_eq!(field(&o, "appdir"), a.field("appdir"));
+    a.release();
+    assert_eq!(a.finish().0, Some(5));
+    assert_all_gone(&w);
+}
+
+#[test]
+fn instances_exiting_while_others_join() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    // Waves of short instances: some start the server, some join it, some find it finishing
+    // (its last instance just left) and start the next one.
+    for round in 0..8 {
+        let children: Vec<_> = (0..4)
+            .map(|i| {
+                let name = format!("r{round}i{i}");
+                let code = (20 + i).to_string();
+                spawn(
+                    w.cmd(&b, &["write", &name, &code])
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped()),
+                )
+            })
+            .collect();
+        for (i, c) in children.into_iter().enumerate() {
+            let o = c.wait_with_output().unwrap();
+            assert_eq!(o.status.code(), Some(20 + i as i32), "{}", stderr(&o));
+        }
+    }
+    // And short ones joining and leaving a long one.
+    let fifo = w.p("fifo");
+    mkfifo(&fifo);
+    let mut long = Instance::spawn(
+        &mut w.cmd(&b, &["wait", "long", fifo.to_str().unwrap(), "9"]),
+        fifo,
+    );
+    long.ready();
+    for i in 0..6 {
+        let o = w.run(&b, &["write", &format!("short{i}"), &i.to_string()]);
+        assert_eq!(o.status.code(), Some(i), "{}", stderr(&o));
+        assert_eq!(field(&o, "appdir"), long.field("appdir"));
+    }
+    long.release();
+    assert_eq!(long.finish().0, Some(9));
+    assert_all_gone(&w);
+    let names: Vec<String> = (0..8)
+        .flat_map(|r| (0..4).map(move |i| format!("r{r}i{i}")))
+        .chain((0..6).map(|i| format!("short{i}")))
+        .chain(["long".to_string()])
+        .collect();
+    for n in names {
+        assert!(w.upper().join("state").join(&n).exists(), "{n} lost");
+    }
+}
+
+#[test]
+fn a_killed_instance_or_server_does_not_block_later_runs() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let start = |name: &str| {
+        let fifo = w.p(&format!("fifo-{name}"));
+        mkfifo(&fifo);
+        let mut i = Instance::spawn(
+            &mut w.cmd(&b, &["wait", name, fifo.to_str().unwrap(), "0"]),
+            fifo,
+        );
+        i.ready();
+        i
+    };
+    // The first instance killed: the server finishes without it.
+    let mut a = start("a");
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let o = w.run(&b, &["write", "after-a", "3"]);
+    assert_eq!(o.status.code(), Some(3), "{}", stderr(&o));
+    assert!(field(&o, "state").contains("a "), "{}", stdout(&o));
+    // The server killed: its instances end (their mount is gone), and the next run serves.
+    let c = start("c");
+    let server = lock_holders(&w);
+    assert_eq!(server.len(), 1);
+    unsafe { libc::kill(server[0], libc::SIGKILL) };
+    let (code, err) = c.finish();
+    assert_eq!(code, Some(128 + libc::SIGKILL), "{err}");
+    assert!(err.contains("ended before this instance"), "{err}");
+    assert!(
+        w.p("home/data/ovl/app/.upper.ovl-sock").exists(),
+        "stale socket"
+    );
+    let o = w.run(&b, &["write", "after-c", "4"]);
+    assert_eq!(o.status.code(), Some(4), "{}", stderr(&o));
+    assert!(field(&o, "state").contains("c "), "{}", stdout(&o));
+    assert_all_gone(&w);
+}
+
+#[test]
+fn a_discard_run_goes_beside_live_instances() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let fifo = w.p("fifo");
+    mkfifo(&fifo);
+    let mut a = Instance::spawn(
+        &mut w.cmd(&b, &["wait", "a", fifo.to_str().unwrap(), "5"]),
+        fifo,
+    );
+    a.ready();
+    let o = w.run(&b, &["--ovl-on-exit=discard", "write", "d", "6"]);
+    assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
+    // It saw the kept state, on a mount of its own, and left nothing.
+    assert!(field(&o, "state").contains("a "), "{}", stdout(&o));
+    assert_ne!(field(&o, "appdir"), a.field("appdir"));
+    assert!(!w.upper().join("state/d").exists());
+    a.release();
+    assert_eq!(a.finish().0, Some(5));
+    assert!(w.upper().join("state/a").exists());
+    assert_all_gone(&w);
+}
+
+#[test]
+fn another_version_beside_live_instances_is_refused_and_a_commit_waits_for_discard_runs() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let fifo = w.p("fifo");
+    mkfifo(&fifo);
+    let mut a = Instance::spawn(
+        &mut w.cmd(&b, &["wait", "a", fifo.to_str().unwrap(), "5"]),
+        fifo,
+    );
+    a.ready();
+    // Another version of the app (another tree) cannot show its tree on this mount.
+    fs::write(w.p("app/share/new.txt"), "v2").unwrap();
+    let v2 = w.p("v2.run");
+    ok(&w.pack(&["-o", v2.to_str().unwrap()]));
+    let o = w.run(&v2, &["write", "v2", "4"]);
+    assert_eq!(o.status.code(), Some(125), "{}", stderr(&o));
+    assert!(stderr(&o).contains("another version"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    a.release();
+    assert_eq!(a.finish().0, Some(5));
+    // A discard run reads the kept upper: a commit clears it only after that run is done.
+    let fifo = w.p("fifo-d");
+    mkfifo(&fifo);
+    let mut d = Instance::spawn(
+        &mut w.cmd(
+            &b,
+            &[
+                "--ovl-on-exit=discard",
+                "wait",
+                "d",
+                fifo.to_str().unwrap(),
+                "6",
+            ],
+        ),
+        fifo,
+    );
+    d.ready();
+    let mut c = spawn(
+        w.cmd(&b, &["--ovl-on-exit=commit", "write", "c", "3"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    );
+    let mut err = std::io::BufReader::new(c.stderr.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut err, &mut line).unwrap();
+    assert!(
+        line.contains("waiting for discard runs of app to exit before committing"),
+        "{line}"
+    );
+    assert!(w.upper().join("state/a").exists());
+    d.release();
+    assert_eq!(d.finish().0, Some(6));
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(c.wait().unwrap().code(), Some(3), "{rest}");
+    assert!(rest.contains("committed"), "{rest}");
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert!(x.join("state/a").exists() && x.join("state/c").exists());
+    assert!(!x.join("state/d").exists());
+    assert_all_gone(&w);
+}
+
+#[test]
+fn a_commit_asked_by_one_instance_waits_for_the_others_and_happens_once() {
+    if !is_root() {
+        return;
+    }
+    use std::io::BufRead;
+    let w = World::new();
+    let b = w.bundle();
+    let ino = fs::metadata(&b).unwrap().ino();
+    let start = |name: &str, opts: &[&str], code: &str| {
+        let fifo = w.p(&format!("fifo-{name}"));
+        mkfifo(&fifo);
+        let mut all = opts.to_vec();
+        all.extend(["wait", name, fifo.to_str().unwrap(), code]);
+        let mut i = Instance::spawn(&mut w.cmd(&b, &all), fifo);
+        i.ready();
+        i
+    };
+    let a = start("a", &[], "5");
+    let mut c = start("c", &["--ovl-on-exit=commit"], "3");
+    c.release();
+    // Its app is done; it says that it waits for the other one, and does.
+    let mut err = std::io::BufReader::new(c.child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    assert!(
+        line.contains("waiting for 1 other instance of app to exit before committing"),
+        "{line}"
+    );
+    assert!(c.child.try_wait().unwrap().is_none());
+    assert_eq!(fs::metadata(&b).unwrap().ino(), ino, "committed too early");
+    a.release();
+    let (code, a_err) = a.finish();
+    assert_eq!(code, Some(5), "{a_err}");
+    assert!(!a_err.contains("committed"), "{a_err}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
+    assert_eq!(c.child.wait().unwrap().code(), Some(3), "{rest}");
+    assert_eq!(rest.matches("committed").count(), 1, "{rest}");
+    assert_ne!(fs::metadata(&b).unwrap().ino(), ino);
+    // Both instances' changes are in the bundle, none left in the upper.
+    let x = w.p("x");
+    ok(&w.run(&b, &["--ovl-extract", x.to_str().unwrap()]));
+    assert!(x.join("state/a").exists() && x.join("state/c").exists());
+    assert!(!w.upper().join("state").exists());
+    assert_all_gone(&w);
 }
 
 #[test]
@@ -859,13 +1346,22 @@ fn an_unwritable_cache_falls_back_with_one_warning() {
         .lines()
         .find_map(|l| l.strip_prefix("id:").map(|s| s.trim().to_string()))
         .unwrap();
-    // The cache's place is under a file: it cannot be made. First $XDG_RUNTIME_DIR, then the
-    // temporary directory.
+    // The cache's place is under a file: it cannot be made. A normal run needs nothing there
+    // (the tree is read in place; the mount point goes to the temporary directory).
     fs::write(w.p("home/file"), "").unwrap();
     fs::create_dir_all(w.p("run")).unwrap();
     fs::create_dir_all(w.p("tmp")).unwrap();
+    let o = output(
+        w.cmd(&b, &["one"])
+            .env("XDG_CACHE_HOME", w.p("home/file/cache"))
+            .env("TMPDIR", w.p("tmp")),
+    );
+    ok(&o);
+    assert_eq!(stderr(&o), "");
+    // A discard run keeps its scratch upper in the cache: first $XDG_RUNTIME_DIR, then the
+    // temporary directory, with one warning.
     for runtime_dir in [true, false] {
-        let mut c = w.cmd(&b, &["one"]);
+        let mut c = w.cmd(&b, &["--ovl-on-exit=discard", "one"]);
         c.env("XDG_CACHE_HOME", w.p("home/file/cache"))
             .env("TMPDIR", w.p("tmp"));
         if runtime_dir {
@@ -900,7 +1396,7 @@ fn an_unwritable_cache_falls_back_with_one_warning() {
     fs::remove_dir_all(w.p("tmp/ovl-cache-0")).unwrap();
     std::os::unix::fs::symlink(w.p("run"), w.p("tmp/ovl-cache-0")).unwrap();
     let o = output(
-        w.cmd(&b, &["one"])
+        w.cmd(&b, &["--ovl-on-exit=discard", "one"])
             .env("XDG_CACHE_HOME", w.p("home/file/cache"))
             .env("TMPDIR", w.p("tmp"))
             .env_remove("XDG_RUNTIME_DIR"),

@@ -21,6 +21,7 @@
 pub mod cache;
 pub mod extract;
 pub mod format;
+pub mod instances;
 pub mod pack;
 pub mod runtime;
 pub mod state;

@@ -47,6 +47,11 @@ AppImage's runtime options, same meaning:
   --appimage-help, --appimage-version
   --appimage-signature, --appimage-updateinformation   an empty line: bundles carry neither
 
+Runs of one app at the same time share one mount of its kept state, each with its own
+arguments, directory, environment, signals and exit status; the state is finalized once,
+when the last of them exits (a commit asked for meanwhile waits for that). A discard run
+gets a mount of its own over the kept state.
+
 Exit status: the app's own; 128+N if it died of signal N; 125 if the runtime failed.
 Environment for the app: APPIMAGE and OVL_BUNDLE (this file, absolute), APPDIR (its mounted
 tree), ARGV0 (how it was started), OWD (the directory it was started from).";
@@ -583,6 +588,54 @@ fn app_env(
     ]
 }
 
+/// The overlay a run mounts, and the cached tree it stands on (keep it while mounted): the
+/// app's tree under the kept upper for a writer; for a discard run the kept upper stacked
+/// over the tree as lowers, under the run's own `scratch` upper. A writer holds the upper's
+/// writer lock.
+fn overlay_for(
+    bundle: &Bundle,
+    upper: &Path,
+    scratch: Option<&Scratch>,
+) -> Result<OverlayFS, String> {
+    let m = bundle.manifest();
+    // The tree is the bundle's image, read in place: nothing is extracted.
+    let lower = bundle.lower_source();
+    let mut ofs = match scratch {
+        None => {
+            state::finish_interrupted_commit(bundle, upper)?;
+            state::note_lower(upper, bundle)?;
+            let mut ofs = OverlayFS::with_lower(lower);
+            ofs.set_upper(upper);
+            ofs
+        }
+        Some(scratch) => {
+            // Earlier runs' state stays visible (the kept upper becomes a lower); this run's
+            // changes go to a scratch upper that is thrown away. An upper a crashed commit
+            // already put into the bundle is not shown twice.
+            let kept = crate::finalize::count_entries(upper).unwrap_or(0) > 0
+                && !state::upper_already_committed(bundle, upper);
+            if kept {
+                state::note_user(upper, bundle)?;
+            }
+            let mut ofs = if kept {
+                let mut ofs = OverlayFS::new(upper);
+                ofs.add_lower_source(lower);
+                ofs
+            } else {
+                OverlayFS::with_lower(lower)
+            };
+            ofs.set_upper(scratch.dir.join("upper"));
+            ofs
+        }
+    };
+    ofs.set_fsname(format!("ovl:{}", m.name))
+        .set_require_empty_mountpoint(true)
+        .mountpoint_as_home_named(&m.name);
+    ofs.validate().map_err(|e| e.to_string())?;
+    launcher::remove_stale_mountpoints(&crate::overlayfs::mountpoint_base());
+    Ok(ofs)
+}
+
 fn run_app(
     bundle: &Bundle,
     opts: &Opts,
@@ -611,44 +664,27 @@ fn run_app(
             &owd,
         );
     }
-    // The tree is the bundle's image, read in place: nothing is extracted.
-    let lower = bundle.lower_source();
     let writer = action != OverlayAction::Discard;
-    let _lock = state::lock_upper(&upper, &m.name, writer)?;
-    let scratch = new_scratch()?;
-    let mut ofs = if writer {
-        state::finish_interrupted_commit(bundle, &upper)?;
-        state::note_lower(&upper, bundle)?;
-        let mut ofs = OverlayFS::with_lower(lower);
-        ofs.set_upper(&upper);
-        ofs
-    } else {
-        // Earlier runs' state stays visible (the kept upper becomes a lower); this run's
-        // changes go to a scratch upper that is thrown away. An upper a crashed commit
-        // already put into the bundle is not shown twice.
-        let kept = crate::finalize::count_entries(&upper).unwrap_or(0) > 0
-            && !state::upper_already_committed(bundle, &upper);
-        if kept {
-            state::note_user(&upper, bundle)?;
-        }
-        let mut ofs = if kept {
-            let mut ofs = OverlayFS::new(&upper);
-            ofs.add_lower_source(lower);
-            ofs
-        } else {
-            OverlayFS::with_lower(lower)
-        };
-        ofs.set_upper(scratch.dir.join("upper"));
-        ofs
-    };
-    ofs.set_fsname(format!("ovl:{}", m.name))
-        .set_require_empty_mountpoint(true)
-        .mountpoint_as_home_named(&m.name);
-    ofs.validate().map_err(|e| e.to_string())?;
-    {
-        let base = crate::overlayfs::mountpoint_base();
-        launcher::remove_stale_mountpoints(&base);
+    if writer && !opts.mount {
+        return run_instance(bundle, opts, action, &upper, app_args, argv0, &owd);
     }
+    // A run that serves its own overlay: --ovl-mount, or a discard run (its own upper).
+    let _lock = if writer {
+        let lock =
+            state::try_lock_upper(&upper)?.ok_or_else(|| state::upper_busy(&upper, &m.name))?;
+        let why = format!(
+            "{}: another run of {name} serves this upper with --ovl-mount; use its mount, or \
+             stop it first, or run this one with --ovl-upper=DIR or --ovl-on-exit=discard",
+            upper.display(),
+            name = m.name
+        );
+        super::instances::refuse_joiners(&upper, why)?;
+        lock
+    } else {
+        state::share_upper(&upper, &m.name)?
+    };
+    let scratch = new_scratch()?;
+    let mut ofs = overlay_for(bundle, &upper, (!writer).then_some(&scratch))?;
     let app_args_copy = app_args.clone();
     let res = if opts.mount {
         launcher::serve(&mut ofs)
@@ -694,9 +730,79 @@ fn run_app(
             .overlay_action(OverlayAction::Discard)
             .map(|_| ())
             .map_err(|e| e.to_string()),
-        _ => state::commit_bundle(bundle, &mut ofs, &upper),
+        _ => state::commit_bundle(bundle, &mut ofs, &upper, &|| {
+            eprintln!(
+                "{name}: waiting for discard runs of {name} to exit before committing",
+                name = m.name
+            )
+        })
+        .map(|msg| eprintln!("{msg}")),
     };
+    if writer {
+        super::instances::stop_refusing(&upper);
+    }
     fin.map(|()| code)
+}
+
+/// A writing run (preserve or commit) of the app: an instance on the mount of the process
+/// serving the kept upper, started by this run if none serves it yet (see
+/// [`super::instances`]).
+fn run_instance(
+    bundle: &Bundle,
+    opts: &Opts,
+    action: OverlayAction,
+    upper: &Path,
+    app_args: Vec<OsString>,
+    argv0: OsString,
+    owd: &Path,
+) -> Result<i32, String> {
+    use super::instances::{self, Attach, Joined};
+    let m = bundle.manifest();
+    loop {
+        let conn = match instances::attach(upper, &m.name)? {
+            Attach::Join(conn) => conn,
+            Attach::Serve(lock) => {
+                let ofs = overlay_for(bundle, upper, None)?;
+                instances::start(instances::Server {
+                    bundle,
+                    upper: upper.to_path_buf(),
+                    ofs,
+                    lock,
+                    verbose: opts.verbose,
+                })?
+            }
+        };
+        let commit = action == OverlayAction::Commit;
+        let args = app_args.clone();
+        let res = instances::run_joined(conn, bundle, upper, commit, |mnt| {
+            let mut argv = vec![mnt.join(&m.entry).into_os_string()];
+            argv.extend(args);
+            Launch {
+                argv,
+                cwd: owd.to_path_buf(),
+                env: app_env(bundle, mnt, &argv0, owd),
+                chroot: None,
+            }
+        })?;
+        match res {
+            Joined::Exit(code) => return Ok(code),
+            Joined::Retry => continue,
+            // FUSE is there but mounting failed (no namespace and no usable fusermount3, a
+            // container without the capability...): run from a private copy as without FUSE.
+            Joined::Fallback(why) => {
+                return run_without_fuse(
+                    bundle,
+                    opts,
+                    action,
+                    upper,
+                    Some(&why),
+                    app_args,
+                    argv0,
+                    owd,
+                );
+            }
+        }
+    }
 }
 
 /// No FUSE (`why`), or `--appimage-extract-and-run` (`None`): one line of warning if FUSE is
@@ -733,7 +839,7 @@ fn run_without_fuse(
              this run's changes will be discarded"
         );
     }
-    let _lock = state::lock_upper(upper, name, false)?;
+    let _lock = state::share_upper(upper, name)?;
     let scratch = new_scratch()?;
     // Extracted straight into the run's scratch directory: nothing is kept in the cache.
     let copy = scratch.dir.join("tree");

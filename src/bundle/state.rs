@@ -12,14 +12,17 @@ use crate::OverlayFS;
 
 use crate::overlayfs::hidden_sibling as beside;
 
-/// Use of an upper, held for the whole run: two runs writing one upper would corrupt it, so
-/// writers are exclusive; a discard run only reads it (as a lower) and shares.
+/// A hold on an upper (a lock on a file beside it). Two files: `.<upper>.ovl-lock`, held
+/// exclusively by the one process that serves the upper writable (the instances of the app
+/// join it), and `.<upper>.ovl-readers`, shared by the runs that read it as a lower (discard
+/// runs, runs without FUSE) and taken exclusively only to clear it (a commit): readers and the
+/// writer run side by side, but the upper never goes from under a reader.
 #[derive(Debug)]
 pub struct UpperLock {
     _file: fs::File,
 }
 
-pub fn lock_upper(upper: &Path, name: &str, exclusive: bool) -> Result<UpperLock, String> {
+fn open_lock(upper: &Path, suffix: &str) -> Result<fs::File, String> {
     let parent = upper.parent().unwrap_or(Path::new("/"));
     // The app's state may hold anything of the user's: private by default.
     fs::DirBuilder::new()
@@ -27,30 +30,73 @@ pub fn lock_upper(upper: &Path, name: &str, exclusive: bool) -> Result<UpperLock
         .mode(0o700)
         .create(parent)
         .map_err(|e| format!("creating {}: {e}", parent.display()))?;
-    let path = beside(upper, ".ovl-lock");
-    let file = fs::OpenOptions::new()
+    let path = beside(upper, suffix);
+    fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-    let op = if exclusive {
-        libc::LOCK_EX
-    } else {
-        libc::LOCK_SH
-    };
-    if unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) } < 0 {
-        return Err(format!(
-            "{}: another run of {name} is using this upper; wait for it to finish, or run this \
-             one with --ovl-upper=DIR{}",
-            upper.display(),
-            if exclusive {
-                " or --ovl-on-exit=discard"
-            } else {
-                ""
-            }
-        ));
+        .map_err(|e| format!("opening {}: {e}", path.display()))
+}
+
+fn flock(f: &fs::File, op: libc::c_int) -> bool {
+    loop {
+        if unsafe { libc::flock(f.as_raw_fd(), op) } == 0 {
+            return true;
+        }
+        if io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return false;
+        }
+    }
+}
+
+/// The writer's lock, if no other process holds it (the one serving the upper does, for its
+/// whole life, finalization included).
+pub fn try_lock_upper(upper: &Path) -> Result<Option<UpperLock>, String> {
+    let file = open_lock(upper, ".ovl-lock")?;
+    Ok(flock(&file, libc::LOCK_EX | libc::LOCK_NB).then_some(UpperLock { _file: file }))
+}
+
+/// The error for a run that needs the writer's lock and cannot wait for it.
+pub fn upper_busy(upper: &Path, name: &str) -> String {
+    format!(
+        "{}: another run of {name} is using this upper; wait for it to finish, or run this one \
+         with --ovl-upper=DIR or --ovl-on-exit=discard",
+        upper.display()
+    )
+}
+
+/// A reader's hold (a discard run, a run without FUSE): shared with other readers and with
+/// the writer; waits while a commit clears the upper.
+pub fn share_upper(upper: &Path, name: &str) -> Result<UpperLock, String> {
+    let file = open_lock(upper, ".ovl-readers")?;
+    if !flock(&file, libc::LOCK_SH | libc::LOCK_NB) {
+        eprintln!("{name}: waiting for a commit of {name} to finish");
+        if !flock(&file, libc::LOCK_SH) {
+            return Err(format!(
+                "locking {}: {}",
+                beside(upper, ".ovl-readers").display(),
+                io::Error::last_os_error()
+            ));
+        }
+    }
+    Ok(UpperLock { _file: file })
+}
+
+/// Keeps the readers out (to clear the upper): waits for the discard runs that use it,
+/// calling `waiting` first if there are some.
+fn exclude_readers(upper: &Path, waiting: &dyn Fn()) -> Result<UpperLock, String> {
+    let file = open_lock(upper, ".ovl-readers")?;
+    if !flock(&file, libc::LOCK_EX | libc::LOCK_NB) {
+        waiting();
+        if !flock(&file, libc::LOCK_EX) {
+            return Err(format!(
+                "locking {}: {}",
+                beside(upper, ".ovl-readers").display(),
+                io::Error::last_os_error()
+            ));
+        }
     }
     Ok(UpperLock { _file: file })
 }
@@ -78,6 +124,10 @@ pub fn finish_interrupted_commit(bundle: &Bundle, upper: &Path) -> Result<(), St
         return Ok(());
     }
     if upper_already_committed(bundle, upper) {
+        let name = &bundle.manifest().name;
+        let _readers = exclude_readers(upper, &|| {
+            eprintln!("{name}: waiting for discard runs of {name} to exit (finishing a commit)")
+        })?;
         log::warn!(
             "finishing an interrupted commit: {} is already in {}",
             upper.display(),
@@ -162,14 +212,19 @@ fn read_users(upper: &Path) -> Vec<(String, PathBuf)> {
 /// Records that `bundle` (its path and payload id) uses the state in `upper`, forgetting files
 /// that are gone; returns whether a file with this payload had used it before.
 pub fn note_user(upper: &Path, bundle: &Bundle) -> Result<bool, String> {
+    note_user_file(upper, &bundle.id(), bundle.path())
+}
+
+/// [`note_user`] by the file's payload id and path (another instance's bundle file).
+pub fn note_user_file(upper: &Path, id: &str, path: &Path) -> Result<bool, String> {
     let before = read_users(upper);
-    let seen = before.iter().any(|(id, _)| *id == bundle.id());
+    let seen = before.iter().any(|(i, _)| i == id);
     let mut now: Vec<(String, PathBuf)> = before
         .iter()
-        .filter(|(_, p)| p != bundle.path() && p.exists())
+        .filter(|(_, p)| p != path && p.exists())
         .cloned()
         .collect();
-    now.push((bundle.id(), bundle.path().to_path_buf()));
+    now.push((id.to_string(), path.to_path_buf()));
     if now != before {
         let work = crate::overlayfs::default_workdir(upper);
         fs::DirBuilder::new()
@@ -234,13 +289,20 @@ fn lock_bundle(bundle: &Bundle) -> Result<BundleLock<'_>, String> {
 /// rename; the upper is cleared; the marker goes. A crash after the rename is finished by the
 /// next run ([`finish_interrupted_commit`]); one before it leaves the bundle and the upper as
 /// they were.
-pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Result<(), String> {
+///
+/// The upper is cleared only with the readers kept out ([`share_upper`]): `waiting` is called
+/// first if discard runs still read it. Returns the line to show the user.
+pub fn commit_bundle(
+    bundle: &Bundle,
+    ofs: &mut OverlayFS,
+    upper: &Path,
+    waiting: &dyn Fn(),
+) -> Result<String, String> {
     let m = bundle.manifest();
     let changes = crate::finalize::count_entries(upper).unwrap_or(0);
     if changes == 0 {
         ofs.umount().map_err(|e| e.to_string())?;
-        eprintln!("{}: no changes to commit", m.name);
-        return Ok(());
+        return Ok(format!("{}: no changes to commit", m.name));
     }
     let keep = |e: String| {
         format!(
@@ -261,6 +323,7 @@ pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Resu
                 m.name
             ));
         }
+        let readers = exclude_readers(upper, waiting)?;
         let _lock = lock_bundle(bundle)?;
         remove_stale_pack_temps(bundle.path());
         ofs.mount().map_err(|e| e.to_string())?;
@@ -289,10 +352,10 @@ pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Resu
             let _ = fs::remove_file(&marker);
             return Err(e.to_string());
         }
-        Ok(new_id)
+        Ok((new_id, readers))
     })();
-    let new_id = match res {
-        Ok(id) => id,
+    let (new_id, _readers) = match res {
+        Ok(x) => x,
         Err(e) => {
             let _ = ofs.umount();
             return Err(keep(e));
@@ -303,12 +366,11 @@ pub fn commit_bundle(bundle: &Bundle, ofs: &mut OverlayFS, upper: &Path) -> Resu
     crash_point("cleared");
     let marker = commit_marker(upper);
     fs::remove_file(&marker).map_err(|e| format!("removing {}: {e}", marker.display()))?;
-    eprintln!(
+    Ok(format!(
         "{}: committed {changes} changes into {} (id {new_id})",
         m.name,
         bundle.path().display()
-    );
-    Ok(())
+    ))
 }
 
 /// Removes `.<bundle>.ovl-pack-<pid>` files a killed commit left beside the bundle (called

@@ -296,6 +296,21 @@ pub fn run_outcome(
     target: &Target,
     keep_waiting_for: &[i32],
 ) -> io::Result<Outcome> {
+    run_outcome_entering(launch, target, keep_waiting_for, None)
+}
+
+/// What the command's process does last before exec (e.g. enter another process's
+/// namespaces): async-signal-safe calls only.
+pub type PreExec = Box<dyn FnMut() -> io::Result<()> + Send + Sync>;
+
+/// [`run_outcome`], running `enter` in the command's process just before exec (after its
+/// working directory is set: `enter` may change it).
+pub fn run_outcome_entering(
+    launch: &Launch,
+    target: &Target,
+    keep_waiting_for: &[i32],
+    enter: Option<PreExec>,
+) -> io::Result<Outcome> {
     check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
     let (prog, args) = launch
         .argv
@@ -333,6 +348,9 @@ pub fn run_outcome(
         None => {
             cmd.current_dir(&launch.cwd);
         }
+    }
+    if let Some(f) = enter {
+        unsafe { cmd.pre_exec(f) };
     }
     let child = match cmd.spawn() {
         Ok(c) => c,
@@ -618,7 +636,9 @@ pub fn remove_stale_mountpoints(base: &Path) {
         let Some(pid) = pid.and_then(|p| p.parse::<u32>().ok()) else {
             continue;
         };
-        if Path::new(&format!("/proc/{pid}")).exists() {
+        // A zombie is gone too (its parent may never reap it, e.g. a container's init).
+        let state = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        if state.is_ok_and(|s| s.rsplit_once(") ").is_none_or(|(_, r)| !r.starts_with('Z'))) {
             continue;
         }
         let path = e.path();
