@@ -515,13 +515,7 @@ impl Image {
             {
                 return Err(corrupt(format!("block {b} lies outside the data")));
             }
-            let mut z = vec![0u8; clen as usize];
-            self.file
-                .read_exact_at(&mut z, self.base + pos)
-                .map_err(|e| read_err(e, "data"))?;
-            if blake3::hash(&z).as_bytes() != &r[16..48] {
-                return Err(corrupt(format!("block {b} does not match its hash")));
-            }
+            let z = self.read_stored(b, r)?;
             // Straight into the shared buffer the cache keeps (no copy), with this thread's
             // decompression context (made once per thread, not once per block).
             let mut d = Arc::<[u8]>::new_uninit_slice(ulen as usize);
@@ -646,17 +640,23 @@ impl Image {
     /// Reads and checks every block (and so every file's content): what `--ovl-verify` does.
     pub fn verify(&self) -> io::Result<()> {
         for b in 0..self.sb.blocks {
-            let r = self.record(T_BLOCKS, b as usize)?;
-            let (pos, clen) = (u64_at(r, 0), u32_at(r, 8));
-            let mut z = vec![0u8; clen as usize];
-            self.file
-                .read_exact_at(&mut z, self.base + pos)
-                .map_err(|e| read_err(e, "data"))?;
-            if blake3::hash(&z).as_bytes() != &r[16..48] {
-                return Err(corrupt(format!("block {b} does not match its hash")));
-            }
+            self.read_stored(b, self.record(T_BLOCKS, b as usize)?)?;
         }
         Ok(())
+    }
+
+    /// The compressed bytes of block `b` (record `r`), read from the file and checked
+    /// against their BLAKE3.
+    fn read_stored(&self, b: u32, r: &[u8]) -> io::Result<Vec<u8>> {
+        let (pos, clen) = (u64_at(r, 0), u32_at(r, 8));
+        let mut z = vec![0u8; clen as usize];
+        self.file
+            .read_exact_at(&mut z, self.base + pos)
+            .map_err(|e| read_err(e, "data"))?;
+        if blake3::hash(&z).as_bytes() != &r[16..48] {
+            return Err(corrupt(format!("block {b} does not match its hash")));
+        }
+        Ok(z)
     }
 }
 
