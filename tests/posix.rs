@@ -1158,3 +1158,32 @@ fn shared_mapping_write_advances_times() {
         }
     }
 }
+
+/// A handle opened on a lower file (an image's, read in place, under
+/// tests/posix_image_lower.rs) and closed after the file was copied up and opened again must
+/// not end the io mode of the copy's handles: a later writable open still works and reads
+/// and writes the same file as every other handle.
+#[test]
+fn handles_across_a_copy_up_keep_the_io_mode_consistent() {
+    let m = Mounted::new(|l| fs::write(l.join("f"), "lower").unwrap());
+    let a = fs::File::open(m.p("f")).unwrap();
+    fs::OpenOptions::new()
+        .append(true)
+        .open(m.p("f"))
+        .unwrap()
+        .write_all(b"+b")
+        .unwrap();
+    let mut c = fs::File::open(m.p("f")).unwrap();
+    drop(a);
+    let mut d = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(m.p("f"))
+        .unwrap();
+    d.seek(SeekFrom::End(0)).unwrap();
+    d.write_all(b"+d").unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "lower+b+d");
+    assert_eq!(fs::read_to_string(m.upper.join("f")).unwrap(), "lower+b+d");
+}

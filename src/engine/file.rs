@@ -184,6 +184,25 @@ impl FileTable {
         }
     }
 
+    /// An open of inode `ino` served by us whatever passthrough allows (a file of an image
+    /// layer: nothing to pass through), counted like the cached opens of [`open_mode`] so the
+    /// inode's io mode stays right when the handle closes.
+    ///
+    /// [`open_mode`]: FileTable::open_mode
+    pub fn open_cached(&self, ino: u64) -> OpResult<OpenMode> {
+        let mut map = self.io_modes.lock().unwrap_or_else(|e| e.into_inner());
+        match map.get_mut(&ino) {
+            Some(IoMode::Cached(n)) => *n += 1,
+            Some(IoMode::Passthrough(_, weak)) if weak.strong_count() > 0 => {
+                return Err(errno(libc::ETXTBSY));
+            }
+            _ => {
+                map.insert(ino, IoMode::Cached(1));
+            }
+        }
+        Ok(OpenMode::Cached)
+    }
+
     /// Registers an open file and returns its handle number.
     pub fn insert_file(&self, f: OpenFile) -> u64 {
         let fh = self.next_fh();

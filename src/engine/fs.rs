@@ -122,6 +122,7 @@ impl OverlayFs {
             Real::Fd(f) => self.open_mode(ino, f, read_only, known, |fd| reply.open_backing(fd)),
             // Served by us from the image, through the page cache (keep_cache: an image
             // never changes under a mount).
+            Real::Img { .. } if self.passthrough() => self.0.files.open_cached(ino),
             Real::Img { .. } => Ok(OpenMode::Cached),
         };
         match mode {
