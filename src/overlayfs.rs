@@ -48,6 +48,19 @@ pub struct OverlayFS {
     handle: Option<MountHandle>,
 }
 
+/// A lower given as a directory path that is an image file (`ovl-pack --image-only`) is that
+/// image, read in place.
+fn image_if_file(l: &LowerSource) -> LowerSource {
+    match l {
+        LowerSource::Dir(p) if p.is_file() && crate::image::is_image(p) => LowerSource::Image {
+            path: p.clone(),
+            offset: 0,
+            owner: None,
+        },
+        l => l.clone(),
+    }
+}
+
 fn canonical(what: &str, p: &Path) -> Result<PathBuf> {
     let c = p.canonicalize().map_err(|e| {
         Error::bad(
@@ -303,10 +316,7 @@ impl OverlayFS {
     /// Whether a lower layer is an image (the kernel cannot mount those, and a commit cannot
     /// write into one).
     pub fn has_image_lower(&self) -> bool {
-        self.lowers.iter().any(|l| match l {
-            LowerSource::Dir(p) => p.is_file() && crate::image::is_image(p),
-            l => l.is_image(),
-        })
+        self.lowers.iter().any(|l| image_if_file(l).is_image())
     }
 
     /// The upper directory, if any.
@@ -348,21 +358,7 @@ impl OverlayFS {
         let mut lowers = Vec::new();
         let mut sources = Vec::new();
         for l in &self.lowers {
-            // A lower given as a path that is an image file (`ovl-pack --image-only`) is read
-            // in place.
-            let image;
-            let l = match l {
-                LowerSource::Dir(p) if p.is_file() && crate::image::is_image(p) => {
-                    image = LowerSource::Image {
-                        path: p.clone(),
-                        offset: 0,
-                        owner: None,
-                    };
-                    &image
-                }
-                l => l,
-            };
-            match l {
+            match &image_if_file(l) {
                 LowerSource::Dir(l) => {
                     let c = canonical("lower directory", l)?;
                     if let Err(e) = std::fs::read_dir(&c) {

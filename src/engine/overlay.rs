@@ -359,7 +359,7 @@ impl Overlay {
                     let layer = if st.in_upper { None } else { st.lower_layer() };
                     self.layers
                         .stat_at(Self::entry_dir(&pst, layer)?, &cname)?
-                        .ok_or_else(|| errno(libc::ESTALE))?
+                        .ok_or_else(|| errno(libc::ENOENT))?
                 }
             }
         };
