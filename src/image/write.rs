@@ -650,7 +650,7 @@ pub fn write_image(
     // Metadata.
     let meta = encode_meta(&nodes, &content_of, &contents, &extents, &blocks)
         .map_err(|e| Error::bad(root, e))?;
-    let mz = zstd::bulk::compress(&meta, 12).map_err(|e| Error::io("compressing", root, e))?;
+    let mz = compress_meta(&meta).map_err(|e| Error::io("compressing", root, e))?;
     out.write_all_at(&mz, offset + pos).map_err(werr)?;
     let sb = Superblock {
         block_size: bs,
@@ -672,6 +672,22 @@ pub fn write_image(
         meta_len: meta.len() as u64,
         image_len: sb.image_len,
     })
+}
+
+/// Decompressed bytes of each metadata frame but the last.
+pub(super) const META_FRAME: usize = 64 << 10;
+
+/// The metadata as independent zstd frames of [`META_FRAME`] bytes each, one after the
+/// other (a valid zstd stream as a whole): the reader decompresses only the frames a lookup
+/// touches, when it touches them. Measured on a 4.4 MB metadata section: 822 KB as one frame,
+/// 840 KB as 64 KiB frames.
+fn compress_meta(meta: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut c = zstd::bulk::Compressor::new(12)?;
+    let mut out = Vec::new();
+    for piece in meta.chunks(META_FRAME) {
+        out.extend_from_slice(&c.compress(piece)?);
+    }
+    Ok(out)
 }
 
 /// The byte pool: names, targets and xattrs, each distinct string stored once.
