@@ -652,6 +652,13 @@ fn clone_fd(fd: RawFd) -> io::Result<OwnedFd> {
     Ok(nfd)
 }
 
+fn unmount_and_exit(mnt: &str, code: i32) -> ! {
+    let t = CString::new(mnt).unwrap();
+    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
+    let _ = std::fs::remove_dir(mnt);
+    std::process::exit(code)
+}
+
 fn ncpus() -> usize {
     // Queues are per possible CPU.
     let s = std::fs::read_to_string("/sys/devices/system/cpu/possible").unwrap_or_default();
@@ -827,7 +834,7 @@ fn main() {
             if let Err(e) = rrx.recv().unwrap() {
                 eprintln!("ring register on queue {qid}: {e}");
                 if !BAD_REGISTER.load(Ordering::Relaxed) {
-                    std::process::exit(1);
+                    unmount_and_exit(&mnt, 1);
                 }
                 println!("{mode}: registration failed ({e}); requests go on through /dev/fuse");
                 break;
@@ -855,7 +862,10 @@ fn main() {
     }
     if let Some((backing, _)) = BACKING.get() {
         let t = Instant::now();
-        let through = std::fs::read(format!("{mnt}/f")).expect("read through the mount");
+        let through = std::fs::read(format!("{mnt}/f")).unwrap_or_else(|e| {
+            eprintln!("read through the mount: {e}");
+            unmount_and_exit(&mnt, 1)
+        });
         let el = t.elapsed();
         let direct = std::fs::read(backing).unwrap();
         println!(
@@ -884,9 +894,6 @@ fn main() {
         );
     }
     sh.stop.store(true, Ordering::Relaxed);
-    let t = CString::new(mnt.clone()).unwrap();
-    unsafe { libc::umount2(t.as_ptr(), libc::MNT_DETACH) };
     drop(extra);
-    let _ = std::fs::remove_dir(&mnt);
-    std::process::exit(0);
+    unmount_and_exit(&mnt, 0);
 }
