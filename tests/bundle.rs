@@ -1312,9 +1312,11 @@ fn corrupt_data_fails_the_first_run_without_a_half_extracted_cache() {
     }
     let w = World::new();
     let b = w.bundle();
-    // A byte of the first data block, which holds the small files (AppRun among them): the
-    // tree is read in place, so the damage shows when the entry is read: it cannot be run.
-    flip(&b, runtime_len() + 1000);
+    // A byte of the first data block (after the image's 128-byte superblock), which holds
+    // the first packed small files, AppRun among them (no extension sorts first): the tree
+    // is read in place, so the damage shows when the entry is read: it cannot be run.
+    let at = runtime_len() + 128 + 20;
+    flip(&b, at);
     let o = w.run(&b, &[]);
     assert_eq!(o.status.code(), Some(126));
     let err = stderr(&o);
@@ -1330,7 +1332,7 @@ fn corrupt_data_fails_the_first_run_without_a_half_extracted_cache() {
         .unwrap_or_default();
     assert!(left.is_empty(), "{left:?}");
     // The intact bundle then runs as usual.
-    flip(&b, runtime_len() + 1000);
+    flip(&b, at);
     ok(&w.run(&b, &[]));
     assert!(w.cached().0.is_empty());
 }

@@ -730,11 +730,12 @@ fn craft(path: &Path, out: &Path, edit: Edit) {
     fs::write(out, b).unwrap();
 }
 
-/// The reader refuses, at open, what would make a walk of the tree loop or leave an
-/// extraction's directory, or a lookup miss: such an image is crafted, not damaged (its hashes
-/// match).
+/// The reader refuses what would make a walk of the tree loop or leave an extraction's
+/// directory, or a lookup miss: such an image is crafted, not damaged (its hashes match). A
+/// directory is checked when it is first used, so the spoiled directory gives EIO, and so do
+/// a whole-tree check (`--ovl-verify`) and an extraction; the rest of the tree still reads.
 #[test]
-fn crafted_images_are_refused_at_open() {
+fn crafted_directories_are_refused_when_used() {
     let t = tempfile::tempdir().unwrap();
     let tree = t.path().join("tree");
     fs::create_dir_all(tree.join("d/e")).unwrap();
@@ -769,6 +770,14 @@ fn crafted_images_are_refused_at_open() {
             }),
         ),
         (
+            "is named twice",
+            // d/xy made a second name of the directory d/e: a directory hard link.
+            Box::new(|m: &mut Vec<u8>, d: usize| {
+                m.copy_within(d + 12 + 4..d + 12 + 8, d + 24 + 4);
+                m[d + 24 + 10] = libc::DT_DIR;
+            }),
+        ),
+        (
             "has an invalid name",
             // d/xy renamed "..".
             Box::new(move |m: &mut Vec<u8>, d: usize| {
@@ -792,9 +801,23 @@ fn crafted_images_are_refused_at_open() {
     for (i, (want, edit)) in cases.into_iter().enumerate() {
         let crafted = t.path().join(format!("crafted{i}"));
         craft(&path, &crafted, edit);
-        let e = Image::open(File::open(&crafted).unwrap(), 0, 1 << 20).unwrap_err();
-        assert!(e.to_string().contains(want), "case {i}: {e}");
-        assert_eq!(ovl::image::read::errno(&e), libc::EIO);
+        let img = Image::open(File::open(&crafted).unwrap(), 0, 1 << 20).unwrap();
+        // The root is sound: d is found there.
+        let d = img.lookup(1, b"d").unwrap().unwrap();
+        let uses = [
+            ("lookup", img.lookup(d, b"xy").map(drop)),
+            ("readdir", img.readdir(d, 0).map(drop)),
+            ("verify", img.verify()),
+        ];
+        for (what, r) in uses {
+            let e = r.unwrap_err();
+            assert!(e.to_string().contains(want), "case {i}, {what}: {e}");
+            assert_eq!(ovl::image::read::errno(&e), libc::EIO, "case {i}, {what}");
+        }
+        let out = t.path().join(format!("x{i}"));
+        fs::create_dir(&out).unwrap();
+        let e = img.extract_to(&out, 1).unwrap_err();
+        assert!(e.to_string().contains(want), "case {i}, extract: {e}");
     }
     // The same round through craft() without an edit opens: the refusals are the edits'.
     craft(&path, &t.path().join("same"), Box::new(|_, _| {}));

@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::*;
@@ -108,8 +108,84 @@ pub struct DirEntry<'a> {
 
 thread_local! {
     /// Each reading thread's zstd context, kept between blocks.
-    static DCTX: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+    static DCTX: std::cell::RefCell<Option<zstd::zstd_safe::DCtx<'static>>> =
         const { std::cell::RefCell::new(None) };
+}
+
+/// A block's first decompression stops at the zstd block boundary after the bytes the read
+/// needs (a file packed at the start of a 512 KiB block costs one 128 KiB zstd block, not the
+/// whole block); what is decompressed is a multiple of this, unless it is the whole block.
+const PREFIX_STEP: usize = 128 << 10;
+
+/// How many bytes of a block of `ulen` bytes to decompress for a read that needs its first
+/// `need`: whole steps, or all of it when that leaves little out (the rest would likely be
+/// wanted soon, and a second load starts again from the beginning).
+fn prefix_len(need: usize, ulen: usize) -> usize {
+    let want = need.div_ceil(PREFIX_STEP).max(1) * PREFIX_STEP;
+    if want >= ulen - ulen / 4 { ulen } else { want }
+}
+
+/// A zstd output buffer over uninitialized memory: decompression writes it once, so zeroing
+/// it first (and faulting every page in twice over) would be wasted.
+struct Uninit<'a> {
+    buf: &'a mut [std::mem::MaybeUninit<u8>],
+    filled: usize,
+}
+
+// SAFETY: `as_mut_ptr` is valid for `capacity` bytes, `as_slice` covers only the bytes
+// `filled_until` declared written.
+unsafe impl zstd::zstd_safe::WriteBuf for Uninit<'_> {
+    fn as_slice(&self) -> &[u8] {
+        // SAFETY: the first `filled` bytes were written (see `filled_until`).
+        unsafe { std::slice::from_raw_parts(self.buf.as_ptr().cast(), self.filled) }
+    }
+    fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+    fn as_mut_ptr(&mut self) -> *mut u8 {
+        self.buf.as_mut_ptr().cast()
+    }
+    unsafe fn filled_until(&mut self, n: usize) {
+        self.filled = n;
+    }
+}
+
+/// Decompresses the first `len` bytes of the zstd frame `z`, whose whole content is `ulen`
+/// bytes, into a new shared buffer; fails unless exactly that many came out.
+fn decompress_prefix(z: &[u8], len: usize, ulen: usize) -> io::Result<Arc<[u8]>> {
+    use zstd::zstd_safe::{DCtx, InBuffer, OutBuffer, ResetDirective};
+    let mut d = Arc::<[u8]>::new_uninit_slice(len);
+    let mut out = Uninit {
+        buf: Arc::get_mut(&mut d).expect("not shared yet"),
+        filled: 0,
+    };
+    let err = |c: usize| corrupt(zstd::zstd_safe::get_error_name(c));
+    DCTX.with(|c| -> io::Result<()> {
+        let mut slot = c.borrow_mut();
+        let dc = slot.get_or_insert_with(DCtx::create);
+        if len == ulen {
+            // The whole frame, in one pass straight into the buffer; an error if it holds more.
+            dc.decompress(&mut out, z).map_err(err)?;
+        } else {
+            dc.reset(ResetDirective::SessionOnly).map_err(err)?;
+            let mut input = InBuffer::around(z);
+            let mut o = OutBuffer::around(&mut out);
+            // Stops when the buffer is full; a frame that ends first is short (checked below).
+            while o.pos() < len {
+                let before = (input.pos(), o.pos());
+                let hint = dc.decompress_stream(&mut o, &mut input).map_err(err)?;
+                if hint == 0 || before == (input.pos(), o.pos()) {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    })?;
+    if out.filled != len {
+        return Err(corrupt("a block has the wrong size"));
+    }
+    // SAFETY: all `len` bytes were written by the decompressor (checked just above).
+    Ok(unsafe { d.assume_init() })
 }
 
 /// Decompressed blocks, bounded by bytes; evicts the least recently used. Sharded by block
@@ -157,28 +233,34 @@ impl BlockCache {
         }
     }
 
-    /// The cached block, or `load()`'s, loaded by one thread at a time.
+    /// The cached block if it holds at least its first `need` bytes, else `load(had)`'s
+    /// (`had`: how many bytes the cache held of it), loaded by one thread at a time.
     fn get_or_load(
         &self,
         b: u32,
-        load: impl FnOnce() -> io::Result<Arc<[u8]>>,
+        need: usize,
+        load: impl FnOnce(usize) -> io::Result<Arc<[u8]>>,
     ) -> io::Result<Arc<[u8]>> {
         let (m, cv) = &self.shards[b as usize % SHARDS];
         let mut s = m.lock().unwrap();
-        loop {
+        let had = loop {
             let t = self.tick.fetch_add(1, Ordering::Relaxed);
-            if let Some(e) = s.map.get_mut(&b) {
-                e.1 = t;
-                return Ok(e.0.clone());
-            }
+            let had = match s.map.get_mut(&b) {
+                Some(e) if e.0.len() >= need => {
+                    e.1 = t;
+                    return Ok(e.0.clone());
+                }
+                Some(e) => e.0.len(),
+                None => 0,
+            };
             if s.loading.insert(b) {
-                break;
+                break had;
             }
             s = cv.wait(s).unwrap();
-        }
+        };
         drop(s);
         let _mark = Loading { cache: self, b };
-        let d = load()?;
+        let d = load(had)?;
         self.put(b, d.clone());
         Ok(d)
     }
@@ -205,16 +287,135 @@ impl BlockCache {
     }
 }
 
+/// The decompressed metadata, decompressed a frame at a time as it is first read: a start
+/// that looks up a few hundred names of 50 000 decompresses a fraction of it (a whole 4 MB
+/// section took 3-4 ms of every start). Frames are found by their headers, so an image
+/// written with the metadata in one frame reads the same (all of it at the first access).
+struct Meta {
+    /// The compressed section, kept for the frames not decompressed yet.
+    z: Vec<u8>,
+    /// Per frame: (offset in `z`, compressed size, offset in the decompressed bytes).
+    frames: Vec<(usize, usize, usize)>,
+    /// The decompressed bytes, `len` of them; frame `f`'s range is written once, by the
+    /// thread that runs `done[f]`'s initialization, and read only after it completed.
+    buf: std::ptr::NonNull<std::mem::MaybeUninit<u8>>,
+    len: usize,
+    /// Per frame: whether it decompressed to exactly its range (once set, never changes).
+    done: Box<[std::sync::OnceLock<bool>]>,
+}
+
+// SAFETY: `buf` is owned; each range is written once before its `OnceLock` completes and only
+// read (through shared slices) after, so threads never see a byte being written.
+unsafe impl Send for Meta {}
+unsafe impl Sync for Meta {}
+
+impl Drop for Meta {
+    fn drop(&mut self) {
+        // SAFETY: made from a boxed slice of `len` in `new`, dropped once.
+        drop(unsafe {
+            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                self.buf.as_ptr(),
+                self.len,
+            ))
+        });
+    }
+}
+
+impl Meta {
+    /// Finds the frames of the compressed section `z` (checked against its hash already),
+    /// which must decompress to `len` bytes in all.
+    fn new(z: Vec<u8>, len: u64) -> io::Result<Meta> {
+        use zstd::zstd_safe;
+        if len > MAX_META {
+            return Err(corrupt("the metadata is too large"));
+        }
+        let len = len as usize;
+        let mut frames = Vec::new();
+        let (mut pos, mut upos) = (0usize, 0usize);
+        while pos < z.len() {
+            let rest = &z[pos..];
+            let clen = zstd_safe::find_frame_compressed_size(rest)
+                .map_err(|_| corrupt("the metadata is not zstd frames"))?;
+            let ulen = match zstd_safe::get_frame_content_size(rest) {
+                Ok(Some(n)) => n,
+                _ => return Err(corrupt("a metadata frame does not say its size")),
+            };
+            let uend = (upos as u64).checked_add(ulen).filter(|&e| e <= len as u64);
+            let Some(uend) = uend else {
+                return Err(corrupt("the metadata has the wrong size"));
+            };
+            frames.push((pos, clen, upos));
+            pos += clen;
+            upos = uend as usize;
+        }
+        if upos != len {
+            return Err(corrupt("the metadata has the wrong size"));
+        }
+        let buf = Box::into_raw(Box::<[u8]>::new_uninit_slice(len));
+        Ok(Meta {
+            z,
+            done: (0..frames.len()).map(|_| Default::default()).collect(),
+            frames,
+            // SAFETY: from a box, never null.
+            buf: unsafe { std::ptr::NonNull::new_unchecked(buf.cast()) },
+            len,
+        })
+    }
+
+    /// Bytes `start..end`, decompressing the frames they lie in first if need be.
+    fn get(&self, start: usize, end: usize) -> io::Result<&[u8]> {
+        if start > end || end > self.len {
+            return Err(corrupt("a record lies outside the metadata"));
+        }
+        if start < end {
+            let first = self.frames.partition_point(|f| f.2 <= start) - 1;
+            let last = self.frames.partition_point(|f| f.2 < end) - 1;
+            for f in first..=last {
+                if !*self.done[f].get_or_init(|| self.decompress(f)) {
+                    return Err(corrupt(format!("metadata frame {f} does not decompress")));
+                }
+            }
+        }
+        // SAFETY: in bounds, and every byte of the range was written (its frames are done).
+        Ok(unsafe { std::slice::from_raw_parts(self.buf.as_ptr().add(start).cast(), end - start) })
+    }
+
+    /// Decompresses frame `f` into its range; whether it filled it exactly.
+    fn decompress(&self, f: usize) -> bool {
+        let (pos, clen, upos) = self.frames[f];
+        let uend = self.frames.get(f + 1).map_or(self.len, |n| n.2);
+        // SAFETY: this frame's range, written only here, once (inside its OnceLock), and read
+        // by nobody until that completes.
+        let range =
+            unsafe { std::slice::from_raw_parts_mut(self.buf.as_ptr().add(upos), uend - upos) };
+        let mut out = Uninit {
+            buf: range,
+            filled: 0,
+        };
+        let full = out.buf.len();
+        let ok = DCTX.with(|c| {
+            let mut slot = c.borrow_mut();
+            let dc = slot.get_or_insert_with(zstd::zstd_safe::DCtx::create);
+            dc.decompress(&mut out, &self.z[pos..pos + clen]).is_ok()
+        });
+        ok && out.filled == full
+    }
+}
+
 /// An open image. See the module documentation for the API a lower layer uses.
 pub struct Image {
     file: File,
     base: u64,
     sb: Superblock,
-    meta: Vec<u8>,
+    meta: Meta,
     /// (offset, count) of each metadata table.
     tables: [(usize, usize); TABLES],
     cache: BlockCache,
     loads: AtomicU64,
+    /// Per inode: the directory that names it, for directories its checked parent claimed.
+    parents: Box<[AtomicU32]>,
+    /// A bit per inode: a directory [`Image::check_dir`] passed.
+    checked: Box<[AtomicU64]>,
 }
 
 impl std::fmt::Debug for Image {
@@ -248,19 +449,18 @@ impl Image {
         if *blake3::hash(&mz).as_bytes() != sb.meta_hash {
             return Err(corrupt("the metadata does not match its hash"));
         }
-        let meta = zstd::bulk::decompress(&mz, sb.meta_len as usize)
-            .map_err(|e| corrupt(format!("the metadata does not decompress ({e})")))?;
-        drop(mz);
-        if meta.len() as u64 != sb.meta_len || &meta[..8] != META_MAGIC {
+        let meta = Meta::new(mz, sb.meta_len)?;
+        let head = meta.get(0, META_HEADER_LEN.min(sb.meta_len as usize))?;
+        if head.len() < META_HEADER_LEN || &head[..8] != META_MAGIC {
             return Err(corrupt("the metadata has the wrong size or magic"));
         }
         let mut tables = [(0usize, 0usize); TABLES];
         let mut end = META_HEADER_LEN as u64;
         for (i, t) in tables.iter_mut().enumerate() {
-            let off = u64_at(&meta, 8 + i * 16);
-            let count = u64_at(&meta, 16 + i * 16);
+            let off = u64_at(head, 8 + i * 16);
+            let count = u64_at(head, 16 + i * 16);
             let len = count.checked_mul(RECORD_LEN[i] as u64);
-            if off != end || len.is_none_or(|l| off + l > meta.len() as u64) {
+            if off != end || len.is_none_or(|l| off + l > sb.meta_len) {
                 return Err(corrupt("a metadata table lies outside the metadata"));
             }
             end = off + len.unwrap();
@@ -269,6 +469,7 @@ impl Image {
         if tables[T_INODES].1 != sb.inodes as usize || tables[T_BLOCKS].1 != sb.blocks as usize {
             return Err(corrupt("the metadata does not match the superblock"));
         }
+        let sb_inodes = sb.inodes as usize;
         let img = Image {
             file,
             base: offset,
@@ -277,57 +478,84 @@ impl Image {
             tables,
             cache: BlockCache::new(cache_bytes),
             loads: AtomicU64::new(0),
+            parents: (0..=sb_inodes).map(|_| AtomicU32::new(0)).collect(),
+            checked: (0..=sb_inodes / 64).map(|_| AtomicU64::new(0)).collect(),
         };
         if !img.getattr(ROOT_INO)?.is_dir() {
             return Err(corrupt("the root is not a directory"));
         }
-        img.check_tree()?;
         Ok(img)
     }
 
-    /// Checks what every user of the tree relies on, once (a few ms for 50 000 entries), so a
-    /// crafted image is refused at open: names are names (not empty, `.`, `..`, no `/` or
-    /// NUL), each directory's entries strictly sorted (binary search, no duplicates), types
-    /// as the inodes say, and every directory but the root named exactly once (no loops, no
-    /// directory hard links).
-    fn check_tree(&self) -> io::Result<()> {
-        let mut parents = vec![0u8; self.sb.inodes as usize + 1];
-        for ino in 1..=self.sb.inodes {
-            let r = self.inode(ino)?;
-            if u32_at(r, 0) & libc::S_IFMT != libc::S_IFDIR {
-                continue;
+    /// Checks what every user of a directory relies on, the first time it is used (checking
+    /// the whole tree at open took 3-4 ms of every start for 50 000 entries, of which a run
+    /// touches a few hundred), so a crafted image (its hashes match, its structure lies) gives
+    /// `EIO` for the directory it spoils, never a loop or a wrong answer: names are names (not
+    /// empty, `.`, `..`, no `/` or NUL), entries strictly sorted (binary search, no
+    /// duplicates), types as the inodes say, and every directory but the root named by one
+    /// parent only (no loops, no directory hard links: a directory is only reached through its
+    /// parent, which is checked first and claims it).
+    fn check_dir(&self, ino: u32, first: usize, count: usize) -> io::Result<()> {
+        let word = &self.checked[ino as usize / 64];
+        let bit = 1u64 << (ino % 64);
+        if word.load(Ordering::Acquire) & bit != 0 {
+            return Ok(());
+        }
+        let mut prev: Option<&[u8]> = None;
+        let mut subdirs = HashSet::new();
+        for i in first..first.saturating_add(count) {
+            let e = self.dirent(i)?;
+            if e.name.is_empty()
+                || e.name == b"."
+                || e.name == b".."
+                || e.name.contains(&b'/')
+                || e.name.contains(&0)
+            {
+                return Err(corrupt(format!("directory {ino} has an invalid name")));
             }
-            let (first, count) = (u32_at(r, 40) as usize, u32_at(r, 44) as usize);
-            let mut prev: Option<&[u8]> = None;
-            for i in first..first.saturating_add(count) {
-                let e = self.dirent(i)?;
-                if e.name.is_empty()
-                    || e.name == b"."
-                    || e.name == b".."
-                    || e.name.contains(&b'/')
-                    || e.name.contains(&0)
-                {
-                    return Err(corrupt(format!("directory {ino} has an invalid name")));
-                }
-                if prev.is_some_and(|p| p >= e.name) {
-                    return Err(corrupt(format!("directory {ino} is not sorted")));
-                }
-                prev = Some(e.name);
-                let mode = u32_at(self.inode(e.ino)?, 0);
-                if dtype_of(mode) != e.dtype {
-                    return Err(corrupt(format!(
-                        "an entry of directory {ino} has the wrong type"
-                    )));
-                }
-                if mode & libc::S_IFMT == libc::S_IFDIR {
-                    let n = &mut parents[e.ino as usize];
-                    if e.ino == ROOT_INO || *n > 0 {
-                        return Err(corrupt(format!("directory {} is named twice", e.ino)));
-                    }
-                    *n = 1;
+            if prev.is_some_and(|p| p >= e.name) {
+                return Err(corrupt(format!("directory {ino} is not sorted")));
+            }
+            prev = Some(e.name);
+            let mode = u32_at(self.inode(e.ino)?, 0);
+            if dtype_of(mode) != e.dtype {
+                return Err(corrupt(format!(
+                    "an entry of directory {ino} has the wrong type"
+                )));
+            }
+            if mode & libc::S_IFMT == libc::S_IFDIR {
+                // The first parent checked claims the directory; it stays claimed.
+                let claim = self.parents[e.ino as usize].compare_exchange(
+                    0,
+                    ino,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
+                // (Claimed by `ino` already: by another check of it, or by an earlier entry.)
+                if e.ino == ROOT_INO || claim.is_err_and(|p| p != ino) || !subdirs.insert(e.ino) {
+                    return Err(corrupt(format!("directory {} is named twice", e.ino)));
                 }
             }
         }
+        word.fetch_or(bit, Ordering::Release);
+        Ok(())
+    }
+
+    /// Checks every directory (what [`Image::check_dir`] does as each is first used): for
+    /// `--ovl-verify` and whole-tree walks.
+    pub fn check_tree(&self) -> io::Result<()> {
+        // Parents before children (directories are reached from the root), as use does.
+        let mut stack = vec![ROOT_INO];
+        while let Some(dir) = stack.pop() {
+            let (first, count) = self.dir_range(dir)?;
+            for i in first..first + count {
+                let e = self.dirent(i)?;
+                if e.dtype == libc::DT_DIR {
+                    stack.push(e.ino);
+                }
+            }
+        }
+        // A directory no checked parent claims is unreachable: nothing can use it.
         Ok(())
     }
 
@@ -348,14 +576,14 @@ impl Image {
             return Err(corrupt("an index points outside its table"));
         }
         let len = RECORD_LEN[t];
-        Ok(&self.meta[off + i * len..off + (i + 1) * len])
+        self.meta.get(off + i * len, off + (i + 1) * len)
     }
 
     fn pool(&self, off: u32, len: usize) -> io::Result<&[u8]> {
         let (start, count) = self.tables[T_POOL];
         let end = (off as usize).checked_add(len).filter(|&e| e <= count);
         match end {
-            Some(e) => Ok(&self.meta[start + off as usize..start + e]),
+            Some(e) => self.meta.get(start + off as usize, start + e),
             None => Err(corrupt("a name points outside the metadata")),
         }
     }
@@ -393,12 +621,16 @@ impl Image {
     }
 
     /// (first entry, count) of directory `ino`.
+    /// A directory's entries (first index, count), checked the first time (see
+    /// [`Image::check_dir`]).
     fn dir_range(&self, ino: u32) -> io::Result<(usize, usize)> {
         let r = self.inode(ino)?;
         if u32_at(r, 0) & libc::S_IFMT != libc::S_IFDIR {
             return Err(os(libc::ENOTDIR));
         }
-        Ok((u32_at(r, 40) as usize, u32_at(r, 44) as usize))
+        let (first, count) = (u32_at(r, 40) as usize, u32_at(r, 44) as usize);
+        self.check_dir(ino, first, count)?;
+        Ok((first, count))
     }
 
     fn dirent(&self, i: usize) -> io::Result<DirEntry<'_>> {
@@ -502,9 +734,11 @@ impl Image {
         }
     }
 
-    /// The decompressed bytes of block `b`, from the cache or the file.
-    fn block(&self, b: u32) -> io::Result<Arc<[u8]>> {
-        self.cache.get_or_load(b, || {
+    /// At least the first `need` bytes of block `b` decompressed, from the cache or the file.
+    /// A first load decompresses a prefix ([`prefix_len`]); a block wanted beyond what is
+    /// cached is decompressed whole.
+    fn block(&self, b: u32, need: usize) -> io::Result<Arc<[u8]>> {
+        self.cache.get_or_load(b, need, |had| {
             let r = self.record(T_BLOCKS, b as usize)?;
             let (pos, clen, ulen) = (u64_at(r, 0), u32_at(r, 8), u32_at(r, 12));
             if ulen > self.sb.block_size
@@ -515,30 +749,18 @@ impl Image {
             {
                 return Err(corrupt(format!("block {b} lies outside the data")));
             }
-            let z = self.read_stored(b, r)?;
-            // Straight into the shared buffer the cache keeps (no copy), with this thread's
-            // decompression context (made once per thread, not once per block).
-            let mut d = Arc::<[u8]>::new_uninit_slice(ulen as usize);
-            Arc::get_mut(&mut d)
-                .expect("not shared yet")
-                .fill(std::mem::MaybeUninit::new(0));
-            // SAFETY: every byte was just written.
-            let mut d = unsafe { d.assume_init() };
-            let buf = Arc::get_mut(&mut d).expect("not shared yet");
-            let n = DCTX
-                .with(|c| match &mut *c.borrow_mut() {
-                    Some(dc) => dc.decompress_to_buffer(&z, buf),
-                    slot => {
-                        let mut dc = zstd::bulk::Decompressor::new()?;
-                        let r = dc.decompress_to_buffer(&z, buf);
-                        *slot = Some(dc);
-                        r
-                    }
-                })
-                .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
-            if n != ulen as usize {
-                return Err(corrupt(format!("block {b} has the wrong size")));
+            let ulen = ulen as usize;
+            if need > ulen {
+                return Err(corrupt(format!("an extent lies outside block {b}")));
             }
+            let z = self.read_stored(b, r)?;
+            let len = if had > 0 {
+                ulen
+            } else {
+                prefix_len(need, ulen)
+            };
+            let d = decompress_prefix(&z, len, ulen)
+                .map_err(|e| corrupt(format!("block {b} does not decompress ({e})")))?;
             self.loads.fetch_add(1, Ordering::Relaxed);
             Ok(d)
         })
@@ -572,15 +794,16 @@ impl Image {
             if block == HOLE {
                 dst.fill(0);
             } else {
-                let d = self.block(block)?;
+                // The whole piece must lie in the block, however little of it is read.
+                let ulen = u32_at(self.record(T_BLOCKS, block as usize)?, 12);
+                if boff + piece_len > ulen as u64 {
+                    return Err(corrupt(format!(
+                        "an extent of inode {ino} lies outside its block"
+                    )));
+                }
                 let s = (boff + within) as usize;
-                let src = d
-                    .get(s..s + take)
-                    .filter(|_| boff + piece_len <= d.len() as u64)
-                    .ok_or_else(|| {
-                        corrupt(format!("an extent of inode {ino} lies outside its block"))
-                    })?;
-                dst.copy_from_slice(src);
+                let d = self.block(block, s + take)?;
+                dst.copy_from_slice(&d[s..s + take]);
             }
             done += take;
         }
@@ -637,8 +860,10 @@ impl Image {
         Ok(st)
     }
 
-    /// Reads and checks every block (and so every file's content): what `--ovl-verify` does.
+    /// Checks every directory and reads and checks every block (and so every file's content):
+    /// what `--ovl-verify` does.
     pub fn verify(&self) -> io::Result<()> {
+        self.check_tree()?;
         for b in 0..self.sb.blocks {
             self.read_stored(b, self.record(T_BLOCKS, b as usize)?)?;
         }
@@ -680,10 +905,96 @@ mod tests {
         }
         // One shard, room for one 60-byte block.
         assert_eq!(c.shards[0].0.lock().unwrap().map.len(), 1);
-        let fail = || -> io::Result<Arc<[u8]>> { Err(os(libc::EIO)) };
-        assert_eq!(c.get_or_load(63 * SHARDS as u32, fail).unwrap()[0], 63);
-        assert!(c.get_or_load(0, fail).is_err());
+        let fail = |_| -> io::Result<Arc<[u8]>> { Err(os(libc::EIO)) };
+        assert_eq!(c.get_or_load(63 * SHARDS as u32, 60, fail).unwrap()[0], 63);
+        assert!(c.get_or_load(0, 1, fail).is_err());
         // A failed load leaves no mark behind: the next one runs.
-        assert_eq!(c.get_or_load(0, || Ok(vec![7].into())).unwrap()[0], 7);
+        assert_eq!(c.get_or_load(0, 1, |_| Ok(vec![7].into())).unwrap()[0], 7);
+        // A cached prefix too short for a read is loaded again, told how much was there.
+        let had = std::cell::Cell::new(usize::MAX);
+        let grow = |h| {
+            had.set(h);
+            Ok(vec![8; 2].into())
+        };
+        assert_eq!(c.get_or_load(0, 2, grow).unwrap().len(), 2);
+        assert_eq!(had.get(), 1);
+        assert_eq!(c.get_or_load(0, 2, fail).unwrap()[1], 8);
+    }
+
+    fn frames(data: &[u8], piece: usize) -> Vec<u8> {
+        data.chunks(piece)
+            .flat_map(|c| zstd::bulk::compress(c, 3).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn metadata_frames_decompress_when_first_read() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        let m = Meta::new(frames(&data, 65536), data.len() as u64).unwrap();
+        assert_eq!(m.frames.len(), 5);
+        assert!(m.done.iter().all(|d| d.get().is_none()));
+        // A range across the boundary of frames 1 and 2 decompresses those two only.
+        assert_eq!(m.get(100_000, 140_000).unwrap(), &data[100_000..140_000]);
+        let done: Vec<bool> = m.done.iter().map(|d| d.get().is_some()).collect();
+        assert_eq!(done, [false, true, true, false, false]);
+        assert_eq!(m.get(0, data.len()).unwrap(), &data[..]);
+        assert_eq!(m.get(5, 5).unwrap(), b"");
+        assert!(m.get(0, data.len() + 1).is_err());
+        // One frame (images written before the frames) reads the same.
+        let one = Meta::new(frames(&data, data.len()), data.len() as u64).unwrap();
+        assert_eq!(one.get(299_000, 300_000).unwrap(), &data[299_000..]);
+        // Sizes that do not add up are refused at open.
+        assert!(Meta::new(frames(&data, 65536), data.len() as u64 - 1).is_err());
+        assert!(Meta::new(frames(&data, 65536), data.len() as u64 + 1).is_err());
+    }
+
+    #[test]
+    fn a_bad_metadata_frame_fails_the_reads_of_its_range_only() {
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+        // With zstd's own checksums, so that a damaged frame is sure to fail (the image's
+        // frames rely on the BLAKE3 of the whole section instead).
+        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        c.include_checksum(true).unwrap();
+        let mut z: Vec<u8> = data
+            .chunks(65536)
+            .flat_map(|p| c.compress(p).unwrap())
+            .collect();
+        let m = Meta::new(z.clone(), data.len() as u64).unwrap();
+        // Damage the middle of frame 1's compressed bytes (headers intact, so it opens).
+        let (pos, clen, _) = m.frames[1];
+        for b in &mut z[pos + clen / 2..pos + clen / 2 + 8] {
+            *b ^= 0x5a;
+        }
+        let m = Meta::new(z, data.len() as u64).unwrap();
+        assert!(m.get(70_000, 70_010).is_err());
+        assert!(m.get(70_000, 70_010).is_err(), "it stays an error");
+        assert_eq!(m.get(10, 20).unwrap(), &data[10..20]);
+        assert_eq!(m.get(150_000, 150_010).unwrap(), &data[150_000..150_010]);
+    }
+
+    #[test]
+    fn prefixes_are_whole_steps_or_the_whole_block() {
+        let k = PREFIX_STEP;
+        assert_eq!(prefix_len(1, 4 * k), k);
+        assert_eq!(prefix_len(k, 4 * k), k);
+        assert_eq!(prefix_len(k + 1, 4 * k), 2 * k);
+        // Three quarters or more: all of it.
+        assert_eq!(prefix_len(2 * k + 1, 4 * k), 4 * k);
+        assert_eq!(prefix_len(10, 1000), 1000);
+    }
+
+    #[test]
+    fn a_prefix_decompresses_exactly_and_a_short_frame_is_an_error() {
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let z = zstd::bulk::compress(&data, 3).unwrap();
+        let p = decompress_prefix(&z, PREFIX_STEP, data.len()).unwrap();
+        assert_eq!(&p[..], &data[..PREFIX_STEP]);
+        let all = decompress_prefix(&z, data.len(), data.len()).unwrap();
+        assert_eq!(&all[..], &data[..]);
+        // A frame that holds less than claimed, or more.
+        assert!(decompress_prefix(&z, data.len() + 1, data.len() + 1).is_err());
+        assert!(decompress_prefix(&z, data.len() - 1, data.len() - 1).is_err());
+        let short = zstd::bulk::compress(&data[..1000], 3).unwrap();
+        assert!(decompress_prefix(&short, PREFIX_STEP, data.len()).is_err());
     }
 }
