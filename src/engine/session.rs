@@ -304,6 +304,12 @@ impl MountHandle {
         &self.mountpoint
     }
 
+    /// Whether requests are served over FUSE-over-io_uring ([`SessionOptions::uring`] asked
+    /// for it and the kernel took it), not /dev/fuse.
+    pub fn uring_active(&self) -> bool {
+        self.ring.as_ref().is_some_and(|r| r.active())
+    }
+
     /// Number of inodes the kernel currently holds (memory grows with this, not the tree).
     pub fn live_inodes(&self) -> usize {
         self.overlay.inodes.len()

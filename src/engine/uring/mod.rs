@@ -81,9 +81,17 @@ impl Probe {
 pub struct Rings {
     threads: Vec<JoinHandle<()>>,
     stop: Arc<OwnedFd>,
+    /// Every queue got its threads (else the kernel was made to fall back).
+    active: bool,
 }
 
 impl Rings {
+    /// Whether requests are served through the ring (as far as we know: a registration the
+    /// kernel refuses later makes a queue's threads end, so its threads end).
+    pub fn active(&self) -> bool {
+        self.active && self.threads.iter().all(|t| !t.is_finished())
+    }
+
     /// Ends the threads (the connection is over) and waits for them.
     pub fn stop(self) {
         drop(self)
@@ -175,14 +183,19 @@ pub fn start(probe: Probe, ops: Arc<Ops>, init: Receiver<bool>) -> Option<Rings>
             }
         }
     }
-    if served.contains(&0) {
+    let active = !served.contains(&0);
+    if !active {
         // Until every queue has an entry, every request waits: give up the ring instead.
         log::info!("FUSE over io_uring: not every CPU queue could be served: using /dev/fuse");
         refuse(probe, &ops);
     } else {
         log::info!("serving FUSE over io_uring: {n} queues x {PER_QUEUE} threads");
     }
-    Some(Rings { threads, stop })
+    Some(Rings {
+        threads,
+        stop,
+        active,
+    })
 }
 
 /// Sends the kernel a REGISTER it must refuse (a header buffer too short): a refused
