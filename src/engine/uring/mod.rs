@@ -32,8 +32,17 @@ use std::time::Duration;
 use crate::engine::ops::{MAX_READAHEAD, MAX_WRITE, Ops};
 use sys::{Ring, Sqe};
 
-/// Threads (each with one ring entry) per CPU queue.
+/// Threads (each with one ring entry) per CPU queue; `OVL_URING_THREADS` (1 to 8) changes it
+/// for measurements.
 pub const PER_QUEUE: usize = 2;
+
+fn per_queue() -> usize {
+    std::env::var("OVL_URING_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| (1..=8).contains(n))
+        .unwrap_or(PER_QUEUE)
+}
 /// enum fuse_uring_cmd
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
@@ -166,9 +175,10 @@ pub fn start(probe: Probe, ops: Arc<Ops>, init: Receiver<bool>) -> Option<Rings>
     let n = queues();
     let payload = payload_len();
     let mut threads = Vec::new();
+    let per_queue = per_queue();
     let mut served = vec![0usize; n];
     for (qid, served) in served.iter_mut().enumerate() {
-        for k in 0..PER_QUEUE {
+        for k in 0..per_queue {
             let (tx, rx) = sync_channel(1);
             let (ops, stop) = (ops.clone(), stop.clone());
             let spawned = std::thread::Builder::new()
@@ -189,7 +199,7 @@ pub fn start(probe: Probe, ops: Arc<Ops>, init: Receiver<bool>) -> Option<Rings>
         log::info!("FUSE over io_uring: not every CPU queue could be served: using /dev/fuse");
         refuse(probe, &ops);
     } else {
-        log::info!("serving FUSE over io_uring: {n} queues x {PER_QUEUE} threads");
+        log::info!("serving FUSE over io_uring: {n} queues x {per_queue} threads");
     }
     Some(Rings {
         threads,
