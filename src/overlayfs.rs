@@ -38,6 +38,8 @@ pub struct OverlayFS {
     writeback: bool,
     fsname: Option<String>,
     threads: Option<usize>,
+    /// FUSE over io_uring: `None` follows `OVL_URING` (see [`OverlayFS::set_uring`]).
+    uring: Option<bool>,
     auto_unmount: bool,
     method: MountMethod,
     container: crate::engine::session::ContainerOptions,
@@ -204,6 +206,15 @@ impl OverlayFS {
     /// Honours setuid bits and device nodes in the mount (root only; fuse-overlayfs does so).
     pub fn set_suid_dev(&mut self, on: bool) -> &mut Self {
         self.suid_dev = on;
+        self
+    }
+
+    /// Serves requests over FUSE-over-io_uring where the kernel allows it (Linux 6.14+ with
+    /// `/sys/module/fuse/parameters/enable_uring` on), else through /dev/fuse as always.
+    /// Default: off, unless the environment has `OVL_URING=1` (how the test suites run
+    /// under the ring).
+    pub fn set_uring(&mut self, on: bool) -> &mut Self {
+        self.uring = Some(on);
         self
     }
 
@@ -490,6 +501,9 @@ impl OverlayFS {
             writeback: self.writeback,
             fsname: self.fsname.clone().unwrap_or_else(|| "ovl".into()),
             threads: self.threads,
+            uring: self
+                .uring
+                .unwrap_or_else(|| std::env::var_os("OVL_URING").is_some_and(|v| v == "1")),
             auto_unmount: self.auto_unmount,
             method: self.method,
             container: self.container.clone(),

@@ -28,7 +28,8 @@ use ovl::{InodeMode, OverlayFS};
                   Options: lowerdir=, upperdir=, workdir=, inode_mode=virtual|persistent,\n  \
                   passthrough, nopassthrough, writeback, nowriteback, allow_other, allow_root, default_permissions,\n  \
                   suid, nosuid, dev, nodev, exec, noexec, ro, rw, atime, noatime, relatime,\n  \
-                  fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU)\n\n\
+                  fsname=NAME, subtype=NAME, threads=N (request threads; default one per CPU),\n  \
+                  uring, nouring (FUSE over io_uring where the kernel allows; default: OVL_URING=1)\n\n\
                   Container options (fuse-overlayfs 1.10): uidmapping=DISK:SHOWN:LEN[:...],\n  \
                   gidmapping=..., squash_to_root, squash_to_uid=N, squash_to_gid=N, static_nlink,\n  \
                   fsync=0|1, volatile, userxattr, context=LABEL; accepted with no effect: noacl,\n  \
@@ -60,6 +61,7 @@ struct Opts {
     passthrough: bool,
     fsname: Option<String>,
     threads: Option<usize>,
+    uring: Option<bool>,
     writeback: bool,
     container: ContainerOptions,
     squash_to_root: bool,
@@ -121,6 +123,8 @@ fn parse_opts(list: &[String]) -> Result<Opts, String> {
             ("nosuid" | "nodev", None) => o.suid_dev = Some(false),
             ("passthrough", None) => o.passthrough = true,
             ("nopassthrough", None) => o.passthrough = false,
+            ("uring", None) => o.uring = Some(true),
+            ("nouring", None) => o.uring = Some(false),
             ("writeback", None) => o.writeback = true,
             ("nowriteback", None) => o.writeback = false,
             ("threads", Some(v)) => match v.parse::<usize>() {
@@ -268,6 +272,9 @@ fn main() -> ExitCode {
         .set_container_options(opts.container.clone());
     if let Some(n) = opts.threads {
         ofs.set_threads(n);
+    }
+    if let Some(on) = opts.uring {
+        ofs.set_uring(on);
     }
     if let Err(e) = ofs.validate() {
         eprintln!("ovl-mount: {e}");

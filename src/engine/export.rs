@@ -31,6 +31,14 @@ impl Overlay {
     fn find_by_number(&self, ino: u64) -> OpResult<Arc<Inode>> {
         let stale = || errno(libc::ESTALE);
         if let Some(inode) = self.inodes.get(ino) {
+            // The kernel asks only for a node it no longer holds, so nothing has this one
+            // open; unlinked, it is gone (as a closed, deleted file on a disk file system),
+            // even while the kernel's FORGET of it is still on its way. (With FUSE over
+            // io_uring that FORGET comes through /dev/fuse and this LOOKUP through the ring,
+            // so the LOOKUP often overtakes it.)
+            if inode.read().unlinked {
+                return Err(stale());
+            }
             return self.inodes.revive(&inode).ok_or_else(stale);
         }
         let (kind, parent, name) = match self.inodes.ghost(ino).ok_or_else(stale)? {

@@ -24,7 +24,7 @@ pub struct OpenFile {
     /// The overlay inode number (for the passthrough registry).
     pub ino: u64,
     /// Kernel passthrough registration, released when the handle closes.
-    pub backing: Option<Arc<fuser::BackingId>>,
+    pub backing: Option<Arc<crate::engine::ops::Backing>>,
     /// The inode, whose open count this handle holds.
     inode: Arc<Inode>,
     /// Opened on the lower file (read-only, before any copy-up).
@@ -42,7 +42,7 @@ impl OpenFile {
     pub fn new(
         inode: Arc<Inode>,
         real: Real,
-        backing: Option<Arc<fuser::BackingId>>,
+        backing: Option<Arc<crate::engine::ops::Backing>>,
         writable: bool,
     ) -> Self {
         inode.open_files.fetch_add(1, Ordering::Relaxed);
@@ -108,7 +108,7 @@ pub struct FileTable {
 #[derive(Debug)]
 enum IoMode {
     /// Passed through to the real file (dev, ino); alive while a handle holds the id.
-    Passthrough((u64, u64), Weak<fuser::BackingId>),
+    Passthrough((u64, u64), Weak<crate::engine::ops::Backing>),
     /// Served by us (registration failed once); the number of such handles.
     Cached(usize),
 }
@@ -118,7 +118,7 @@ const SMALL_FILE: i64 = 1 << 20;
 
 /// How one open is to be served.
 pub enum OpenMode {
-    Passthrough(Arc<fuser::BackingId>),
+    Passthrough(Arc<crate::engine::ops::Backing>),
     Cached,
 }
 
@@ -141,7 +141,7 @@ impl FileTable {
         fd: &OwnedFd,
         read_only: bool,
         known: Option<&libc::stat>,
-        register: impl FnOnce(&OwnedFd) -> std::io::Result<fuser::BackingId>,
+        register: impl FnOnce(&OwnedFd) -> std::io::Result<crate::engine::ops::Backing>,
     ) -> OpResult<OpenMode> {
         // `known`: the caller's fresh stat of this very file (create), spares an fstat.
         let st = match known {

@@ -1,9 +1,9 @@
-//! The FUSE front: a thin dispatch from fuser's `Filesystem` trait into the operation modules.
-//! No overlay logic lives here, only argument conversion and replies.
+//! The FUSE front for requests read from /dev/fuse: a thin dispatch from fuser's `Filesystem`
+//! trait into [`Ops`]. No overlay logic lives here, only argument conversion and replies (the
+//! io_uring front, `uring`, calls the same functions).
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,128 +17,73 @@ use fuser::{
 };
 
 use crate::engine::attr::SetAttr;
-use crate::engine::dir::Creator;
-use crate::engine::file::{OpenDir, OpenFile, OpenMode};
-use crate::engine::inode::Inode;
-use crate::engine::lower::Real;
-use crate::engine::overlay::Overlay;
+use crate::engine::ops::{Entry, MAX_READAHEAD, MAX_WRITE, Opened, Ops};
 use crate::engine::xattr::XattrReply;
 
 fn err(e: io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
-/// The `fuser::Filesystem` implementation over a shared [`Overlay`].
+fn empty(r: io::Result<()>, reply: ReplyEmpty) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn entry(r: io::Result<Entry>, reply: ReplyEntry) {
+    match r {
+        Ok(e) => {
+            reply.entry_with_ttls(&e.attr_ttl, &e.entry_ttl, &e.attr, Generation(e.generation))
+        }
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+fn xattr(r: io::Result<XattrReply>, reply: ReplyXattr) {
+    match r {
+        Ok(XattrReply::Size(n)) => reply.size(n),
+        Ok(XattrReply::Data(d)) => reply.data(&d),
+        Err(e) => reply.error(err(e)),
+    }
+}
+
+/// What `init` is to ask of the kernel beyond the engine's usual capabilities, and where it
+/// says what it got.
+#[derive(Debug, Default)]
+pub struct InitExtra {
+    /// Ask for `FUSE_OVER_IO_URING`; the answer (whether the kernel offered it and it was
+    /// taken) is sent once init ran.
+    pub uring: Option<std::sync::mpsc::SyncSender<bool>>,
+}
+
+/// The `fuser::Filesystem` implementation over the shared [`Ops`].
 #[derive(Debug)]
-pub struct OverlayFs(pub Arc<Overlay>);
+pub struct OverlayFs {
+    pub ops: Arc<Ops>,
+    pub extra: InitExtra,
+}
 
 impl OverlayFs {
-    /// Answers a mknod, mkdir or symlink with the entry it made.
-    fn reply_new_entry<T>(&self, made: std::io::Result<(T, fuser::FileAttr)>, reply: ReplyEntry) {
-        match made {
-            Ok((_, attr)) => reply.entry(
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            Err(e) => reply.error(err(e)),
+    fn ov(&self) -> &crate::engine::overlay::Overlay {
+        &self.ops.ov
+    }
+}
+
+/// Sends an open reply through fuser; a passthrough registration (ours, see
+/// [`crate::engine::ops::Backing`]) is lent to fuser's wrapper for the reply and taken back,
+/// so only the handle's own [`crate::engine::ops::Backing`] ever closes it.
+fn reply_open(o: Opened, reply: ReplyOpen) {
+    let flags = FopenFlags::from_bits_retain(o.flags);
+    match &o.backing {
+        Some(b) => {
+            // SAFETY: the id stays registered while `o.backing` lives (past this reply);
+            // `into_raw` keeps fuser's wrapper from closing it.
+            let id = unsafe { reply.wrap_backing(b.id()) };
+            reply.opened_passthrough(FileHandle(o.fh), flags, &id);
+            let _ = id.into_raw();
         }
-    }
-
-    /// Who a new entry belongs to: the caller's ids as stored on disk (through the mount's id
-    /// mapping), with the mode asked for.
-    fn creator(&self, req: &Request, mode: u32) -> Creator {
-        Creator {
-            uid: self.0.idmap.uid_to_disk(req.uid()),
-            gid: self.0.idmap.gid_to_disk(req.gid()),
-            mode,
-        }
-    }
-
-    /// The generation of the node id in `attr` (see [`Overlay::generation`]); 0 for the
-    /// root, which the kernel made itself with generation 0 (another one would make it take
-    /// the root for a reused node id and mark it bad).
-    fn generation(&self, attr: &fuser::FileAttr) -> Generation {
-        if attr.ino.0 == crate::engine::inode::ROOT_INO {
-            Generation(0)
-        } else {
-            Generation(self.0.generation.into())
-        }
-    }
-
-    fn passthrough(&self) -> bool {
-        self.0.passthrough.load(Ordering::Relaxed)
-    }
-
-    /// How an open of `ino` is served (passthrough when negotiated, else our cached I/O).
-    fn open_mode(
-        &self,
-        ino: u64,
-        fd: &OwnedFd,
-        read_only: bool,
-        known: Option<&libc::stat>,
-        register: impl FnOnce(&OwnedFd) -> io::Result<fuser::BackingId>,
-    ) -> io::Result<OpenMode> {
-        if self.passthrough() {
-            self.0.files.open_mode(ino, fd, read_only, known, register)
-        } else {
-            Ok(OpenMode::Cached)
-        }
-    }
-
-    /// Registers the handle; returns it with its open flags and passthrough id.
-    fn insert(
-        &self,
-        inode: Arc<Inode>,
-        fd: Real,
-        mode: OpenMode,
-        writable: bool,
-    ) -> (FileHandle, FopenFlags, Option<Arc<fuser::BackingId>>) {
-        let backing = match mode {
-            OpenMode::Passthrough(id) => Some(id),
-            OpenMode::Cached => None,
-        };
-        let f = OpenFile::new(inode, fd, backing.clone(), writable);
-        let fh = FileHandle(self.0.files.insert_file(f));
-        // The mount owns its layers, so cached pages stay valid across opens.
-        let flags = if backing.is_some() {
-            FopenFlags::empty()
-        } else {
-            FopenFlags::FOPEN_KEEP_CACHE
-        };
-        (fh, flags, backing)
-    }
-
-    fn reply_open(
-        &self,
-        inode: Arc<Inode>,
-        fd: Real,
-        read_only: bool,
-        known: Option<&libc::stat>,
-        reply: ReplyOpen,
-    ) {
-        let ino = inode.ino;
-        let mode = match &fd {
-            Real::Fd(f) => self.open_mode(ino, f, read_only, known, |fd| reply.open_backing(fd)),
-            // Served by us from the image, through the page cache (keep_cache: an image
-            // never changes under a mount).
-            Real::Img { .. } if self.passthrough() => self.0.files.open_cached(ino),
-            Real::Img { .. } => Ok(OpenMode::Cached),
-        };
-        match mode {
-            Ok(mode) => match self.insert(inode, fd, mode, !read_only) {
-                (fh, flags, Some(id)) => {
-                    if !read_only {
-                        // Attributes the kernel cached before this open would stay valid
-                        // through writes to a shared mapping: drop them (see `attr_ttl`).
-                        self.0.invalidate_attrs(ino);
-                    }
-                    reply.opened_passthrough(fh, flags, &id)
-                }
-                (fh, flags, None) => reply.opened(fh, flags),
-            },
-            Err(e) => reply.error(err(e)),
-        }
+        None => reply.opened(FileHandle(o.fh), flags),
     }
 }
 
@@ -157,12 +102,12 @@ impl Filesystem for OverlayFs {
         for f in wanted {
             let _ = config.add_capabilities(f);
         }
-        if self.0.want_passthrough
+        if self.ov().want_passthrough
             && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
             && config.set_max_stack_depth(1).is_ok()
         {
-            self.0.passthrough.store(true, Ordering::Relaxed);
-        } else if self.0.want_writeback {
+            self.ov().passthrough.store(true, Ordering::Relaxed);
+        } else if self.ov().want_writeback {
             // Refused: with the kernel's writeback cache write() succeeds as soon as the data
             // is in the page cache, and a full upper fails only the later write-back (the
             // error shows at fsync or close, the data is gone). ENOSPC must come from
@@ -171,49 +116,31 @@ impl Filesystem for OverlayFs {
                 "the writeback cache is not used: it cannot report a full upper from write()"
             );
         }
-        let _ = config.set_max_write(1 << 20);
-        let _ = config.set_max_readahead(1 << 20);
+        let _ = config.set_max_write(MAX_WRITE);
+        let _ = config.set_max_readahead(MAX_READAHEAD);
+        if let Some(tx) = self.extra.uring.take() {
+            // Not offered when enable_uring is off or the kernel is too old: the session
+            // stays on /dev/fuse. fuser runs this handshake inside `Session::from_fd`, so the
+            // session reads the answer right after (a buffered channel: no waiting here).
+            let taken = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok();
+            let _ = tx.send(taken);
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        // "." is how the kernel asks for a node it forgot when a file handle names it.
-        let found = if name == "." {
-            self.0.lookup_handle(parent.0)
-        } else {
-            self.0.lookup(parent.0, name)
-        };
-        match found {
-            Ok((_, attr)) => reply.entry_with_ttls(
-                &self.0.attr_ttl(&attr),
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            // A negative entry (node id 0) with a TTL: the kernel caches "no such name", so
-            // repeated probes (PATH and import searches) stay in the kernel. Every create goes
-            // through us, and the kernel replaces the negative dentry itself.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let mut attr =
-                    crate::engine::overlay::attr_from_stat(0, &unsafe { std::mem::zeroed() });
-                attr.kind = fuser::FileType::RegularFile;
-                reply.entry(
-                    &self.0.ttl,
-                    &self.0.idmap.show(attr),
-                    self.generation(&attr),
-                )
-            }
-            Err(e) => reply.error(err(e)),
-        }
+        entry(self.ops.lookup(parent.0, name), reply);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.0.inodes.forget(ino.0, nlookup);
+        self.ops.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.getattr(ino.0, fh.map(|f| f.0)) {
-            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &self.0.idmap.show(attr)),
+        match self.ops.getattr(ino.0, fh.map(|f| f.0)) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -236,24 +163,24 @@ impl Filesystem for OverlayFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let req = SetAttr {
+        let set = SetAttr {
             mode,
-            uid: uid.map(|u| self.0.idmap.uid_to_disk(u)),
-            gid: gid.map(|g| self.0.idmap.gid_to_disk(g)),
+            uid,
+            gid,
             size,
             atime,
             mtime,
             fh: fh.map(|f| f.0),
             pid: req.pid(),
         };
-        match self.0.setattr(ino.0, req) {
-            Ok(attr) => reply.attr(&self.0.attr_ttl(&attr), &self.0.idmap.show(attr)),
+        match self.ops.setattr(ino.0, set) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(err(e)),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.0.readlink(ino.0) {
+        match self.ops.readlink(ino.0) {
             Ok(t) => reply.data(&t),
             Err(e) => reply.error(err(e)),
         }
@@ -269,8 +196,8 @@ impl Filesystem for OverlayFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let who = self.creator(req, mode);
-        self.reply_new_entry(self.0.mknod(parent.0, name, who, rdev), reply);
+        let who = (req.uid(), req.gid());
+        entry(self.ops.mknod(who, parent.0, name, mode, rdev), reply);
     }
 
     fn mkdir(
@@ -282,22 +209,16 @@ impl Filesystem for OverlayFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        let who = self.creator(req, mode);
-        self.reply_new_entry(self.0.mkdir(parent.0, name, who), reply);
+        let who = (req.uid(), req.gid());
+        entry(self.ops.mkdir(who, parent.0, name, mode), reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.0.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.unlink(parent.0, name), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.0.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.rmdir(parent.0, name), reply);
     }
 
     fn symlink(
@@ -308,11 +229,11 @@ impl Filesystem for OverlayFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let who = self.creator(req, 0);
-        self.reply_new_entry(
-            self.0.symlink(parent.0, link_name, target.as_os_str(), who),
-            reply,
-        );
+        let who = (req.uid(), req.gid());
+        let made = self
+            .ops
+            .symlink(who, parent.0, link_name, target.as_os_str());
+        entry(made, reply);
     }
 
     fn rename(
@@ -325,13 +246,10 @@ impl Filesystem for OverlayFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
-            .0
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        let r = self
+            .ops
+            .rename(parent.0, name, newparent.0, newname, flags.bits());
+        empty(r, reply);
     }
 
     fn link(
@@ -342,24 +260,14 @@ impl Filesystem for OverlayFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.0.link(ino.0, newparent.0, newname) {
-            Ok((_, attr)) => reply.entry_with_ttls(
-                &self.0.attr_ttl(&attr),
-                &self.0.ttl,
-                &self.0.idmap.show(attr),
-                self.generation(&attr),
-            ),
-            Err(e) => reply.error(err(e)),
-        }
+        entry(self.ops.link(ino.0, newparent.0, newname), reply);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let (inode, fd, known) = match self.0.open(ino.0, flags.0, req.pid()) {
-            Ok(x) => x,
-            Err(e) => return reply.error(err(e)),
-        };
-        let read_only = !crate::engine::file::wants_write(flags.0);
-        self.reply_open(inode, fd, read_only, known.as_ref(), reply);
+        match self.ops.open(ino.0, flags.0, req.pid()) {
+            Ok(o) => reply_open(o, reply),
+            Err(e) => reply.error(err(e)),
+        }
     }
 
     fn read(
@@ -373,7 +281,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.0.read(fh.0, offset, size) {
+        match self.ops.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(err(e)),
         }
@@ -392,7 +300,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         let kill = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.0.write(fh.0, offset, data, kill) {
+        match self.ops.write(fh.0, offset, data, kill) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(err(e)),
         }
@@ -406,9 +314,7 @@ impl Filesystem for OverlayFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        // Nothing to do on close (no locks kept, writes are already in the real file):
-        // ENOSYS tells the kernel never to send FLUSH again, one round trip less per close.
-        reply.error(Errno::ENOSYS);
+        empty(self.ops.flush(), reply);
     }
 
     fn release(
@@ -421,7 +327,7 @@ impl Filesystem for OverlayFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.0.files.remove_file(fh.0, self.passthrough());
+        self.ops.release(fh.0);
         reply.ok();
     }
 
@@ -433,28 +339,12 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.0.no_sync {
-            return reply.ok();
-        }
-        match self.0.fsync(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.fsync(fh.0, datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.0.inode(ino.0) {
-            Ok(inode) if inode.is_dir() => {
-                let fh = self.0.files.insert_dir(OpenDir {
-                    inode,
-                    entries: Default::default(),
-                });
-                reply.opened(
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-                );
-            }
-            Ok(_) => reply.error(Errno::ENOTDIR),
+        match self.ops.opendir(ino.0) {
+            Ok(o) => reply_open(o, reply),
             Err(e) => reply.error(err(e)),
         }
     }
@@ -467,11 +357,9 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let res = self
-            .0
-            .readdir_entries(fh.0, offset, &mut |ino, off, kind, name| {
-                reply.add(INodeNo(ino), off, kind, name)
-            });
+        let res = self.ops.readdir(fh.0, offset, &mut |ino, off, kind, name| {
+            reply.add(INodeNo(ino), off, kind, name)
+        });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -486,25 +374,16 @@ impl Filesystem for OverlayFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let ttl = self.0.ttl;
-        let idmap = &self.0.idmap;
-        let res = self
-            .0
-            .readdirplus_entries(fh.0, offset, &mut |off, name, attr| {
-                let ttl = if attr.kind == fuser::FileType::RegularFile {
-                    self.0.attr_ttl(attr)
-                } else {
-                    ttl
-                };
-                reply.add(
-                    attr.ino,
-                    off,
-                    name,
-                    &ttl,
-                    &idmap.show(*attr),
-                    self.generation(attr),
-                )
-            });
+        let res = self.ops.readdirplus(fh.0, offset, &mut |off, name, e| {
+            reply.add(
+                e.attr.ino,
+                off,
+                name,
+                &e.attr_ttl,
+                &e.attr,
+                Generation(e.generation),
+            )
+        });
         match res {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(err(e)),
@@ -519,7 +398,7 @@ impl Filesystem for OverlayFs {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        self.0.files.remove_dir(fh.0);
+        self.ops.releasedir(fh.0);
         reply.ok();
     }
 
@@ -531,17 +410,11 @@ impl Filesystem for OverlayFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        if self.0.no_sync {
-            return reply.ok();
-        }
-        match self.0.fsyncdir(fh.0, datasync) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.fsyncdir(fh.0, datasync), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.0.statfs() {
+        match self.ops.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -566,41 +439,23 @@ impl Filesystem for OverlayFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        match self.0.setxattr(ino.0, name, value, flags) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.setxattr(ino.0, name, value, flags), reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.0.getxattr(ino.0, name, size) {
-            Ok(XattrReply::Size(n)) => reply.size(n),
-            Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
-        }
+        xattr(self.ops.getxattr(ino.0, name, size), reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        match self.0.listxattr(ino.0, size) {
-            Ok(XattrReply::Size(n)) => reply.size(n),
-            Ok(XattrReply::Data(d)) => reply.data(&d),
-            Err(e) => reply.error(err(e)),
-        }
+        xattr(self.ops.listxattr(ino.0, size), reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.0.removexattr(ino.0, name) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.removexattr(ino.0, name), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // Permissions are checked by the kernel (default_permissions); only existence here.
-        match self.0.inode(ino.0) {
-            Ok(_) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.access(ino.0), reply);
     }
 
     fn create(
@@ -613,37 +468,30 @@ impl Filesystem for OverlayFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let who = self.creator(req, mode);
-        match self.0.create(parent.0, name, who, flags) {
-            Ok((inode, attr, fd, st)) => {
-                let ino = inode.ino;
-                let writable = crate::engine::file::wants_write(flags);
-                match self.open_mode(ino, &fd, false, Some(&st), |fd| reply.open_backing(fd)) {
-                    Ok(mode) => {
-                        let (fh, flags, id) = self.insert(inode, Real::Fd(fd), mode, writable);
-                        let ttl = self.0.attr_ttl(&attr);
-                        match id {
-                            Some(id) => reply.created_passthrough(
-                                &ttl,
-                                &self.0.idmap.show(attr),
-                                self.generation(&attr),
-                                fh,
-                                flags,
-                                &id,
-                            ),
-                            None => reply.created(
-                                &ttl,
-                                &self.0.idmap.show(attr),
-                                self.generation(&attr),
-                                fh,
-                                flags,
-                            ),
-                        }
-                    }
-                    Err(e) => reply.error(err(e)),
-                }
+        let (e, o) = match self
+            .ops
+            .create((req.uid(), req.gid()), parent.0, name, mode, flags)
+        {
+            Ok(x) => x,
+            Err(e) => return reply.error(err(e)),
+        };
+        let flags = FopenFlags::from_bits_retain(o.flags);
+        let generation = Generation(e.generation);
+        match &o.backing {
+            Some(b) => {
+                // SAFETY: as in `reply_open`.
+                let id = unsafe { reply.wrap_backing(b.id()) };
+                reply.created_passthrough(
+                    &e.attr_ttl,
+                    &e.attr,
+                    generation,
+                    FileHandle(o.fh),
+                    flags,
+                    &id,
+                );
+                let _ = id.into_raw();
             }
-            Err(e) => reply.error(err(e)),
+            None => reply.created(&e.attr_ttl, &e.attr, generation, FileHandle(o.fh), flags),
         }
     }
 
@@ -657,10 +505,7 @@ impl Filesystem for OverlayFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.0.fallocate(fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
-        }
+        empty(self.ops.fallocate(fh.0, offset, length, mode), reply);
     }
 
     fn lseek(
@@ -672,7 +517,7 @@ impl Filesystem for OverlayFs {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.0.lseek(fh.0, offset, whence) {
+        match self.ops.lseek(fh.0, offset, whence) {
             Ok(o) => reply.offset(o),
             Err(e) => reply.error(err(e)),
         }
@@ -692,7 +537,7 @@ impl Filesystem for OverlayFs {
         reply: ReplyWrite,
     ) {
         match self
-            .0
+            .ops
             .copy_file_range(fh_in.0, offset_in, fh_out.0, offset_out, len)
         {
             Ok(n) => reply.written(n),
@@ -711,9 +556,12 @@ impl Filesystem for OverlayFs {
         _out_size: u32,
         reply: ReplyIoctl,
     ) {
-        // No ioctls are served (as on a plain file: "not a tty"). Answered here rather than by
-        // fuser's default, which logs a warning for every one: every `isatty` on an open file
-        // (Python asks for each module it imports) would write a log line.
-        reply.error(Errno::ENOTTY);
+        // Answered here rather than by fuser's default, which logs a warning for every one:
+        // every `isatty` on an open file (Python asks for each module it imports) would write
+        // a log line.
+        match self.ops.ioctl() {
+            Ok(()) => reply.ioctl(0, &[]),
+            Err(e) => reply.error(err(e)),
+        }
     }
 }

@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use fuser::{BackgroundSession, Config, SessionACL};
 
-use super::fs::OverlayFs;
+use super::fs::{InitExtra, OverlayFs};
 use super::inode::InodeMode;
 use super::layers::LayerStack;
+use super::ops::Ops;
 use super::overlay::Overlay;
 use crate::error::{Error, Result};
 
@@ -33,6 +34,10 @@ pub struct SessionOptions {
     pub auto_unmount: bool,
     pub method: MountMethod,
     pub container: ContainerOptions,
+    /// Serve requests over FUSE-over-io_uring (Linux 6.14+, `enable_uring` on) instead of
+    /// /dev/fuse reads, where the kernel allows it; /dev/fuse otherwise. Opt-in while it is
+    /// measured (see bench/uring.md).
+    pub uring: bool,
 }
 
 /// The options container engines pass (fuse-overlayfs 1.10's); the default changes nothing.
@@ -80,41 +85,56 @@ pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Re
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
     );
     config.clone_fd = true;
-    let fs = OverlayFs(overlay.clone());
     let direct = match o.method {
         MountMethod::Auto => root,
         MountMethod::Direct => true,
         MountMethod::Helper => false,
     };
-    let (session, helper, conn) = if direct {
+    let (fd, helper) = if direct {
         match mount_direct(mountpoint, o) {
-            Ok(fd) => {
-                let conn = fd.try_clone().map_err(|e| mount_error(mountpoint, e))?;
-                // A session made from a descriptor never unmounts by path on its own (fuser's
-                // own mount would, after the kernel already ended it: see `MountHandle`).
-                let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
-                    .and_then(|s| s.spawn())
-                    .map_err(|e| mount_error(mountpoint, e))?;
-                (s, None, conn)
-            }
+            Ok(fd) => (fd, None),
             // Not allowed here (e.g. a user namespace without its own mount namespace, or a
             // container that filters mount(2)):
             // fusermount3 may still mount for us, as fuser and libfuse fall back.
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                helper_session(fs, mountpoint, o, &config)?
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => helper_mount(mountpoint, o)?,
             Err(e) => return Err(mount_error(mountpoint, e)),
         }
     } else {
-        helper_session(fs, mountpoint, o, &config)?
+        helper_mount(mountpoint, o)?
+    };
+    let conn = Arc::new(fd.try_clone().map_err(|e| mount_error(mountpoint, e))?);
+    let ops = Arc::new(Ops::new(overlay.clone(), conn.clone()));
+    // The ring is asked for at init only when it can be served: once the kernel agreed, every
+    // request waits for ring entries on all queues.
+    let ring_setup = if o.uring {
+        super::uring::Probe::new()
+    } else {
+        None
+    };
+    let (uring_tx, uring_rx) = std::sync::mpsc::sync_channel(1);
+    let fs = OverlayFs {
+        ops: ops.clone(),
+        extra: InitExtra {
+            uring: ring_setup.as_ref().map(|_| uring_tx),
+        },
+    };
+    // A session made from a descriptor never unmounts by path on its own (fuser's own mount
+    // would, after the kernel already ended it: see `MountHandle`).
+    let session = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
+        .and_then(|s| s.spawn())
+        .map_err(|e| mount_error(mountpoint, e))?;
+    let _ = overlay.notifier.set(session.notifier());
+    let ring = match ring_setup {
+        Some(probe) => super::uring::start(probe, ops, uring_rx),
+        None => None,
     };
     // Recorded now, while nothing else can have been mounted over ours yet: every later
     // unmount first checks the mount at the path is still this one.
     let id =
         MountId::at(mountpoint).map_err(|e| Error::io("checking the new mount", mountpoint, e))?;
-    let _ = overlay.notifier.set(session.notifier());
     Ok(MountHandle {
         session: Some(session),
+        ring,
         helper,
         mountpoint: mountpoint.to_path_buf(),
         overlay,
@@ -124,20 +144,12 @@ pub fn start(mut stack: LayerStack, mountpoint: &Path, o: &SessionOptions) -> Re
     })
 }
 
-type Started = (
-    BackgroundSession,
-    Option<super::fusermount::HelperMount>,
-    OwnedFd,
-);
-
 /// Mounts through fusermount3 (without privileges it mounts for us; it works even where
-/// /dev/fuse is not open to users) and starts serving.
-fn helper_session(
-    fs: OverlayFs,
+/// /dev/fuse is not open to users); returns the connection.
+fn helper_mount(
     mountpoint: &Path,
     o: &SessionOptions,
-    config: &Config,
-) -> Result<Started> {
+) -> Result<(OwnedFd, Option<super::fusermount::HelperMount>)> {
     let mut opt = format!(
         "fsname={},subtype=ovl,default_permissions,{}",
         o.fsname,
@@ -151,11 +163,7 @@ fn helper_session(
     }
     let (fd, helper) = super::fusermount::mount(mountpoint, &opt, o.auto_unmount)
         .map_err(|e| mount_error(mountpoint, e))?;
-    let conn = fd.try_clone().map_err(|e| mount_error(mountpoint, e))?;
-    let s = fuser::Session::from_fd(fs, fd, config.acl, config.clone())
-        .and_then(|s| s.spawn())
-        .map_err(|e| mount_error(mountpoint, e))?;
-    Ok((s, Some(helper), conn))
+    Ok((fd, Some(helper)))
 }
 
 /// The `context=` label to give the kernel: only where SELinux is on. Elsewhere the kernel
@@ -275,6 +283,8 @@ pub enum MountMethod {
 #[derive(Debug)]
 pub struct MountHandle {
     session: Option<BackgroundSession>,
+    /// The io_uring transport's threads, when the ring was negotiated.
+    ring: Option<super::uring::Rings>,
     /// Set when fusermount3 mounted for us (unprivileged); it also unmounts.
     helper: Option<super::fusermount::HelperMount>,
     mountpoint: PathBuf,
@@ -282,7 +292,7 @@ pub struct MountHandle {
     id: MountId,
     /// A duplicate of the session's /dev/fuse descriptor, to see whether the kernel still
     /// holds the connection (it reports an error on it once the mount is gone).
-    conn: Option<OwnedFd>,
+    conn: Option<Arc<OwnedFd>>,
     /// Our unmount succeeded but copies of the mount live on in other mount namespaces, so the
     /// session goes on serving them: it is never waited for (that could be forever).
     lingering: bool,
@@ -292,6 +302,12 @@ impl MountHandle {
     /// Where the merged tree is visible.
     pub fn mount_point(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// Whether requests are served over FUSE-over-io_uring ([`SessionOptions::uring`] asked
+    /// for it and the kernel took it), not /dev/fuse.
+    pub fn uring_active(&self) -> bool {
+        self.ring.as_ref().is_some_and(|r| r.active())
     }
 
     /// Number of inodes the kernel currently holds (memory grows with this, not the tree).
@@ -344,7 +360,7 @@ impl MountHandle {
 
     /// Whether the kernel still holds our FUSE connection (the mount exists, maybe detached).
     fn connected(&self) -> bool {
-        self.conn.as_ref().is_some_and(fuse_connected)
+        self.conn.as_ref().is_some_and(|c| fuse_connected(c))
     }
 
     /// Waits up to `limit` for the kernel to end the connection after our unmount.
@@ -371,6 +387,10 @@ impl MountHandle {
             h.release();
         }
         self.helper = None;
+        // The connection is over, so the ring threads have ended or are ending.
+        if let Some(r) = self.ring.take() {
+            r.stop();
+        }
         self.conn = None;
     }
 
@@ -456,6 +476,9 @@ impl Drop for MountHandle {
             // wait forever, and the mount is no longer ours to detach.
             if let Some(s) = self.session.take() {
                 std::mem::forget(s);
+            }
+            if let Some(r) = self.ring.take() {
+                r.detach();
             }
             return;
         }

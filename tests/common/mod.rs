@@ -54,6 +54,25 @@ pub fn lower_image_default() -> bool {
         })
 }
 
+/// Whether test mounts are served over FUSE-over-io_uring: `OVL_URING=1` (which the library
+/// reads itself), or a test binary named `*uring*` (tests/posix_uring.rs runs the POSIX suite
+/// so). Where the kernel offers it (root, `enable_uring` on), a mount that asked for the ring
+/// must have got it, so such a suite cannot pass on /dev/fuse by accident.
+pub fn uring_default() -> bool {
+    std::env::var("OVL_URING").is_ok_and(|v| v == "1")
+        || std::env::current_exe().is_ok_and(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().contains("uring"))
+        })
+}
+
+/// Whether this machine serves FUSE over io_uring for us (root, Linux 6.14+, enabled).
+pub fn uring_available() -> bool {
+    (unsafe { libc::geteuid() }) == 0
+        && std::fs::read_to_string("/sys/module/fuse/parameters/enable_uring")
+            .is_ok_and(|v| v.trim() == "Y")
+}
+
 /// Packs directory `dir` into image file `img` (the bundle image format), every core.
 pub fn pack_image(dir: &Path, img: &Path) {
     let f = std::fs::File::create(img).unwrap();
@@ -177,7 +196,18 @@ impl Mounted {
             .set_inode_mode(self.mode)
             .set_passthrough(self.passthrough)
             .set_writeback_cache(self.writeback);
+        let uring = uring_default();
+        if uring {
+            ofs.set_uring(true);
+        }
         ofs.mount().expect("mount");
+        if uring && uring_available() {
+            let h = ofs.handle().expect("mounted");
+            assert!(
+                h.uring_active(),
+                "asked for FUSE over io_uring, got /dev/fuse"
+            );
+        }
         self.ofs = Some(ofs);
     }
 
