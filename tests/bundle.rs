@@ -1826,3 +1826,55 @@ fn example_recipe_builds_and_runs() {
     let o = w.run(&out, &["where"]);
     assert!(stdout(&o).contains(&format!("OWD={}", w.root.display())));
 }
+
+/// A run remembers, beside the kept upper, the blocks of the bundle its app read (named with
+/// the bundle's id); the next run decompresses them ahead on a thread of its own (its log says
+/// so) and keeps the list. A list made for another bundle is ignored, and replaced.
+#[test]
+fn the_blocks_a_run_read_are_prefetched_by_the_next() {
+    if !is_root() {
+        return;
+    }
+    let w = World::new();
+    let b = w.bundle();
+    let info = stdout(&w.run(&b, &["--ovl-info"]));
+    let id = info
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let list = w.p("home/data/ovl/app/.upper.ovl-prefetch");
+    let first = w.run(&b, &[]);
+    ok(&first);
+    assert!(!stderr(&first).contains("prefetched"), "{}", stderr(&first));
+    let text = fs::read_to_string(&list).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some(format!("ovl-prefetch 1 {id}").as_str()));
+    let blocks: Vec<u32> = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    // AppRun and greeting.txt at least (both small: maybe one packed block).
+    assert!(!blocks.is_empty(), "{text}");
+    let second = w.run(&b, &["--ovl-verbose"]);
+    ok(&second);
+    // How many were loaded before the app was done depends on the machine's load.
+    let want = format!(" of {} blocks", blocks.len());
+    assert!(
+        stderr(&second)
+            .lines()
+            .any(|l| l.contains("prefetched ") && l.ends_with(&want)),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(fs::read_to_string(&list).unwrap(), text);
+
+    fs::write(&list, "ovl-prefetch 1 0123456789abcdef\n1 2 3\n").unwrap();
+    let third = w.run(&b, &["--ovl-verbose"]);
+    ok(&third);
+    assert!(!stderr(&third).contains("prefetched"), "{}", stderr(&third));
+    assert_eq!(fs::read_to_string(&list).unwrap(), text);
+}

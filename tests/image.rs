@@ -10,6 +10,7 @@ use std::fs::{self, File};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::AtomicBool;
 
 use ovl::image::{Image, ImageOptions, ROOT_INO, write_image};
 
@@ -822,4 +823,62 @@ fn crafted_directories_are_refused_when_used() {
     // The same round through craft() without an edit opens: the refusals are the edits'.
     craft(&path, &t.path().join("same"), Box::new(|_, _| {}));
     assert_image_matches(&open(&t.path().join("same")), &tree);
+}
+
+/// A start's reads are remembered block by block in the order they came; prefetching that list
+/// into a fresh open of the image decompresses exactly those blocks, after which the same reads
+/// decompress nothing. Numbers that name no block and blocks already cached are skipped, and
+/// the byte budget or the stop flag stops it.
+#[test]
+fn touched_blocks_prefetch_into_a_fresh_open() {
+    let t = tempfile::tempdir().unwrap();
+    let tree = t.path().join("tree");
+    fs::create_dir(&tree).unwrap();
+    // Whole BS pieces of their own: a read of each piece touches one block.
+    fs::write(tree.join("a.bin"), pseudo_random(3 * BS as usize, 1)).unwrap();
+    fs::write(tree.join("b.bin"), pseudo_random(3 * BS as usize, 2)).unwrap();
+    let path = t.path().join("img");
+    pack(&tree, &path, 1);
+    let reads = |img: &Image| {
+        let (a, b) = (
+            resolve(img, Path::new("a.bin")),
+            resolve(img, Path::new("b.bin")),
+        );
+        let mut buf = vec![0u8; 100];
+        for (ino, at) in [(a, 0), (b, BS as u64), (a, 2 * BS as u64), (a, 10)] {
+            img.read(ino, at, &mut buf).unwrap();
+        }
+    };
+    let first = open(&path);
+    assert!(first.touched_blocks().is_empty());
+    reads(&first);
+    let list = first.touched_blocks();
+    assert_eq!(list.len(), 3, "{list:?}");
+    assert_eq!(first.blocks_loaded(), 3);
+
+    let go = AtomicBool::new(false);
+    let again = open(&path);
+    assert_eq!(again.prefetch(&list, usize::MAX, &go), 3);
+    assert_eq!(again.blocks_loaded(), 3);
+    reads(&again);
+    assert_eq!(
+        again.blocks_loaded(),
+        3,
+        "the reads found every block prefetched"
+    );
+    assert_eq!(again.touched_blocks(), list, "prefetching is not a read");
+    assert_eq!(again.prefetch(&list, usize::MAX, &go), 0, "cached already");
+    assert_eq!(again.prefetch(&[u32::MAX, 1 << 30], usize::MAX, &go), 0);
+
+    let budget = open(&path);
+    assert_eq!(
+        budget.prefetch(&list, 1, &go),
+        1,
+        "one block, then the budget is spent"
+    );
+    let stopped = open(&path);
+    assert_eq!(
+        stopped.prefetch(&list, usize::MAX, &AtomicBool::new(true)),
+        0
+    );
 }

@@ -112,6 +112,11 @@ impl Bundle {
         &self.image
     }
 
+    /// The same, shared (the engine's lower holds this one too).
+    pub fn shared_image(&self) -> &std::sync::Arc<Image> {
+        &self.image
+    }
+
     /// The open bundle file (what this run started from, even if the path is replaced).
     pub fn file(&self) -> &File {
         &self.file

@@ -505,6 +505,7 @@ fn serve(srv: Server, listener: OwnedFd) -> ! {
         }
     };
     let mnt = ofs.mountpoint().expect("mounted").to_path_buf();
+    let prefetch = super::prefetch::start(bundle, &upper);
     let me = unsafe { libc::geteuid() };
     let mut clients: Vec<Client> = Vec::new();
     let mut listening = Some(listener);
@@ -646,6 +647,10 @@ fn serve(srv: Server, listener: OwnedFd) -> ! {
         }
     }
     drop(listening);
+    if let Some(p) = prefetch {
+        p.finish();
+    }
+    super::prefetch::save(bundle, &upper);
     // Nobody runs any more: what is left in our namespace was started by instances that were
     // killed, and would keep the mount busy.
     if private {

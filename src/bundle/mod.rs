@@ -7,6 +7,8 @@
 //! - [`extract`]: opening, verifying and extracting one;
 //! - [`cache`]: the shared cache of extracted trees, and `--ovl-gc`;
 //! - [`state`]: an app's kept upper, and committing it into a new bundle file;
+//! - [`instances`]: the server that runs every instance of an app on one mount;
+//! - [`prefetch`]: the blocks a start reads, remembered and decompressed ahead the next time;
 //! - [`runtime`]: what `./app.run` does (`runtime/` is the binary around it).
 //!
 //! ```no_run
@@ -23,6 +25,7 @@ pub mod extract;
 pub mod format;
 pub mod instances;
 pub mod pack;
+pub mod prefetch;
 pub mod runtime;
 pub mod state;
 

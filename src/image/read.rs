@@ -28,7 +28,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::*;
@@ -265,6 +265,12 @@ impl BlockCache {
         Ok(d)
     }
 
+    /// Whether some of block `b` is cached (or being loaded).
+    fn contains(&self, b: u32) -> bool {
+        let s = self.shards[b as usize % SHARDS].0.lock().unwrap();
+        s.map.contains_key(&b) || s.loading.contains(&b)
+    }
+
     fn put(&self, b: u32, data: Arc<[u8]>) {
         let t = self.tick.fetch_add(1, Ordering::Relaxed);
         let mut s = self.shards[b as usize % SHARDS].0.lock().unwrap();
@@ -416,7 +422,14 @@ pub struct Image {
     parents: Box<[AtomicU32]>,
     /// A bit per inode: a directory [`Image::check_dir`] passed.
     checked: Box<[AtomicU64]>,
+    /// A bit per block: read by a file read since the image was opened ...
+    touched_bits: Box<[AtomicU64]>,
+    /// ... and those blocks in the order they were first read (see [`Image::touched_blocks`]).
+    touched: Mutex<Vec<u32>>,
 }
+
+/// At most this many blocks are remembered as touched (a start's working set is tens).
+const MAX_TOUCHED: usize = 4096;
 
 impl std::fmt::Debug for Image {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -470,6 +483,7 @@ impl Image {
             return Err(corrupt("the metadata does not match the superblock"));
         }
         let sb_inodes = sb.inodes as usize;
+        let sb_blocks = sb.blocks as usize;
         let img = Image {
             file,
             base: offset,
@@ -480,6 +494,8 @@ impl Image {
             loads: AtomicU64::new(0),
             parents: (0..=sb_inodes).map(|_| AtomicU32::new(0)).collect(),
             checked: (0..=sb_inodes / 64).map(|_| AtomicU64::new(0)).collect(),
+            touched_bits: (0..=sb_blocks / 64).map(|_| AtomicU64::new(0)).collect(),
+            touched: Mutex::new(Vec::new()),
         };
         if !img.getattr(ROOT_INO)?.is_dir() {
             return Err(corrupt("the root is not a directory"));
@@ -766,6 +782,52 @@ impl Image {
         })
     }
 
+    fn touch(&self, b: u32) {
+        let (word, bit) = (&self.touched_bits[b as usize / 64], 1u64 << (b % 64));
+        if word.load(Ordering::Relaxed) & bit == 0
+            && word.fetch_or(bit, Ordering::Relaxed) & bit == 0
+        {
+            let mut t = self.touched.lock().unwrap();
+            if t.len() < MAX_TOUCHED {
+                t.push(b);
+            }
+        }
+    }
+
+    /// The blocks file reads have used since the image was opened, in the order of their first
+    /// use: what a later start of the same program will likely read again (see
+    /// [`Image::prefetch`]).
+    pub fn touched_blocks(&self) -> Vec<u32> {
+        self.touched.lock().unwrap().clone()
+    }
+
+    /// Decompresses the blocks `blocks` into the cache, in that order, skipping those cached
+    /// already (or being loaded), numbers that name no block, and blocks that fail (a read that
+    /// needs one reports it), until `budget` bytes are loaded or `stop` is set. Meant for a
+    /// thread of its own started with the mount, given what [`Image::touched_blocks`] said at
+    /// the end of an earlier run: the reads of a start then find their blocks decompressed on
+    /// another core. Returns how many blocks it loaded.
+    pub fn prefetch(&self, blocks: &[u32], budget: usize, stop: &AtomicBool) -> usize {
+        let (mut loaded, mut bytes) = (0, 0usize);
+        for &b in blocks {
+            if bytes >= budget || stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let Ok(r) = self.record(T_BLOCKS, b as usize) else {
+                continue;
+            };
+            let ulen = u32_at(r, 12) as usize;
+            if self.cache.contains(b) || ulen > self.sb.block_size as usize {
+                continue;
+            }
+            if self.block(b, ulen).is_ok() {
+                loaded += 1;
+                bytes += ulen;
+            }
+        }
+        loaded
+    }
+
     /// How many blocks have been read from the file and decompressed since the image was
     /// opened (cache misses).
     pub fn blocks_loaded(&self) -> u64 {
@@ -802,6 +864,7 @@ impl Image {
                     )));
                 }
                 let s = (boff + within) as usize;
+                self.touch(block);
                 let d = self.block(block, s + take)?;
                 dst.copy_from_slice(&d[s..s + take]);
             }
