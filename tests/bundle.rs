@@ -1829,7 +1829,8 @@ fn example_recipe_builds_and_runs() {
 
 /// A run remembers, beside the kept upper, the blocks of the bundle its app read (named with
 /// the bundle's id); the next run decompresses them ahead on a thread of its own (its log says
-/// so) and keeps the list. A list made for another bundle is ignored, and replaced.
+/// so), a discard run too, and the list stays. A list made for another bundle is ignored, and
+/// replaced.
 #[test]
 fn the_blocks_a_run_read_are_prefetched_by_the_next() {
     if !is_root() {
@@ -1871,6 +1872,15 @@ fn the_blocks_a_run_read_are_prefetched_by_the_next() {
         stderr(&second)
     );
     assert_eq!(fs::read_to_string(&list).unwrap(), text);
+
+    // A discard run (a mount of its own) prefetches from the same list.
+    let discard = w.run(&b, &["--ovl-verbose", "--ovl-on-exit=discard"]);
+    ok(&discard);
+    assert!(
+        stderr(&discard).contains("prefetched "),
+        "{}",
+        stderr(&discard)
+    );
 
     fs::write(&list, "ovl-prefetch 1 0123456789abcdef\n1 2 3\n").unwrap();
     let third = w.run(&b, &["--ovl-verbose"]);

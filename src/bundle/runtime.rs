@@ -686,10 +686,13 @@ fn run_app(
     let scratch = new_scratch()?;
     let mut ofs = overlay_for(bundle, &upper, (!writer).then_some(&scratch))?;
     let app_args_copy = app_args.clone();
+    let mut prefetch = None;
     let res = if opts.mount {
         launcher::serve(&mut ofs)
     } else {
         launcher::run_in_overlay(&mut ofs, false, |mnt| {
+            // Mounted (in this process): the blocks earlier runs read, ahead of the app.
+            prefetch = super::prefetch::start(bundle, &upper);
             let mut argv = vec![mnt.join(&m.entry).into_os_string()];
             argv.extend(app_args);
             Launch {
@@ -700,6 +703,11 @@ fn run_app(
             }
         })
     };
+    if let Some(p) = prefetch {
+        p.finish();
+    }
+    // What this run read, for the next start (a discard run's reads are as good a guess).
+    super::prefetch::save(bundle, &upper);
     let code = match res {
         Ok(c) => c,
         Err(e) if ofs.handle().is_none() && action != OverlayAction::Commit && !opts.mount => {
