@@ -60,8 +60,8 @@ impl Prefetch {
     }
 }
 
-/// Starts decompressing, on a low-priority thread, the blocks the last runs of this bundle
-/// with this upper read. Call once the mount is up.
+/// Starts decompressing, on a thread of its own, the blocks the last runs of this bundle with
+/// this upper read. Call once the mount is up.
 pub fn start(bundle: &Bundle, upper: &Path) -> Option<Prefetch> {
     let list = read_list(upper, &bundle.id());
     if list.is_empty() {
@@ -73,10 +73,8 @@ pub fn start(bundle: &Bundle, upper: &Path) -> Option<Prefetch> {
     let spawned = std::thread::Builder::new()
         .name("ovl-prefetch".into())
         .spawn(move || {
-            // Behind the app and the FUSE threads whenever they want the CPU.
-            unsafe {
-                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
-            }
+            // At the app's own priority: a read that wants the block this thread is
+            // decompressing waits for it, so a thread held back would hold the app back.
             let n = image.prefetch(&list, BUDGET, &flag);
             log::info!("prefetched {n} of {} blocks", list.len());
         });
