@@ -321,8 +321,22 @@ fn serve_queue(qid: u16, ops: &Ops, stop: &OwnedFd, payload: usize, setup: Setup
     let mut retries = 0;
     let mut done = Vec::new();
     let mut out = Vec::new();
+    // While it waits (and so while its COMMIT_AND_FETCH wakes the app that asked), the thread
+    // is SCHED_IDLE: a CPU running only such threads counts as idle when the scheduler places
+    // a woken task, so the app is woken right here, on the CPU its next request will come from,
+    // instead of on the other CPU, which on a VM may have to be woken from halt (one client's
+    // round trip: 5.3 µs so, 15-34 µs without, 9.5 µs over /dev/fuse; bench/uring.md). It is
+    // back to normal as soon as a request is in: serving never runs at idle priority.
+    let policy = |p: libc::c_int| {
+        let sp = libc::sched_param { sched_priority: 0 };
+        // SAFETY: plain system call on this thread (pid 0) with a valid parameter.
+        unsafe { libc::sched_setscheduler(0, p, &sp) };
+    };
     loop {
-        match ring.enter(1) {
+        policy(libc::SCHED_IDLE);
+        let r = ring.enter(1);
+        policy(libc::SCHED_OTHER);
+        match r {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
             Err(e) => {
