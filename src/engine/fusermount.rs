@@ -46,11 +46,14 @@ pub struct HelperMount {
 }
 
 /// fusermount3 before libfuse 3.16 cannot auto-unmount a mount made without `allow_other` for
-/// an unprivileged user (it checks access as root and is refused), so a SIGKILLed server left
-/// a dead mount. This guard runs as the user, in its own session (terminal signals do not
-/// reach it), blocks reading a pipe whose only writer is us, and once it reads EOF unmounts the
-/// path if the mount there is dead (a live one, which `stat` answers, is somebody else's: ours
-/// died with us). On a normal end we kill it first ([`HelperMount::release`]).
+/// an unprivileged user (it checks access as root and is refused), and it leaves a connection
+/// served over io_uring, which the kernel tears down a moment after the server died: either
+/// way a SIGKILLed server left a dead mount. This guard runs as the user, in its own session
+/// (terminal signals do not reach it), blocks reading a pipe whose only writer is us, and once
+/// it reads EOF unmounts the path if the mount there is dead (a live one, which `statfs`
+/// answers, is somebody else's: ours died with us; `statfs` because the kernel may answer a
+/// `stat` of a FUSE mount's root from its cache). On a normal end we kill it first
+/// ([`HelperMount::release`]).
 fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)> {
     let mut fds = [0i32; 2];
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -59,7 +62,7 @@ fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)>
     let (r, w) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
-        .arg("read _; stat -- \"$1\" >/dev/null 2>&1 || exec \"$0\" -u -z -- \"$1\"")
+        .arg("read _; stat -f -- \"$1\" >/dev/null 2>&1 || exec \"$0\" -u -z -- \"$1\"")
         .arg(bin)
         .arg(mountpoint)
         .stdin(Stdio::from(r))
@@ -133,7 +136,10 @@ pub fn mount(
         child.wait()?;
         None
     };
-    let watchdog = if auto_unmount && unsafe { libc::geteuid() } != 0 {
+    // Root too: fusermount3 unmounts only a mount it finds dead when we die, and a connection
+    // served over io_uring dies a moment later (the kernel tears the rings down after the
+    // process is gone), so fusermount3 left it mounted; the guard's `stat` waits for that.
+    let watchdog = if auto_unmount {
         Some(spawn_watchdog(&bin, mountpoint)?)
     } else {
         None
