@@ -71,6 +71,10 @@ fn spawn_watchdog(bin: &Path, mountpoint: &Path) -> io::Result<(Child, OwnedFd)>
     unsafe {
         cmd.pre_exec(|| {
             libc::setsid();
+            // It lives as long as the mount: it must hold nothing else open (a descriptor
+            // another thread opened without O_CLOEXEC, in another mount, would keep that
+            // mount busy). Standard input, output and error are set up by now.
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
             Ok(())
         });
     }
