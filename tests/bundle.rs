@@ -789,6 +789,20 @@ fn mkfifo(p: &Path) {
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o666) }, 0);
 }
 
+impl World {
+    /// A run of `bundle` with the runtime options `opts` whose app is `wait NAME FIFO CODE`:
+    /// started, and running (it printed `ready`); `release` lets it exit with CODE.
+    fn waiting(&self, bundle: &Path, name: &str, opts: &[&str], code: &str) -> Instance {
+        let fifo = self.p(&format!("fifo-{name}"));
+        mkfifo(&fifo);
+        let mut all = opts.to_vec();
+        all.extend(["wait", name, fifo.to_str().unwrap(), code]);
+        let mut i = Instance::spawn(&mut self.cmd(bundle, &all), fifo);
+        i.ready();
+        i
+    }
+}
+
 /// Nothing of the instances is left: no mount point, no socket, no server.
 fn assert_all_gone(w: &World) {
     let mounts: Vec<_> = fs::read_dir(w.p("home/cache"))
@@ -943,16 +957,7 @@ fn a_signal_reaches_only_its_own_instance() {
     }
     let w = World::new();
     let b = w.bundle();
-    let start = |name: &str, code: &str| {
-        let fifo = w.p(&format!("fifo-{name}"));
-        mkfifo(&fifo);
-        let mut i = Instance::spawn(
-            &mut w.cmd(&b, &["wait", name, fifo.to_str().unwrap(), code]),
-            fifo,
-        );
-        i.ready();
-        i
-    };
+    let start = |name: &str, code: &str| w.waiting(&b, name, &[], code);
     let (a, c) = (start("a", "5"), start("c", "6"));
     unsafe { libc::kill(c.child.id() as i32, libc::SIGTERM) };
     let (code, err) = c.finish();
@@ -993,13 +998,7 @@ fn instances_exiting_while_others_join() {
         }
     }
     // And short ones joining and leaving a long one.
-    let fifo = w.p("fifo");
-    mkfifo(&fifo);
-    let mut long = Instance::spawn(
-        &mut w.cmd(&b, &["wait", "long", fifo.to_str().unwrap(), "9"]),
-        fifo,
-    );
-    long.ready();
+    let long = w.waiting(&b, "long", &[], "9");
     for i in 0..6 {
         let o = w.run(&b, &["write", &format!("short{i}"), &i.to_string()]);
         assert_eq!(o.status.code(), Some(i), "{}", stderr(&o));
@@ -1025,16 +1024,7 @@ fn a_killed_instance_or_server_does_not_block_later_runs() {
     }
     let w = World::new();
     let b = w.bundle();
-    let start = |name: &str| {
-        let fifo = w.p(&format!("fifo-{name}"));
-        mkfifo(&fifo);
-        let mut i = Instance::spawn(
-            &mut w.cmd(&b, &["wait", name, fifo.to_str().unwrap(), "0"]),
-            fifo,
-        );
-        i.ready();
-        i
-    };
+    let start = |name: &str| w.waiting(&b, name, &[], "0");
     // The first instance killed: the server finishes without it.
     let mut a = start("a");
     a.child.kill().unwrap();
@@ -1067,13 +1057,7 @@ fn a_discard_run_goes_beside_live_instances() {
     }
     let w = World::new();
     let b = w.bundle();
-    let fifo = w.p("fifo");
-    mkfifo(&fifo);
-    let mut a = Instance::spawn(
-        &mut w.cmd(&b, &["wait", "a", fifo.to_str().unwrap(), "5"]),
-        fifo,
-    );
-    a.ready();
+    let a = w.waiting(&b, "a", &[], "5");
     let o = w.run(&b, &["--ovl-on-exit=discard", "write", "d", "6"]);
     assert_eq!(o.status.code(), Some(6), "{}", stderr(&o));
     // It saw the kept state, on a mount of its own, and left nothing.
@@ -1093,13 +1077,7 @@ fn another_version_beside_live_instances_is_refused_and_a_commit_waits_for_disca
     }
     let w = World::new();
     let b = w.bundle();
-    let fifo = w.p("fifo");
-    mkfifo(&fifo);
-    let mut a = Instance::spawn(
-        &mut w.cmd(&b, &["wait", "a", fifo.to_str().unwrap(), "5"]),
-        fifo,
-    );
-    a.ready();
+    let a = w.waiting(&b, "a", &[], "5");
     // Another version of the app (another tree) cannot show its tree on this mount.
     fs::write(w.p("app/share/new.txt"), "v2").unwrap();
     let v2 = w.p("v2.run");
@@ -1111,22 +1089,7 @@ fn another_version_beside_live_instances_is_refused_and_a_commit_waits_for_disca
     a.release();
     assert_eq!(a.finish().0, Some(5));
     // A discard run reads the kept upper: a commit clears it only after that run is done.
-    let fifo = w.p("fifo-d");
-    mkfifo(&fifo);
-    let mut d = Instance::spawn(
-        &mut w.cmd(
-            &b,
-            &[
-                "--ovl-on-exit=discard",
-                "wait",
-                "d",
-                fifo.to_str().unwrap(),
-                "6",
-            ],
-        ),
-        fifo,
-    );
-    d.ready();
+    let d = w.waiting(&b, "d", &["--ovl-on-exit=discard"], "6");
     let mut c = spawn(
         w.cmd(&b, &["--ovl-on-exit=commit", "write", "c", "3"])
             .stdout(Stdio::piped())
@@ -1162,15 +1125,7 @@ fn a_commit_asked_by_one_instance_waits_for_the_others_and_happens_once() {
     let w = World::new();
     let b = w.bundle();
     let ino = fs::metadata(&b).unwrap().ino();
-    let start = |name: &str, opts: &[&str], code: &str| {
-        let fifo = w.p(&format!("fifo-{name}"));
-        mkfifo(&fifo);
-        let mut all = opts.to_vec();
-        all.extend(["wait", name, fifo.to_str().unwrap(), code]);
-        let mut i = Instance::spawn(&mut w.cmd(&b, &all), fifo);
-        i.ready();
-        i
-    };
+    let start = |name: &str, opts: &[&str], code: &str| w.waiting(&b, name, opts, code);
     let a = start("a", &[], "5");
     let mut c = start("c", &["--ovl-on-exit=commit"], "3");
     c.release();
